@@ -1,0 +1,157 @@
+"""Evaluation of a split and the artifacts that explain it: curves, confusion, reports, grids."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+GRID_VIEWS = 9
+MAX_MISCLASSIFIED = 16
+
+
+@dataclass
+class Evaluation:
+    """Predictions on one split with their loss and accuracy."""
+
+    loss: float
+    accuracy: float
+    labels: np.ndarray
+    predictions: np.ndarray
+    confidence: np.ndarray  # the probability of the predicted class
+    probabilities: np.ndarray  # as the model outputs them
+
+
+def evaluate_split(model, split, num_classes: int, batch_size: int = 64) -> Evaluation:
+    """Loss, accuracy and per-image predictions of `model` on a split of raw uint8 images."""
+    import keras
+
+    probabilities = model.predict(split.images, batch_size=batch_size, verbose=0)
+    labels = split.labels
+    if num_classes == 2:
+        positive = probabilities[:, 0]
+        predictions = (positive >= 0.5).astype(np.int32)
+        confidence = np.where(predictions == 1, positive, 1.0 - positive)
+        loss = keras.losses.BinaryCrossentropy()(labels[:, None].astype("float32"), probabilities)
+    else:
+        predictions = probabilities.argmax(axis=1).astype(np.int32)
+        confidence = probabilities.max(axis=1)
+        loss = keras.losses.SparseCategoricalCrossentropy()(labels, probabilities)
+    return Evaluation(
+        loss=float(keras.ops.convert_to_numpy(loss)),
+        accuracy=float((predictions == labels).mean()),
+        labels=labels,
+        predictions=predictions,
+        confidence=confidence,
+        probabilities=probabilities,
+    )
+
+
+def write_reports(outdir: Path, evaluation: Evaluation, split, class_names: list[str],
+                  history: dict[str, list[float]] | None = None, augmentation=None) -> list[Path]:
+    """Write the evaluation artifacts into `outdir`; the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    outdir.mkdir(parents=True, exist_ok=True)
+    written = [*classification_reports(outdir, evaluation, class_names),
+               confusion_matrix_png(outdir / "confusion_matrix.png", evaluation, class_names),
+               misclassified_png(outdir / "misclassified.png", evaluation, split, class_names)]
+    if history:
+        written.append(learning_curves_png(outdir / "learning_curves.png", history))
+    if augmentation is not None:
+        written.append(augmented_views_png(outdir / "augmented_views.png", split.images[0],
+                                           augmentation))
+    return written
+
+
+def classification_reports(outdir: Path, evaluation: Evaluation, class_names) -> list[Path]:
+    """scikit-learn's per-class precision, recall and F1, as text and as JSON."""
+    from sklearn.metrics import classification_report
+
+    labels = list(range(len(class_names)))
+    kwargs = dict(labels=labels, target_names=class_names, zero_division=0, digits=4)
+    text = classification_report(evaluation.labels, evaluation.predictions, **kwargs)
+    data = classification_report(evaluation.labels, evaluation.predictions, output_dict=True,
+                                 **kwargs)
+    (outdir / "classification_report.txt").write_text(text)
+    (outdir / "classification_report.json").write_text(json.dumps(data, indent=2))
+    return [outdir / "classification_report.txt", outdir / "classification_report.json"]
+
+
+def confusion_matrix_png(path: Path, evaluation: Evaluation, class_names) -> Path:
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    size = max(4.0, 0.6 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ConfusionMatrixDisplay.from_predictions(
+        evaluation.labels, evaluation.predictions, labels=list(range(len(class_names))),
+        display_labels=class_names, ax=ax, colorbar=False, xticks_rotation=45,
+    )
+    ax.set_title(f"accuracy {evaluation.accuracy:.2%}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def learning_curves_png(path: Path, history: dict[str, list[float]]) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for key, style in ((metric, "-"), (f"val_{metric}", "--")):
+            if history.get(key):
+                ax.plot(range(1, len(history[key]) + 1), history[key], style, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def misclassified_png(path: Path, evaluation: Evaluation, split, class_names) -> Path:
+    """Up to 16 misclassified images, most confident first, with true, predicted, confidence."""
+    import matplotlib.pyplot as plt
+
+    wrong = np.flatnonzero(evaluation.predictions != evaluation.labels)
+    wrong = wrong[np.argsort(-evaluation.confidence[wrong])][:MAX_MISCLASSIFIED]
+    cols = 4
+    rows = max(1, int(np.ceil(len(wrong) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong, strict=False):
+        ax.imshow(split.images[i])
+        ax.set_title(f"true {class_names[evaluation.labels[i]]}\n"
+                     f"pred {class_names[evaluation.predictions[i]]} "
+                     f"({evaluation.confidence[i]:.0%})", fontsize=9)
+    if not len(wrong):
+        axes.flat[0].set_title("no misclassified images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def augmented_views_png(path: Path, image: np.ndarray, augmentation) -> Path:
+    """A 3x3 grid of one training image through the augmentation layers in training mode."""
+    import matplotlib.pyplot as plt
+
+    batch = np.repeat(image[None].astype("float32"), GRID_VIEWS, axis=0)
+    views = np.asarray(augmentation(batch, training=True))
+    fig, axes = plt.subplots(3, 3, figsize=(7, 7))
+    for ax, view in zip(axes.flat, views, strict=True):
+        ax.imshow(np.clip(view, 0, 255).astype(np.uint8))
+        ax.axis("off")
+    fig.suptitle("augmented views of one training image")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,240 @@
+"""The strategy group: inline, two-stage and fine-tune training of a head on a frozen base."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from experiments.augmentation import build_augmentation
+from experiments.backbones import unfreeze_top_blocks
+from experiments.errors import ExperimentError
+from experiments.heads import build_head, loss_for
+from experiments.tasks import SPLITS, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """What every strategy needs: the config, the data, the base and where to write."""
+
+    cfg: object
+    task: Task
+    base: object
+    preprocess: Callable
+    workdir: Path
+    weights_id: str
+    callbacks: list = field(default_factory=list)  # extra Keras callbacks (tracking, pruning)
+
+
+@dataclass
+class Trained:
+    """A model that maps raw 0-255 RGB images to class probabilities, and its epoch history."""
+
+    model: object
+    history: dict[str, list[float]]
+    feature_cache: str | None = None
+    unfrozen: list[str] = field(default_factory=list)
+
+
+def train_inline(ctx: Context) -> Trained:
+    """Augmentation -> preprocessing -> frozen base -> head, trained end to end on raw images."""
+    model = assemble(ctx, build_head(ctx.cfg.head, ctx.base.output.shape[1:], ctx.task.num_classes))
+    history = fit(ctx, model, images_dataset(ctx, "train"), images_dataset(ctx, "val"))
+    return Trained(model, history)
+
+
+def train_two_stage(ctx: Context) -> Trained:
+    """Features extracted once and cached on disk; the head trained on them; base + head saved."""
+    features, cache = extract_features(ctx)
+    head = build_head(ctx.cfg.head, features["train"].shape[1:], ctx.task.num_classes)
+    batch = int(ctx.cfg.trainer.batch_size)
+    train = _dataset(features["train"], ctx.task.splits["train"].labels, batch, ctx, shuffle=True)
+    val = _dataset(features["val"], ctx.task.splits["val"].labels, batch, ctx, shuffle=False)
+    history = fit(ctx, head, train, val)
+    return Trained(assemble(ctx, head, augment=False), history, feature_cache=cache)
+
+
+def train_fine_tune(ctx: Context) -> Trained:
+    """Train the head as inline does, then unfreeze the top blocks and go on at a low rate."""
+    cfg = ctx.cfg
+    head = build_head(cfg.head, ctx.base.output.shape[1:], ctx.task.num_classes)
+    model = assemble(ctx, head)
+    train, val = images_dataset(ctx, "train"), images_dataset(ctx, "val")
+    checkpoint = best_checkpoint(ctx)
+    history = fit(ctx, model, train, val, checkpoint=checkpoint)
+    unfrozen = unfreeze_top_blocks(ctx.base, list(cfg.backbone.blocks), int(cfg.strategy.unfreeze_blocks))
+    log.info("fine-tuning %d layers at lr %g: %s", len(unfrozen), cfg.strategy.lr, unfrozen)
+    # One checkpoint across both phases, so the best epoch of either is what is restored.
+    more = fit(
+        ctx, model, train, val, lr=float(cfg.strategy.lr), checkpoint=checkpoint,
+        initial_epoch=int(cfg.trainer.epochs), epochs=int(cfg.trainer.epochs) + int(cfg.strategy.epochs),
+    )
+    return Trained(model, {k: history.get(k, []) + more.get(k, []) for k in history | more},
+                   unfrozen=unfrozen)
+
+
+STRATEGIES: dict[str, Callable[[Context], Trained]] = {
+    "inline": train_inline,
+    "two_stage": train_two_stage,
+    "fine_tune": train_fine_tune,
+}
+
+
+def train_with_strategy(ctx: Context) -> Trained:
+    """The trained model of the strategy named by `strategy.name`."""
+    strategy = STRATEGIES.get(ctx.cfg.strategy.name)
+    if strategy is None:
+        raise ExperimentError(
+            f"strategy.name={ctx.cfg.strategy.name!r} is unknown; use one of {sorted(STRATEGIES)}"
+        )
+    return strategy(ctx)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def assemble(ctx: Context, head, augment: bool = True):
+    """Raw 0-255 RGB images -> [augmentation] -> preprocess_input -> base -> head."""
+    import keras
+
+    inputs = keras.Input(ctx.task.image_shape, name="image")
+    x = inputs
+    augmentation = build_augmentation(ctx.cfg.augmentation) if augment else None
+    if augmentation is not None:
+        x = augmentation(x)
+    x = ctx.preprocess(x)
+    # training=False keeps BatchNorm in inference mode, frozen or fine-tuned.
+    x = ctx.base(x, training=False)
+    name = f"{ctx.cfg.backbone.name}_{ctx.cfg.strategy.name}"
+    return keras.Model(inputs, head(x), name=name)
+
+
+def fit(ctx: Context, model, train, val, *, lr: float | None = None, checkpoint=None,
+        initial_epoch: int = 0, epochs: int | None = None) -> dict[str, list[float]]:
+    """Compile and fit `model`, then restore its best-validation weights; the epoch history."""
+    from hydra.utils import instantiate
+
+    cfg = ctx.cfg
+    model.compile(
+        optimizer=make_optimizer(cfg.optimizer, lr),
+        loss=loss_for(ctx.task.num_classes),
+        metrics=["accuracy"],
+    )
+    checkpoint = checkpoint or best_checkpoint(ctx)
+    callbacks = [checkpoint]
+    for name in ("early_stopping", "reduce_lr"):
+        node = cfg.trainer[name]
+        if node.enabled:
+            callbacks.append(instantiate({k: v for k, v in node.items() if k != "enabled"}))
+    history = model.fit(
+        train,
+        validation_data=val,
+        epochs=int(epochs or cfg.trainer.epochs),
+        initial_epoch=initial_epoch,
+        class_weight=class_weights(cfg.trainer.class_weight, ctx.task),
+        callbacks=ctx.callbacks + callbacks,
+        verbose=2,
+    )
+    if cfg.trainer.restore_best and Path(checkpoint.filepath).is_file():
+        model.load_weights(checkpoint.filepath)
+    return {k: [float(v) for v in vs] for k, vs in history.history.items()}
+
+
+def best_checkpoint(ctx: Context):
+    """A ModelCheckpoint that keeps the weights of the best `trainer.monitor` epoch."""
+    import keras
+
+    path = ctx.workdir / "checkpoints" / "best.weights.h5"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return keras.callbacks.ModelCheckpoint(
+        str(path), monitor=ctx.cfg.trainer.monitor, save_best_only=True, save_weights_only=True
+    )
+
+
+def make_optimizer(cfg, lr: float | None = None):
+    """The optimizer of `cfg` (a `_partial_` `_target_` node) at `lr` or `cfg.lr`."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg, resolve=True)
+    rate = float(node.pop("lr") if lr is None else lr)
+    node.pop("lr", None)
+    if rate <= 0:
+        raise ExperimentError(f"optimizer.lr={rate} must be positive, e.g. optimizer.lr=1e-3")
+    return instantiate(node)(learning_rate=rate)
+
+
+def class_weights(mode: str, task: Task) -> dict[int, float] | None:
+    """None, or scikit-learn's 'balanced' weights for the train split's labels."""
+    if mode in (None, "none"):
+        return None
+    if mode != "balanced":
+        raise ExperimentError(f"trainer.class_weight={mode!r} is unknown; use none or balanced")
+    from sklearn.utils.class_weight import compute_class_weight
+
+    labels = task.splits["train"].labels
+    classes = np.arange(task.num_classes)
+    weights = compute_class_weight("balanced", classes=classes, y=labels)
+    return {int(c): float(w) for c, w in zip(classes, weights, strict=True)}
+
+
+def images_dataset(ctx: Context, split: str):
+    """A batched tf.data pipeline of one split's uint8 images, shuffled for training."""
+    data = ctx.task.splits[split]
+    return _dataset(data.images, data.labels, int(ctx.cfg.trainer.batch_size), ctx,
+                    shuffle=split == "train")
+
+
+def _dataset(x: np.ndarray, y: np.ndarray, batch_size: int, ctx: Context, shuffle: bool):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y))
+    if shuffle:
+        ds = ds.shuffle(len(y), seed=int(ctx.cfg.trainer.seed), reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(
+        lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def feature_key(ctx: Context) -> str:
+    """The cache key of extracted features: backbone, weights, data digest and image size."""
+    cfg = ctx.cfg
+    parts = [cfg.backbone.name, ctx.weights_id, ctx.task.digest(), list(ctx.task.image_shape)]
+    if ctx.weights_id == "random":  # random weights differ per seed
+        parts.append(int(cfg.trainer.seed))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+def extract_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
+    """The base's feature maps of every split, from the disk cache ('hit') or extracted ('miss')."""
+    import keras
+
+    path = Path(ctx.cfg.paths.cache_dir) / "features" / f"{ctx.cfg.backbone.name}-{feature_key(ctx)}.npz"
+    if path.is_file():
+        with np.load(path) as z:
+            log.info("features reused from %s", path)
+            return {s: z[s] for s in SPLITS}, "hit"
+    inputs = keras.Input(ctx.task.image_shape)
+    extractor = keras.Model(inputs, ctx.base(ctx.preprocess(inputs), training=False))
+    batch = max(int(ctx.cfg.trainer.batch_size), 64)
+    features = {}
+    for s in SPLITS:
+        images = ctx.task.splits[s].images
+        features[s] = extractor.predict(
+            _dataset(images, np.zeros(len(images)), batch, ctx, shuffle=False), verbose=0
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **features)
+    os.replace(tmp, path)  # atomic: a concurrent sweep job never reads half a file
+    log.info("features extracted to %s", path)
+    return features, "miss"

@@ -1,0 +1,411 @@
+"""The task group: a dataset decoded once into uint8 arrays and split into train, val and test.
+
+Images are decoded with Pillow rather than `keras.utils.image_dataset_from_directory`, because
+that decodes every epoch, crashes mid-epoch on a truncated or non-image file, and cannot read CMYK
+JPEGs. Here every file is decoded once, converted to RGB, resized, and cached on disk as uint8
+under a key of its file list and the image size; a bad file is skipped with one warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from experiments.errors import ExperimentError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Split:
+    """One split: uint8 images (n, h, w, 3), integer labels, and where each image came from."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    sources: list[str]
+
+    def digest(self) -> str:
+        """A digest of this split's file list and labels."""
+        payload = json.dumps([self.sources, self.labels.tolist()]).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+
+@dataclass
+class Task:
+    """A dataset ready for training: class names, three splits and the files that were skipped."""
+
+    name: str
+    class_names: list[str]
+    splits: dict[str, Split]
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def binary(self) -> bool:
+        return self.num_classes == 2
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.splits["train"].images.shape[1:])
+
+    def digest(self) -> str:
+        """A digest of every split's file list and labels, and of the image size."""
+        parts = [self.splits[s].digest() for s in SPLITS] + [str(self.image_shape)]
+        return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """The number of images per split and class."""
+        return {
+            s: {c: int((self.splits[s].labels == i).sum()) for i, c in enumerate(self.class_names)}
+            for s in SPLITS
+        }
+
+
+def load_task(cfg, paths) -> Task:
+    """The task named by `cfg.loader`, downloaded if needed, decoded once and split."""
+    size = _image_size(cfg.image_size)
+    loader = LOADERS.get(cfg.loader)
+    if loader is None:
+        raise ExperimentError(f"task.loader={cfg.loader!r} is unknown; use one of {sorted(LOADERS)}")
+    task = loader(cfg, paths, size)
+    for split in SPLITS:
+        if len(task.splits[split].labels) == 0:
+            raise ExperimentError(
+                f"the {split} split of task {task.name!r} is empty; add images, or change "
+                f"task.split / task.per_class so that every split gets some"
+            )
+    log.info(
+        "task %s: %d classes, %s images, %d skipped",
+        task.name, task.num_classes,
+        "/".join(str(len(task.splits[s].labels)) for s in SPLITS), len(task.skipped),
+    )
+    return task
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders, one per task file in conf/task/.
+
+
+def load_digits_task(cfg, paths, size) -> Task:
+    """scikit-learn's bundled 8x8 digits, upscaled to `size` RGB: the offline task."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    images = np.stack(
+        [np.asarray(Image.fromarray(g).resize(size[::-1], Image.BILINEAR)) for g in gray]
+    )
+    images = np.repeat(images[..., None], 3, axis=-1)
+    labels = digits.target.astype(np.int32)
+    sources = [f"sklearn.datasets.load_digits[{i}]" for i in range(len(labels))]
+    index = split_per_class(labels, _fractions(cfg.split), _split_seed(cfg))
+    splits = {s: Split(images[i], labels[i], [sources[j] for j in i]) for s, i in index.items()}
+    return Task(cfg.name, [str(d) for d in digits.target_names], splits)
+
+
+def load_flowers_task(cfg, paths, size) -> Task:
+    """TensorFlow's flower_photos: 5 class folders, split per class by `task.split`."""
+    root = download_and_extract(cfg, paths)
+    return _task_from_class_folders(cfg, paths, root, size)
+
+
+def load_cats_vs_dogs_task(cfg, paths, size) -> Task:
+    """The Microsoft cats-and-dogs archive, sampled per class by `task.per_class`."""
+    root = download_and_extract(cfg, paths)
+    return _task_from_class_folders(cfg, paths, root, size)
+
+
+def load_folder_task(cfg, paths, size) -> Task:
+    """A user directory: class subfolders, or train/, val/ and test/ each holding them."""
+    root = Path(str(cfg.path)).expanduser()
+    if not root.is_dir():
+        raise ExperimentError(
+            f"task.path={cfg.path} is not a directory; point it at a folder with one subfolder "
+            f"per class, or with train/, val/ and test/ folders that each hold class subfolders"
+        )
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    if not present:
+        return _task_from_class_folders(cfg, paths, root, size)
+    if len(present) < len(SPLITS):
+        missing = sorted(set(SPLITS) - set(present))
+        raise ExperimentError(
+            f"task.path={root} has {'/, '.join(present)}/ but no {'/, '.join(missing)}/; "
+            f"provide all of train/, val/ and test/, or use plain class folders and task.split"
+        )
+    files = {s: _class_files(root / s) for s in SPLITS}
+    class_names = sorted(files["train"])
+    for s in SPLITS:
+        if sorted(files[s]) != class_names:
+            raise ExperimentError(
+                f"{root / s} has classes {sorted(files[s])} but {root / 'train'} has "
+                f"{class_names}; every split needs the same class folders"
+            )
+    _check_classes(root, class_names, files["train"])
+
+    def decode() -> Task:
+        splits, skipped = {}, []
+        for s in SPLITS:
+            candidates = [(p, class_names.index(c)) for c in class_names for p in files[s][c]]
+            images, labels, kept, bad = decode_files(candidates, size)
+            splits[s] = Split(images, labels, [_relative(p, root) for p in kept])
+            skipped += bad
+        return Task(cfg.name, class_names, splits, skipped)
+
+    return _cached(paths, ("split-folders", str(root.resolve()), _listing(files), size), decode)
+
+
+LOADERS: dict[str, Callable[..., Task]] = {
+    "digits": load_digits_task,
+    "flowers": load_flowers_task,
+    "cats_vs_dogs": load_cats_vs_dogs_task,
+    "folder": load_folder_task,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Download.
+
+
+def download_and_extract(cfg, paths) -> Path:
+    """The dataset's folder under paths.data_dir, downloading and extracting the archive once."""
+    data_dir = Path(paths.data_dir)
+    root = data_dir / cfg.folder
+    if root.is_dir():
+        return root
+    archive_name = cfg.url.rsplit("/", 1)[-1]
+    try:
+        import keras
+
+        data_dir.mkdir(parents=True, exist_ok=True)
+        archive = keras.utils.get_file(archive_name, cfg.url, cache_dir=str(data_dir), cache_subdir="")
+    except Exception as err:  # get_file raises a bare Exception for every network failure
+        raise ExperimentError(
+            f"the {cfg.name} dataset is missing: {root} does not exist and downloading "
+            f"{cfg.url} failed ({_first_line(err)}). Download that archive and extract it into "
+            f"{data_dir} so that {root} holds the class folders (or set paths.data_dir)"
+        ) from None
+    log.info("extracting %s into %s", archive, data_dir)
+    shutil.unpack_archive(archive, data_dir)
+    if not root.is_dir():
+        raise ExperimentError(f"{archive} did not contain {cfg.folder}/; delete it and run again")
+    return root
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Class folders, decoding and splitting.
+
+
+def _task_from_class_folders(cfg, paths, root: Path, size) -> Task:
+    files = _class_files(root)
+    class_names = sorted(files)
+    _check_classes(root, class_names, files)
+    seed = _split_seed(cfg)
+
+    def decode() -> Task:
+        if cfg.get("per_class"):
+            return _sampled_task(cfg, root, files, class_names, size, seed)
+        candidates = [(p, class_names.index(c)) for c in class_names for p in files[c]]
+        images, labels, kept, skipped = decode_files(candidates, size)
+        index = split_per_class(labels, _fractions(cfg.split), seed)
+        splits = {
+            s: Split(images[i], labels[i], [_relative(kept[j], root) for j in i])
+            for s, i in index.items()
+        }
+        return Task(cfg.name, class_names, splits, skipped)
+
+    key = ("class-folders", str(root.resolve()), _listing({"all": files}), size,
+           list(cfg.split or []), list(cfg.get("per_class") or []), seed)
+    return _cached(paths, key, decode)
+
+
+def _sampled_task(cfg, root, files, class_names, size, seed) -> Task:
+    """A seeded sample of `per_class` decodable images of each class (train, val, test)."""
+    quotas = [int(n) for n in cfg.per_class]
+    if len(quotas) != 3 or min(quotas) < 1:
+        raise ExperimentError(f"task.per_class={list(cfg.per_class)} must be three positive counts")
+    rng = np.random.default_rng(seed)
+    parts = {s: ([], [], []) for s in SPLITS}
+    skipped: list[str] = []
+    for label, name in enumerate(class_names):
+        order = [files[name][i] for i in rng.permutation(len(files[name]))]
+        images, kept, start = [], [], 0
+        # Decode in order until the quota is met, so undecodable files are replaced by the next.
+        while len(kept) < sum(quotas) and start < len(order):
+            chunk = order[start:start + sum(quotas) - len(kept)]
+            start += len(chunk)
+            imgs, _, ok, bad = decode_files([(p, label) for p in chunk], size)
+            images.append(imgs)
+            kept += ok
+            skipped += bad
+        if len(kept) < sum(quotas):
+            raise ExperimentError(
+                f"class {name!r} in {root} has {len(kept)} decodable images but task.per_class "
+                f"needs {sum(quotas)}; lower task.per_class"
+            )
+        images = np.concatenate(images)
+        bounds = np.cumsum([0] + quotas)
+        for s, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):
+            parts[s][0].append(images[lo:hi])
+            parts[s][1].append(np.full(hi - lo, label, np.int32))
+            parts[s][2].extend(_relative(p, root) for p in kept[lo:hi])
+    splits = {s: Split(np.concatenate(i), np.concatenate(y), src) for s, (i, y, src) in parts.items()}
+    return Task(cfg.name, class_names, splits, skipped)
+
+
+def split_per_class(labels: np.ndarray, fractions: Sequence[float], seed: int) -> dict:
+    """Seeded, stratified indices per split: floor(f0*n) train and floor(f1*n) val per class.
+
+    Written out rather than taken from sklearn's train_test_split: rounding per class reproduces
+    the reference's split counts exactly (daisy 501 -> 250/125/126).
+    """
+    rng = np.random.default_rng(seed)
+    out = {s: [] for s in SPLITS}
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_train, n_val = int(len(idx) * fractions[0]), int(len(idx) * fractions[1])
+        out["train"].append(idx[:n_train])
+        out["val"].append(idx[n_train:n_train + n_val])
+        out["test"].append(idx[n_train + n_val:])
+    return {s: np.sort(np.concatenate(v)).astype(np.int64) for s, v in out.items()}
+
+
+def decode_files(candidates: list[tuple[Path, int]], size: tuple[int, int]):
+    """Decode (path, label) pairs in parallel: images, labels, kept paths, skipped paths."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        decoded = list(pool.map(lambda c: decode_image(c[0], size), candidates))
+    kept = [(c, img) for c, img in zip(candidates, decoded, strict=True) if img is not None]
+    skipped = [str(c[0]) for c, img in zip(candidates, decoded, strict=True) if img is None]
+    images = np.stack([img for _, img in kept]) if kept else np.zeros((0, *size, 3), np.uint8)
+    labels = np.array([c[1] for c, _ in kept], dtype=np.int32)
+    return images, labels, [c[0] for c, _ in kept], skipped
+
+
+def decode_image(path: Path, size: tuple[int, int]) -> np.ndarray | None:
+    """An RGB uint8 array of `size` (h, w), or None with a warning if the file is not an image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            # convert() decodes fully, so truncated files fail here, not mid-epoch; it also maps
+            # grayscale, palette, RGBA and CMYK to RGB.
+            rgb = image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        log.warning("skipping %s: not a decodable image (%s)", path, _first_line(err))
+        return None
+
+
+def _class_files(root: Path) -> dict[str, list[Path]]:
+    if not root.is_dir():
+        raise ExperimentError(f"{root} is not a directory of class folders")
+    return {
+        d.name: sorted(
+            (f for f in d.rglob("*") if f.is_file() and not f.name.startswith(".")),
+            key=_natural_key,
+        )
+        for d in sorted(root.iterdir())
+        if d.is_dir() and not d.name.startswith(".")
+    }
+
+
+def _check_classes(root: Path, class_names: list[str], files: dict[str, list[Path]]) -> None:
+    if len(class_names) < 2:
+        found = f"only {class_names[0]!r}" if class_names else "none"
+        raise ExperimentError(
+            f"{root} needs at least 2 class subfolders, found {found}; put each class's images "
+            f"in its own subfolder"
+        )
+    for name in class_names:
+        if not files[name]:
+            raise ExperimentError(f"class folder {root / name} is empty; add images or remove it")
+
+
+def _natural_key(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def _listing(files: dict) -> list:
+    """Names, sizes and modification times: a change to any file changes the cache key."""
+    out = []
+    for group in sorted(files):
+        for name in sorted(files[group]):
+            for p in files[group][name]:
+                st = p.stat()
+                out.append((group, name, p.name, st.st_size, int(st.st_mtime)))
+    return out
+
+
+def _cached(paths, key, decode: Callable[[], Task]) -> Task:
+    """The decoded task from paths.cache_dir/images, decoding and storing it on a miss."""
+    digest = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:20]
+    path = Path(paths.cache_dir) / "images" / f"{digest}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            splits = {
+                s: Split(z[f"{s}_images"], z[f"{s}_labels"], meta["sources"][s]) for s in SPLITS
+            }
+        log.info("decoded images reused from %s", path)
+        return Task(meta["name"], meta["class_names"], splits, meta["skipped"])
+    task = decode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "name": task.name, "class_names": task.class_names, "skipped": task.skipped,
+        "sources": {s: task.splits[s].sources for s in SPLITS},
+    }
+    arrays = {f"{s}_images": task.splits[s].images for s in SPLITS}
+    arrays |= {f"{s}_labels": task.splits[s].labels for s in SPLITS}
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, meta=json.dumps(meta), **arrays)
+    os.replace(tmp, path)
+    return task
+
+
+def _relative(path: Path, root: Path) -> str:
+    return Path(path).relative_to(root).as_posix()
+
+
+def _image_size(value) -> tuple[int, int]:
+    try:
+        size = [int(v) for v in value]
+    except (TypeError, ValueError):
+        size = []
+    if len(size) != 2 or min(size) < 8:
+        raise ExperimentError(
+            f"task.image_size={value} must be [height, width] of at least 8 pixels, e.g. [180,180]"
+        )
+    return size[0], size[1]
+
+
+def _fractions(value) -> list[float]:
+    fractions = [float(v) for v in (value or [])]
+    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ExperimentError(
+            f"task.split={value} must be three positive fractions (train, val, test) that sum to "
+            f"1, e.g. [0.5,0.25,0.25]"
+        )
+    return fractions
+
+
+def _split_seed(cfg) -> int:
+    return int(cfg.split_seed)
