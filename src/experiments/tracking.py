@@ -11,6 +11,7 @@ import os
 import platform
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -189,7 +190,9 @@ def log_task(task) -> None:
             "label": data.labels,
             "class": [task.class_names[i] for i in data.labels],
         })
-        dataset = mlflow.data.from_pandas(frame, source=task.name, name=f"{task.name}-{split}")
+        with warnings.catch_warnings():  # MLflow's hint about integer columns: labels are never NaN
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=task.name, name=f"{task.name}-{split}")
         mlflow.log_input(dataset, context=split)
     counts = task.counts()
     mlflow.log_dict({"class_names": task.class_names, "counts": counts,

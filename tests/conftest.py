@@ -1,0 +1,85 @@
+"""Shared fixtures: generated image folders and tiny composed configs writing under tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PALETTE = [(200, 40, 40), (40, 180, 40), (40, 60, 200), (200, 200, 40)]
+
+
+def write_class_folders(root: Path, classes: int = 3, per_class: int = 24, size: int = 40,
+                        seed: int = 0) -> Path:
+    """Noisy images whose class is their dominant colour: learnable from random conv features."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        folder = root / f"class_{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            noise = rng.normal(0, 35, (size, size, 3))
+            pixels = np.clip(np.array(PALETTE[c]) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(folder / f"img_{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """Three learnable classes of 24 images each."""
+    return write_class_folders(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="session")
+def binary_folder(tmp_path_factory) -> Path:
+    """Two learnable classes of 24 images each."""
+    return write_class_folders(tmp_path_factory.mktemp("binary"), classes=2)
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_env(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("EXPERIMENTS_MLFLOW_PARENT_RUN_ID", raising=False)
+
+
+def tiny_overrides(root: Path, folder: Path | None = None) -> list[str]:
+    """Overrides that make a run tiny and keep every output under `root`."""
+    task = ["task=folder", f"task.path={folder}"] if folder else []
+    return [
+        f"paths.root_dir={root}",
+        f"paths.keras_home={root}/keras",
+        *task,
+        "task.image_size=[32,32]",
+        "backbone=vgg16",
+        "backbone.weights=null",
+        "augmentation=none",
+        "head.units=[32]",
+        "optimizer.lr=3e-3",
+        "trainer.epochs=3",
+        "trainer.batch_size=8",
+    ]
+
+
+def compose_config(overrides: list[str]):
+    """The config composed from conf/ with `overrides`, as the entry point would see it."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture
+def make_config(tmp_path, image_folder):
+    """Compose a tiny config on the 3-class image folder, with extra overrides."""
+
+    def make(*overrides: str, folder: Path | None = None):
+        return compose_config([*tiny_overrides(tmp_path, folder or image_folder), *overrides])
+
+    return make

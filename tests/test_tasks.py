@@ -1,0 +1,136 @@
+"""Data input: decoding, odd modes, bad files, splits, the decode cache and input errors."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from conftest import write_class_folders
+from omegaconf import OmegaConf
+
+from experiments import tasks
+from experiments.errors import ExperimentError
+from experiments.tasks import load_task, split_per_class
+
+
+def task_cfg(path, **extra):
+    cfg = {"name": "t", "loader": "folder", "path": str(path), "image_size": [16, 16],
+           "split": [0.5, 0.25, 0.25], "per_class": None, "split_seed": 1337}
+    return OmegaConf.create(cfg | extra)
+
+
+@pytest.fixture
+def paths(tmp_path):
+    return OmegaConf.create({"cache_dir": str(tmp_path / "cache"), "data_dir": str(tmp_path)})
+
+
+def test_split_reproduces_the_reference_flower_counts():
+    sizes = {"daisy": 501, "dandelion": 646, "rose": 497, "sunflower": 495, "tulip": 607}
+    expected = {"daisy": (250, 125, 126), "dandelion": (323, 161, 162), "rose": (248, 124, 125),
+                "sunflower": (247, 123, 125), "tulip": (303, 151, 153)}
+    labels = np.concatenate([np.full(n, i) for i, n in enumerate(sizes.values())])
+    index = split_per_class(labels, [0.5, 0.25, 0.25], seed=7)
+    for i, name in enumerate(sizes):
+        got = tuple(int((labels[index[s]] == i).sum()) for s in ("train", "val", "test"))
+        assert got == expected[name]
+    everything = np.concatenate(list(index.values()))
+    assert sorted(everything.tolist()) == list(range(len(labels)))  # disjoint and complete
+    again = split_per_class(labels, [0.5, 0.25, 0.25], seed=7)
+    assert all(np.array_equal(index[s], again[s]) for s in index)
+
+
+def test_odd_modes_are_converted_and_bad_files_skipped(tmp_path, paths, caplog):
+    from PIL import Image
+
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=8, size=20)
+    odd = root / "class_0"
+    Image.new("L", (20, 20), 128).save(odd / "gray.png")
+    Image.new("RGBA", (20, 20), (10, 20, 30, 40)).save(odd / "rgba.png")
+    Image.new("P", (20, 20)).save(odd / "palette.png")
+    Image.new("CMYK", (20, 20), (0, 255, 0, 0)).save(odd / "cmyk.jpg")
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(odd / "full.jpg")
+    (odd / "truncated.jpg").write_bytes((odd / "full.jpg").read_bytes()[:200])
+    (odd / "notes.txt").write_text("not an image")
+    (odd / "fake.jpg").write_bytes(b"\x00" * 100)
+    with caplog.at_level(logging.WARNING, logger="experiments.tasks"):
+        task = load_task(task_cfg(root), paths)
+    skipped = sorted(p.rsplit("/", 1)[-1] for p in task.skipped)
+    assert skipped == ["fake.jpg", "notes.txt", "truncated.jpg"]
+    assert sum("skipping" in r.message for r in caplog.records) == 3
+    sources = [s for split in task.splits.values() for s in split.sources]
+    for name in ("gray.png", "rgba.png", "palette.png", "cmyk.jpg"):
+        assert f"class_0/{name}" in sources
+    assert sum(len(s.labels) for s in task.splits.values()) == 8 + 13
+    for split in task.splits.values():
+        assert split.images.dtype == np.uint8 and split.images.shape[1:] == (16, 16, 3)
+
+
+def test_decoded_images_are_cached_and_reused(tmp_path, paths, monkeypatch):
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=8, size=20)
+    first = load_task(task_cfg(root), paths)
+    monkeypatch.setattr(tasks, "decode_image", lambda *a: pytest.fail("decoded again"))
+    second = load_task(task_cfg(root), paths)
+    assert second.digest() == first.digest()
+    np.testing.assert_array_equal(second.splits["test"].images, first.splits["test"].images)
+
+
+def test_train_val_test_folders_are_used_as_given(tmp_path, paths):
+    for split, n in (("train", 6), ("val", 3), ("test", 2)):
+        write_class_folders(tmp_path / "data" / split, classes=2, per_class=n, size=20)
+    task = load_task(task_cfg(tmp_path / "data"), paths)
+    assert task.class_names == ["class_0", "class_1"]
+    assert {s: len(task.splits[s].labels) for s in task.splits} == {"train": 12, "val": 6,
+                                                                     "test": 4}
+
+
+def test_digits_task_is_rgb_and_stratified(paths):
+    cfg = OmegaConf.create({"name": "digits", "loader": "digits", "image_size": [32, 32],
+                            "split": [0.5, 0.25, 0.25], "per_class": None, "split_seed": 1})
+    task = load_task(cfg, paths)
+    assert task.num_classes == 10 and task.image_shape == (32, 32, 3)
+    assert sum(len(s.labels) for s in task.splits.values()) == 1797
+    train = task.splits["train"]
+    assert np.array_equal(train.images[..., 0], train.images[..., 2])
+    assert min(task.counts()["test"].values()) >= 40
+
+
+def test_sampled_task_replaces_undecodable_files(tmp_path, paths):
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=12, size=20)
+    for i in range(3):
+        (root / "class_1" / f"bad_{i}.jpg").write_bytes(b"broken")
+    task = load_task(task_cfg(root, per_class=[4, 2, 2]), paths)
+    assert task.counts() == {s: {"class_0": n, "class_1": n} for s, n in
+                             (("train", 4), ("val", 2), ("test", 2))}
+    assert not any("bad_" in s for split in task.splits.values() for s in split.sources)
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    ("missing", "is not a directory"),
+    ("empty_class", "is empty"),
+    ("one_class", "at least 2 class subfolders"),
+    ("empty_split", "split of task 't' is empty"),
+    ("partial_splits", "but no test/"),
+])
+def test_bad_input_stops_with_a_clear_message(setup, message, tmp_path, paths):
+    root = tmp_path / "data"
+    if setup == "empty_class":
+        write_class_folders(root, classes=2, per_class=4, size=20)
+        (root / "class_2").mkdir()
+    elif setup == "one_class":
+        write_class_folders(root, classes=1, per_class=4, size=20)
+    elif setup == "empty_split":
+        write_class_folders(root, classes=2, per_class=1, size=20)
+    elif setup == "partial_splits":
+        write_class_folders(root / "train", classes=2, per_class=2, size=20)
+        write_class_folders(root / "val", classes=2, per_class=2, size=20)
+    with pytest.raises(ExperimentError, match=message):
+        load_task(task_cfg(root), paths)
+
+
+def test_bad_split_and_size_values_are_explained(tmp_path, paths):
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=4, size=20)
+    with pytest.raises(ExperimentError, match="sum to 1"):
+        load_task(task_cfg(root, split=[0.5, 0.5, 0.5]), paths)
+    with pytest.raises(ExperimentError, match="image_size"):
+        load_task(task_cfg(root, image_size=[4]), paths)

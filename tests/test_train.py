@@ -1,0 +1,83 @@
+"""Training end to end, in process, on generated images: strategies, heads and the cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import client_for, runs_of
+
+from experiments.train import train
+
+
+@pytest.mark.parametrize("strategy", ["inline", "two_stage", "fine_tune"])
+def test_each_strategy_beats_chance(strategy, make_config, tmp_path):
+    cfg = make_config(f"strategy={strategy}", *(["strategy.epochs=2"] if strategy == "fine_tune"
+                                                 else []))
+    value = train(cfg)
+    (run,) = runs_of(tmp_path, "folder")
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert metrics["test_accuracy"] >= 0.8, metrics  # chance is 1/3
+    assert value == pytest.approx(metrics["best_val_accuracy"])
+    epochs = 5 if strategy == "fine_tune" else 3
+    history = client_for(tmp_path).get_metric_history(run.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == list(range(epochs))
+    assert run.data.tags["strategy"] == strategy
+
+
+def test_fine_tune_unfreezes_top_blocks_but_not_batchnorm(make_config):
+    import keras
+
+    from experiments.backbones import build_backbone, unfreeze_top_blocks
+
+    cfg = make_config("backbone=resnet50")
+    base, _ = build_backbone(cfg.backbone, (32, 32, 3), None)
+    names = unfreeze_top_blocks(base, list(cfg.backbone.blocks), 1)
+    assert names and all(n.startswith("conv5_") for n in names)
+    trainable = [layer for layer in base.layers if layer.trainable and layer.weights]
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in trainable)
+    assert {layer.name for layer in trainable} == set(names)
+
+
+def test_two_stage_reuses_cached_features(make_config, tmp_path):
+    train(make_config("strategy=two_stage"))
+    files = list((tmp_path / "cache" / "features").glob("*.npz"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+
+    train(make_config("strategy=two_stage", "head.units=[16]", "optimizer.lr=3e-3"))
+    first, second = runs_of(tmp_path, "folder")
+    assert first.data.tags["feature_cache"] == "miss"
+    assert second.data.tags["feature_cache"] == "hit"
+    assert files[0].stat().st_mtime_ns == mtime
+    assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 1
+
+
+@pytest.mark.parametrize(("classes", "outputs"), [(2, 1), (3, 3)])
+def test_head_follows_the_class_count(classes, outputs, make_config, binary_folder, image_folder,
+                                      tmp_path):
+    import keras
+
+    folder = binary_folder if classes == 2 else image_folder
+    train(make_config(folder=folder))
+    (run,) = runs_of(tmp_path, "folder")
+    assert run.data.metrics["test_accuracy"] >= 0.8
+    model = keras.saving.load_model(f"{run.data.tags['hydra_output_dir']}/model.keras")
+    assert model.output_shape == (None, outputs)
+    assert model.get_layer("head").layers[-1].activation.__name__ == (
+        "sigmoid" if classes == 2 else "softmax")
+    assert model.loss == ("binary_crossentropy" if classes == 2
+                          else "sparse_categorical_crossentropy")
+    probabilities = model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+
+
+def test_balanced_class_weights_follow_the_train_split(make_config, tmp_path):
+    from experiments.strategies import class_weights
+    from experiments.tasks import Split, Task
+
+    labels = np.array([0] * 6 + [1] * 2)
+    split = Split(np.zeros((8, 2, 2, 3), np.uint8), labels, [str(i) for i in range(8)])
+    task = Task("t", ["a", "b"], {"train": split, "val": split, "test": split})
+    assert class_weights("balanced", task) == pytest.approx({0: 8 / 12, 1: 8 / 4})
+    assert class_weights("none", task) is None
