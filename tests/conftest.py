@@ -13,8 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 PALETTE = [(200, 40, 40), (40, 180, 40), (40, 60, 200), (200, 200, 40)]
 
 
-def write_class_folders(root: Path, classes: int = 3, per_class: int = 24, size: int = 40,
-                        seed: int = 0) -> Path:
+def write_class_folders(
+    root: Path, classes: int = 3, per_class: int = 24, size: int = 40, seed: int = 0
+) -> Path:
     """Noisy images whose class is their dominant colour: learnable from random conv features."""
     from PIL import Image
 

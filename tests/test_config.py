@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import compose_config, tiny_overrides
 
 from experiments import config_dir
+
+from conftest import compose_config, tiny_overrides
 
 CONF = Path(config_dir())
 
@@ -20,8 +21,13 @@ def options(group: str) -> list[str]:
 
 
 def test_groups_have_the_options_the_brief_names():
-    assert set(options("backbone")) >= {"vgg16", "vgg19", "resnet50", "efficientnetb0",
-                                        "mobilenetv2"}
+    assert set(options("backbone")) >= {
+        "vgg16",
+        "vgg19",
+        "resnet50",
+        "efficientnetb0",
+        "mobilenetv2",
+    }
     assert options("augmentation") == ["none", "reference", "strong"]
     assert options("strategy") == ["fine_tune", "inline", "two_stage"]
     assert options("task") == ["cats_vs_dogs", "digits", "flowers", "folder"]
@@ -39,8 +45,21 @@ def test_defaults_are_reference_experiment_b(tmp_path):
     assert cfg.tracking.uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
 
 
-@pytest.mark.parametrize("group", ["task", "backbone", "augmentation", "strategy", "optimizer",
-                                   "experiment", "head", "trainer", "tracking", "debug"])
+@pytest.mark.parametrize(
+    "group",
+    [
+        "task",
+        "backbone",
+        "augmentation",
+        "strategy",
+        "optimizer",
+        "experiment",
+        "head",
+        "trainer",
+        "tracking",
+        "debug",
+    ],
+)
 def test_every_option_composes(group, tmp_path):
     for option in options(group):
         cfg = compose_config([f"paths.root_dir={tmp_path}", f"{group}={option}"])
@@ -85,26 +104,35 @@ def test_reference_rotation_is_a_fraction_of_a_turn(tmp_path):
     cfg = compose_config([*tiny_overrides(tmp_path), "augmentation=reference"])
     names = [layer._target_.rsplit(".", 1)[-1] for layer in cfg.augmentation.layers]
     assert names == ["RandomFlip", "RandomRotation", "RandomZoom"]
-    assert cfg.augmentation.layers[1].factor == 0.2 and cfg.augmentation.layers[2].height_factor == 0.4
-    assert options("augmentation") and compose_config(
-        [*tiny_overrides(tmp_path), "augmentation=none"]).augmentation.layers == []
+    assert (
+        cfg.augmentation.layers[1].factor == 0.2 and cfg.augmentation.layers[2].height_factor == 0.4
+    )
+    assert (
+        options("augmentation")
+        and compose_config([*tiny_overrides(tmp_path), "augmentation=none"]).augmentation.layers
+        == []
+    )
 
 
 # Cats vs dogs matches the write-up exactly. For flowers the write-up prints 23,342,661 /
 # 3,318,277, which no Dense(5) on 64 units can give (that layer has 64*5+5 = 325 params, the
 # printed figure implies 69): the correct count is the binary one + 260.
-@pytest.mark.parametrize(("experiment", "total", "trainable"), [
-    ("reference_flowers", 23_342_917, 3_318_533),
-    ("reference_cats_dogs", 23_342_657, 3_318_273),
-])
+@pytest.mark.parametrize(
+    ("experiment", "total", "trainable"),
+    [
+        ("reference_flowers", 23_342_917, 3_318_533),
+        ("reference_cats_dogs", 23_342_657, 3_318_273),
+    ],
+)
 def test_reference_architectures_match_the_write_up(experiment, total, trainable, tmp_path):
     """The reference's parameter counts: VGG19 at 180x180, Flatten, 256-128-64 head."""
     from experiments.backbones import build_backbone
-    from experiments.strategies import Context, assemble
     from experiments.heads import build_head
+    from experiments.strategies import Context, assemble
 
-    cfg = compose_config([f"paths.root_dir={tmp_path}", f"experiment={experiment}",
-                          "backbone.weights=null"])
+    cfg = compose_config(
+        [f"paths.root_dir={tmp_path}", f"experiment={experiment}", "backbone.weights=null"]
+    )
     classes = 5 if experiment == "reference_flowers" else 2
     base, preprocess = build_backbone(cfg.backbone, (180, 180, 3), None)
 
@@ -132,9 +160,14 @@ def test_cfg_job_and_help_do_not_import_tensorflow():
     for flag in ("--cfg=job", "--help"):
         result = subprocess.run(
             [sys.executable, "-X", "importtime", "-m", "experiments.train", flag],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert result.returncode == 0, result.stderr[-2000:]
-        imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines()
-                    if line.startswith("import time:")}
+        imported = {
+            line.split("|")[-1].strip().split(".")[0]
+            for line in result.stderr.splitlines()
+            if line.startswith("import time:")
+        }
         assert "tensorflow" not in imported and "keras" not in imported and "mlflow" not in imported

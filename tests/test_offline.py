@@ -6,17 +6,23 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import tiny_overrides
 
 
 def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.train", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_missing_dataset_names_what_where_and_from(tmp_path):
-    result = run_cli("task=flowers", f"paths.root_dir={tmp_path}",
-                     f"paths.keras_home={tmp_path}/keras")
+    result = run_cli(
+        "task=flowers", f"paths.root_dir={tmp_path}", f"paths.keras_home={tmp_path}/keras"
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -28,14 +34,18 @@ def test_missing_dataset_names_what_where_and_from(tmp_path):
 
 
 def test_missing_imagenet_weights_names_what_where_and_from(tmp_path, image_folder):
-    overrides = [o for o in tiny_overrides(tmp_path, image_folder) if not o.startswith("backbone.weights")]
+    overrides = [
+        o for o in tiny_overrides(tmp_path, image_folder) if not o.startswith("backbone.weights")
+    ]
     result = run_cli(*overrides, "backbone=resnet50", "backbone.weights=imagenet")
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     (message,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert "ImageNet weights for resnet50 are missing" in message
     assert "https://storage.googleapis.com/tensorflow/keras-applications/resnet/" in message
-    assert f"{tmp_path}/keras/models/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    assert (
+        f"{tmp_path}/keras/models/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
+    )
     assert not (tmp_path / "mlruns").exists()
 
 

@@ -6,17 +6,25 @@ import logging
 
 import numpy as np
 import pytest
-from conftest import write_class_folders
 from omegaconf import OmegaConf
 
 from experiments import tasks
 from experiments.errors import ExperimentError
 from experiments.tasks import load_task, split_per_class
 
+from conftest import write_class_folders
+
 
 def task_cfg(path, **extra):
-    cfg = {"name": "t", "loader": "folder", "path": str(path), "image_size": [16, 16],
-           "split": [0.5, 0.25, 0.25], "per_class": None, "split_seed": 1337}
+    cfg = {
+        "name": "t",
+        "loader": "folder",
+        "path": str(path),
+        "image_size": [16, 16],
+        "split": [0.5, 0.25, 0.25],
+        "per_class": None,
+        "split_seed": 1337,
+    }
     return OmegaConf.create(cfg | extra)
 
 
@@ -27,8 +35,13 @@ def paths(tmp_path):
 
 def test_split_reproduces_the_reference_flower_counts():
     sizes = {"daisy": 501, "dandelion": 646, "rose": 497, "sunflower": 495, "tulip": 607}
-    expected = {"daisy": (250, 125, 126), "dandelion": (323, 161, 162), "rose": (248, 124, 125),
-                "sunflower": (247, 123, 125), "tulip": (303, 151, 153)}
+    expected = {
+        "daisy": (250, 125, 126),
+        "dandelion": (323, 161, 162),
+        "rose": (248, 124, 125),
+        "sunflower": (247, 123, 125),
+        "tulip": (303, 151, 153),
+    }
     labels = np.concatenate([np.full(n, i) for i, n in enumerate(sizes.values())])
     index = split_per_class(labels, [0.5, 0.25, 0.25], seed=7)
     for i, name in enumerate(sizes):
@@ -80,13 +93,24 @@ def test_train_val_test_folders_are_used_as_given(tmp_path, paths):
         write_class_folders(tmp_path / "data" / split, classes=2, per_class=n, size=20)
     task = load_task(task_cfg(tmp_path / "data"), paths)
     assert task.class_names == ["class_0", "class_1"]
-    assert {s: len(task.splits[s].labels) for s in task.splits} == {"train": 12, "val": 6,
-                                                                     "test": 4}
+    assert {s: len(task.splits[s].labels) for s in task.splits} == {
+        "train": 12,
+        "val": 6,
+        "test": 4,
+    }
 
 
 def test_digits_task_is_rgb_and_stratified(paths):
-    cfg = OmegaConf.create({"name": "digits", "loader": "digits", "image_size": [32, 32],
-                            "split": [0.5, 0.25, 0.25], "per_class": None, "split_seed": 1})
+    cfg = OmegaConf.create(
+        {
+            "name": "digits",
+            "loader": "digits",
+            "image_size": [32, 32],
+            "split": [0.5, 0.25, 0.25],
+            "per_class": None,
+            "split_seed": 1,
+        }
+    )
     task = load_task(cfg, paths)
     assert task.num_classes == 10 and task.image_shape == (32, 32, 3)
     assert sum(len(s.labels) for s in task.splits.values()) == 1797
@@ -100,18 +124,22 @@ def test_sampled_task_replaces_undecodable_files(tmp_path, paths):
     for i in range(3):
         (root / "class_1" / f"bad_{i}.jpg").write_bytes(b"broken")
     task = load_task(task_cfg(root, per_class=[4, 2, 2]), paths)
-    assert task.counts() == {s: {"class_0": n, "class_1": n} for s, n in
-                             (("train", 4), ("val", 2), ("test", 2))}
+    assert task.counts() == {
+        s: {"class_0": n, "class_1": n} for s, n in (("train", 4), ("val", 2), ("test", 2))
+    }
     assert not any("bad_" in s for split in task.splits.values() for s in split.sources)
 
 
-@pytest.mark.parametrize(("setup", "message"), [
-    ("missing", "is not a directory"),
-    ("empty_class", "is empty"),
-    ("one_class", "at least 2 class subfolders"),
-    ("empty_split", "split of task 't' is empty"),
-    ("partial_splits", "but no test/"),
-])
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "is not a directory"),
+        ("empty_class", "is empty"),
+        ("one_class", "at least 2 class subfolders"),
+        ("empty_split", "split of task 't' is empty"),
+        ("partial_splits", "but no test/"),
+    ],
+)
 def test_bad_input_stops_with_a_clear_message(setup, message, tmp_path, paths):
     root = tmp_path / "data"
     if setup == "empty_class":

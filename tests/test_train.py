@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import client_for, runs_of
 
 from experiments.train import train
+
+from helpers import client_for, runs_of
 
 
 @pytest.mark.parametrize("strategy", ["inline", "two_stage", "fine_tune"])
 def test_each_strategy_beats_chance(strategy, make_config, tmp_path):
-    cfg = make_config(f"strategy={strategy}", *(["strategy.epochs=2"] if strategy == "fine_tune"
-                                                 else []))
+    cfg = make_config(
+        f"strategy={strategy}", *(["strategy.epochs=2"] if strategy == "fine_tune" else [])
+    )
     value = train(cfg)
     (run,) = runs_of(tmp_path, "folder")
     metrics = run.data.metrics
@@ -54,8 +56,9 @@ def test_two_stage_reuses_cached_features(make_config, tmp_path):
 
 
 @pytest.mark.parametrize(("classes", "outputs"), [(2, 1), (3, 3)])
-def test_head_follows_the_class_count(classes, outputs, make_config, binary_folder, image_folder,
-                                      tmp_path):
+def test_head_follows_the_class_count(
+    classes, outputs, make_config, binary_folder, image_folder, tmp_path
+):
     import keras
 
     folder = binary_folder if classes == 2 else image_folder
@@ -65,9 +68,11 @@ def test_head_follows_the_class_count(classes, outputs, make_config, binary_fold
     model = keras.saving.load_model(f"{run.data.tags['hydra_output_dir']}/model.keras")
     assert model.output_shape == (None, outputs)
     assert model.get_layer("head").layers[-1].activation.__name__ == (
-        "sigmoid" if classes == 2 else "softmax")
-    assert model.loss == ("binary_crossentropy" if classes == 2
-                          else "sparse_categorical_crossentropy")
+        "sigmoid" if classes == 2 else "softmax"
+    )
+    assert model.loss == (
+        "binary_crossentropy" if classes == 2 else "sparse_categorical_crossentropy"
+    )
     probabilities = model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
     assert ((probabilities >= 0) & (probabilities <= 1)).all()
 

@@ -10,4 +10,6 @@ def build_augmentation(cfg):
 
     if not cfg.layers:
         return None
-    return keras.Sequential([instantiate(layer, _convert_="all") for layer in cfg.layers], name="augmentation")
+    return keras.Sequential(
+        [instantiate(layer, _convert_="all") for layer in cfg.layers], name="augmentation"
+    )

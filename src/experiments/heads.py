@@ -23,7 +23,9 @@ def build_head(cfg, feature_shape, num_classes: int):
         raise ExperimentError(f"head.dropout={cfg.dropout} must be in [0, 1)")
     layers = [keras.Input(tuple(feature_shape))]
     layers.append(
-        keras.layers.Flatten() if cfg.pooling == "flatten" else keras.layers.GlobalAveragePooling2D()
+        keras.layers.Flatten()
+        if cfg.pooling == "flatten"
+        else keras.layers.GlobalAveragePooling2D()
     )
     for i, width in enumerate(units):
         layers.append(keras.layers.Dense(int(width), activation=cfg.activation, name=f"dense_{i}"))

@@ -49,21 +49,30 @@ def evaluate_split(model, split, num_classes: int, batch_size: int = 64) -> Eval
     )
 
 
-def write_reports(outdir: Path, evaluation: Evaluation, split, class_names: list[str],
-                  history: dict[str, list[float]] | None = None, augmentation=None) -> list[Path]:
+def write_reports(
+    outdir: Path,
+    evaluation: Evaluation,
+    split,
+    class_names: list[str],
+    history: dict[str, list[float]] | None = None,
+    augmentation=None,
+) -> list[Path]:
     """Write the evaluation artifacts into `outdir`; the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     outdir.mkdir(parents=True, exist_ok=True)
-    written = [*classification_reports(outdir, evaluation, class_names),
-               confusion_matrix_png(outdir / "confusion_matrix.png", evaluation, class_names),
-               misclassified_png(outdir / "misclassified.png", evaluation, split, class_names)]
+    written = [
+        *classification_reports(outdir, evaluation, class_names),
+        confusion_matrix_png(outdir / "confusion_matrix.png", evaluation, class_names),
+        misclassified_png(outdir / "misclassified.png", evaluation, split, class_names),
+    ]
     if history:
         written.append(learning_curves_png(outdir / "learning_curves.png", history))
     if augmentation is not None:
-        written.append(augmented_views_png(outdir / "augmented_views.png", split.images[0],
-                                           augmentation))
+        written.append(
+            augmented_views_png(outdir / "augmented_views.png", split.images[0], augmentation)
+        )
     return written
 
 
@@ -74,8 +83,9 @@ def classification_reports(outdir: Path, evaluation: Evaluation, class_names) ->
     labels = list(range(len(class_names)))
     kwargs = dict(labels=labels, target_names=class_names, zero_division=0, digits=4)
     text = classification_report(evaluation.labels, evaluation.predictions, **kwargs)
-    data = classification_report(evaluation.labels, evaluation.predictions, output_dict=True,
-                                 **kwargs)
+    data = classification_report(
+        evaluation.labels, evaluation.predictions, output_dict=True, **kwargs
+    )
     (outdir / "classification_report.txt").write_text(text)
     (outdir / "classification_report.json").write_text(json.dumps(data, indent=2))
     return [outdir / "classification_report.txt", outdir / "classification_report.json"]
@@ -88,8 +98,13 @@ def confusion_matrix_png(path: Path, evaluation: Evaluation, class_names) -> Pat
     size = max(4.0, 0.6 * len(class_names) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay.from_predictions(
-        evaluation.labels, evaluation.predictions, labels=list(range(len(class_names))),
-        display_labels=class_names, ax=ax, colorbar=False, xticks_rotation=45,
+        evaluation.labels,
+        evaluation.predictions,
+        labels=list(range(len(class_names))),
+        display_labels=class_names,
+        ax=ax,
+        colorbar=False,
+        xticks_rotation=45,
     )
     ax.set_title(f"accuracy {evaluation.accuracy:.2%}")
     fig.tight_layout()
@@ -129,9 +144,12 @@ def misclassified_png(path: Path, evaluation: Evaluation, split, class_names) ->
         ax.axis("off")
     for ax, i in zip(axes.flat, wrong, strict=False):
         ax.imshow(split.images[i])
-        ax.set_title(f"true {class_names[evaluation.labels[i]]}\n"
-                     f"pred {class_names[evaluation.predictions[i]]} "
-                     f"({evaluation.confidence[i]:.0%})", fontsize=9)
+        ax.set_title(
+            f"true {class_names[evaluation.labels[i]]}\n"
+            f"pred {class_names[evaluation.predictions[i]]} "
+            f"({evaluation.confidence[i]:.0%})",
+            fontsize=9,
+        )
     if not len(wrong):
         axes.flat[0].set_title("no misclassified images")
     fig.tight_layout()

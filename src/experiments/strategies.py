@@ -70,15 +70,24 @@ def train_fine_tune(ctx: Context) -> Trained:
     train, val = images_dataset(ctx, "train"), images_dataset(ctx, "val")
     checkpoint = best_checkpoint(ctx)
     history = fit(ctx, model, train, val, checkpoint=checkpoint)
-    unfrozen = unfreeze_top_blocks(ctx.base, list(cfg.backbone.blocks), int(cfg.strategy.unfreeze_blocks))
+    unfrozen = unfreeze_top_blocks(
+        ctx.base, list(cfg.backbone.blocks), int(cfg.strategy.unfreeze_blocks)
+    )
     log.info("fine-tuning %d layers at lr %g: %s", len(unfrozen), cfg.strategy.lr, unfrozen)
     # One checkpoint across both phases, so the best epoch of either is what is restored.
     more = fit(
-        ctx, model, train, val, lr=float(cfg.strategy.lr), checkpoint=checkpoint,
-        initial_epoch=int(cfg.trainer.epochs), epochs=int(cfg.trainer.epochs) + int(cfg.strategy.epochs),
+        ctx,
+        model,
+        train,
+        val,
+        lr=float(cfg.strategy.lr),
+        checkpoint=checkpoint,
+        initial_epoch=int(cfg.trainer.epochs),
+        epochs=int(cfg.trainer.epochs) + int(cfg.strategy.epochs),
     )
-    return Trained(model, {k: history.get(k, []) + more.get(k, []) for k in history | more},
-                   unfrozen=unfrozen)
+    return Trained(
+        model, {k: history.get(k, []) + more.get(k, []) for k in history | more}, unfrozen=unfrozen
+    )
 
 
 STRATEGIES: dict[str, Callable[[Context], Trained]] = {
@@ -117,8 +126,17 @@ def assemble(ctx: Context, head, augment: bool = True):
     return keras.Model(inputs, head(x), name=name)
 
 
-def fit(ctx: Context, model, train, val, *, lr: float | None = None, checkpoint=None,
-        initial_epoch: int = 0, epochs: int | None = None) -> dict[str, list[float]]:
+def fit(
+    ctx: Context,
+    model,
+    train,
+    val,
+    *,
+    lr: float | None = None,
+    checkpoint=None,
+    initial_epoch: int = 0,
+    epochs: int | None = None,
+) -> dict[str, list[float]]:
     """Compile and fit `model`, then restore its best-validation weights; the epoch history."""
     from hydra.utils import instantiate
 
@@ -189,8 +207,9 @@ def class_weights(mode: str, task: Task) -> dict[int, float] | None:
 def images_dataset(ctx: Context, split: str):
     """A batched tf.data pipeline of one split's uint8 images, shuffled for training."""
     data = ctx.task.splits[split]
-    return _dataset(data.images, data.labels, int(ctx.cfg.trainer.batch_size), ctx,
-                    shuffle=split == "train")
+    return _dataset(
+        data.images, data.labels, int(ctx.cfg.trainer.batch_size), ctx, shuffle=split == "train"
+    )
 
 
 def _dataset(x: np.ndarray, y: np.ndarray, batch_size: int, ctx: Context, shuffle: bool):
@@ -218,7 +237,11 @@ def extract_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
     """The base's feature maps of every split, from the disk cache ('hit') or extracted ('miss')."""
     import keras
 
-    path = Path(ctx.cfg.paths.cache_dir) / "features" / f"{ctx.cfg.backbone.name}-{feature_key(ctx)}.npz"
+    path = (
+        Path(ctx.cfg.paths.cache_dir)
+        / "features"
+        / f"{ctx.cfg.backbone.name}-{feature_key(ctx)}.npz"
+    )
     if path.is_file():
         with np.load(path) as z:
             log.info("features reused from %s", path)

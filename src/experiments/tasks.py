@@ -81,7 +81,9 @@ def load_task(cfg, paths) -> Task:
     size = _image_size(cfg.image_size)
     loader = LOADERS.get(cfg.loader)
     if loader is None:
-        raise ExperimentError(f"task.loader={cfg.loader!r} is unknown; use one of {sorted(LOADERS)}")
+        raise ExperimentError(
+            f"task.loader={cfg.loader!r} is unknown; use one of {sorted(LOADERS)}"
+        )
     task = loader(cfg, paths, size)
     for split in SPLITS:
         if len(task.splits[split].labels) == 0:
@@ -91,8 +93,10 @@ def load_task(cfg, paths) -> Task:
             )
     log.info(
         "task %s: %d classes, %s images, %d skipped",
-        task.name, task.num_classes,
-        "/".join(str(len(task.splits[s].labels)) for s in SPLITS), len(task.skipped),
+        task.name,
+        task.num_classes,
+        "/".join(str(len(task.splits[s].labels)) for s in SPLITS),
+        len(task.skipped),
     )
     return task
 
@@ -193,7 +197,9 @@ def download_and_extract(cfg, paths) -> Path:
         import keras
 
         data_dir.mkdir(parents=True, exist_ok=True)
-        archive = keras.utils.get_file(archive_name, cfg.url, cache_dir=str(data_dir), cache_subdir="")
+        archive = keras.utils.get_file(
+            archive_name, cfg.url, cache_dir=str(data_dir), cache_subdir=""
+        )
     except Exception as err:  # get_file raises a bare Exception for every network failure
         raise ExperimentError(
             f"the {cfg.name} dataset is missing: {root} does not exist and downloading "
@@ -233,8 +239,15 @@ def _task_from_class_folders(cfg, paths, root: Path, size) -> Task:
         }
         return Task(cfg.name, class_names, splits, skipped)
 
-    key = ("class-folders", str(root.resolve()), _listing({"all": files}), size,
-           list(cfg.split or []), list(cfg.get("per_class") or []), seed)
+    key = (
+        "class-folders",
+        str(root.resolve()),
+        _listing({"all": files}),
+        size,
+        list(cfg.split or []),
+        list(cfg.get("per_class") or []),
+        seed,
+    )
     return _cached(paths, key, decode)
 
 
@@ -251,7 +264,7 @@ def _sampled_task(cfg, root, files, class_names, size, seed) -> Task:
         images, kept, start = [], [], 0
         # Decode in order until the quota is met, so undecodable files are replaced by the next.
         while len(kept) < sum(quotas) and start < len(order):
-            chunk = order[start:start + sum(quotas) - len(kept)]
+            chunk = order[start : start + sum(quotas) - len(kept)]
             start += len(chunk)
             imgs, _, ok, bad = decode_files([(p, label) for p in chunk], size)
             images.append(imgs)
@@ -268,7 +281,9 @@ def _sampled_task(cfg, root, files, class_names, size, seed) -> Task:
             parts[s][0].append(images[lo:hi])
             parts[s][1].append(np.full(hi - lo, label, np.int32))
             parts[s][2].extend(_relative(p, root) for p in kept[lo:hi])
-    splits = {s: Split(np.concatenate(i), np.concatenate(y), src) for s, (i, y, src) in parts.items()}
+    splits = {
+        s: Split(np.concatenate(i), np.concatenate(y), src) for s, (i, y, src) in parts.items()
+    }
     return Task(cfg.name, class_names, splits, skipped)
 
 
@@ -284,8 +299,8 @@ def split_per_class(labels: np.ndarray, fractions: Sequence[float], seed: int) -
         idx = rng.permutation(np.flatnonzero(labels == c))
         n_train, n_val = int(len(idx) * fractions[0]), int(len(idx) * fractions[1])
         out["train"].append(idx[:n_train])
-        out["val"].append(idx[n_train:n_train + n_val])
-        out["test"].append(idx[n_train + n_val:])
+        out["val"].append(idx[n_train : n_train + n_val])
+        out["test"].append(idx[n_train + n_val :])
     return {s: np.sort(np.concatenate(v)).astype(np.int64) for s, v in out.items()}
 
 
@@ -370,7 +385,9 @@ def _cached(paths, key, decode: Callable[[], Task]) -> Task:
     task = decode()
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "name": task.name, "class_names": task.class_names, "skipped": task.skipped,
+        "name": task.name,
+        "class_names": task.class_names,
+        "skipped": task.skipped,
         "sources": {s: task.splits[s].sources for s in SPLITS},
     }
     arrays = {f"{s}_images": task.splits[s].images for s in SPLITS}

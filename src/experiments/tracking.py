@@ -40,7 +40,7 @@ def set_tracking(tracking) -> str:
     uri = str(tracking.uri)
     local = uri.startswith(LOCAL_SCHEMES)
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     name = str(tracking.experiment)
@@ -117,7 +117,7 @@ def log_config(cfg: DictConfig, overrides: list[str]) -> None:
     container.pop("hydra", None)
     params = list(flatten(container).items())
     for start in range(0, len(params), MAX_PARAMS_PER_CALL):
-        mlflow.log_params(dict(params[start:start + MAX_PARAMS_PER_CALL]))
+        mlflow.log_params(dict(params[start : start + MAX_PARAMS_PER_CALL]))
     mlflow.log_text(OmegaConf.to_yaml(container), "config/config.yaml")
     mlflow.log_text(OmegaConf.to_yaml(list(overrides)), "config/overrides.yaml")
 
@@ -150,8 +150,11 @@ def runtime_tags() -> dict[str, str]:
         device = f"GPU: {details.get('device_name', gpus[0].name)} x{len(gpus)}"
     else:
         device = f"CPU: {cpu_name()} ({os.cpu_count()} cores)"
-    return {"tensorflow_version": tf.__version__, "keras_version": keras.__version__,
-            "device": device}
+    return {
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "device": device,
+    }
 
 
 def cpu_name() -> str:
@@ -167,10 +170,20 @@ def cpu_name() -> str:
 def git_state(root: str) -> tuple[str | None, bool]:
     """The checkout's commit and whether its tree has uncommitted changes."""
     try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", root, "status", "--porcelain"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout
+        commit = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None, False
     return commit, bool(status.strip())
@@ -185,18 +198,22 @@ def log_task(task) -> None:
 
     for split in SPLITS:
         data = task.splits[split]
-        frame = pd.DataFrame({
-            "source": data.sources,
-            "label": data.labels,
-            "class": [task.class_names[i] for i in data.labels],
-        })
+        frame = pd.DataFrame(
+            {
+                "source": data.sources,
+                "label": data.labels,
+                "class": [task.class_names[i] for i in data.labels],
+            }
+        )
         with warnings.catch_warnings():  # MLflow's hint about integer columns: labels are never NaN
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(frame, source=task.name, name=f"{task.name}-{split}")
         mlflow.log_input(dataset, context=split)
     counts = task.counts()
-    mlflow.log_dict({"class_names": task.class_names, "counts": counts,
-                     "skipped_files": task.skipped}, "data/classes.json")
+    mlflow.log_dict(
+        {"class_names": task.class_names, "counts": counts, "skipped_files": task.skipped},
+        "data/classes.json",
+    )
     mlflow.set_tag("class_names", ", ".join(task.class_names)[:MAX_PARAM_CHARS])
     mlflow.log_metrics({f"n_{s}": sum(counts[s].values()) for s in SPLITS})
 
@@ -233,8 +250,12 @@ class MlflowSweepCallback(Callback):
         run = MlflowClient().create_run(
             experiment_id,
             run_name=f"sweep-{Path(hydra_cfg.sweep.dir).name}",
-            tags={"sweep": "true", "sweep_dir": str(hydra_cfg.sweep.dir),
-                  "sweep_overrides": " ".join(overrides)[:MAX_PARAM_CHARS], "sweeper": sweeper},
+            tags={
+                "sweep": "true",
+                "sweep_dir": str(hydra_cfg.sweep.dir),
+                "sweep_overrides": " ".join(overrides)[:MAX_PARAM_CHARS],
+                "sweeper": sweeper,
+            },
         )
         self.run_id = run.info.run_id
         os.environ[PARENT_RUN_ENV] = self.run_id

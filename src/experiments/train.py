@@ -51,7 +51,12 @@ def train(cfg: DictConfig) -> float:
         tracking.log_task(task)
         base, preprocess = build_backbone(cfg.backbone, task.image_shape, weights)
         ctx = Context(
-            cfg, task, base, preprocess, workdir, weights_id(weights),
+            cfg,
+            task,
+            base,
+            preprocess,
+            workdir,
+            weights_id(weights),
             callbacks=[EpochLogger(len(task.splits["train"].labels)), *trial_callbacks(cfg)],
         )
         started = time.perf_counter()
@@ -65,10 +70,19 @@ def train(cfg: DictConfig) -> float:
         mlflow.log_metrics(metrics)
         if trained.feature_cache:
             mlflow.set_tag("feature_cache", trained.feature_cache)
-        augmentation = trained.model.get_layer("augmentation") if any(
-            layer.name == "augmentation" for layer in trained.model.layers) else None
-        reports = write_reports(workdir / "reports", test, task.splits["test"], task.class_names,
-                                trained.history, augmentation)
+        augmentation = (
+            trained.model.get_layer("augmentation")
+            if any(layer.name == "augmentation" for layer in trained.model.layers)
+            else None
+        )
+        reports = write_reports(
+            workdir / "reports",
+            test,
+            task.splits["test"],
+            task.class_names,
+            trained.history,
+            augmentation,
+        )
         for path in reports:
             mlflow.log_artifact(str(path), artifact_path="evaluation")
         if cfg.tracking.log_model:
@@ -76,8 +90,12 @@ def train(cfg: DictConfig) -> float:
         value = optimized_value(cfg.optimized_metric, trained.history, metrics)
         log.info(
             "run %s: best val_accuracy %.4f, test_accuracy %.4f, %s=%.4f, %.0f s",
-            run.info.run_id, metrics["best_val_accuracy"], metrics["test_accuracy"],
-            cfg.optimized_metric, value, train_time,
+            run.info.run_id,
+            metrics["best_val_accuracy"],
+            metrics["test_accuracy"],
+            cfg.optimized_metric,
+            value,
+            train_time,
         )
     return value
 

@@ -1,0 +1,47 @@
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 5000
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-fast lint format ui compare clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+
+install: $(BIN)/python ## Create .venv and install the package with the dev and offline extras
+	$(BIN)/pip install -e ".[dev,offline]"
+
+train: ## Run the offline quickstart (digits on a pretrained VGG16); ARGS="..." adds overrides
+	$(BIN)/python -m experiments.train experiment=quickstart $(ARGS)
+
+test: ## Run the whole test suite, slow end-to-end tests included
+	$(BIN)/python -m pytest
+
+test-fast: ## Run the tests without the slow end-to-end ones
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: ## Lint and check formatting with ruff
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: ## Fix lint and formatting with ruff
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+ui: ## Start the MLflow UI on the default store, bound to 127.0.0.1
+	@mkdir -p mlruns
+	@echo "MLflow UI: http://$(HOST):$(PORT)"
+	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlruns/mlflow.db" \
+		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host $(HOST) --port $(PORT)
+
+compare: ## Print and save the comparison table of an experiment: EXP=flowers
+	$(BIN)/python -m experiments.compare $(EXP)
+
+clean: ## Remove outputs, caches and the local MLflow store
+	rm -rf outputs multirun cache mlruns reports .pytest_cache
