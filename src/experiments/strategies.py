@@ -159,6 +159,7 @@ def fit(
         initial_epoch=initial_epoch,
         class_weight=class_weights(cfg.trainer.class_weight, ctx.task),
         callbacks=ctx.callbacks + callbacks,
+        shuffle=False,  # the tf.data pipeline shuffles
         verbose=2,
     )
     if cfg.trainer.restore_best and Path(checkpoint.filepath).is_file():

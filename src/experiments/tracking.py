@@ -196,6 +196,8 @@ def log_task(task) -> None:
 
     from experiments.tasks import SPLITS
 
+    # MLflow hints that integer columns cannot hold NaN: labels never do.
+    warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
     for split in SPLITS:
         data = task.splits[split]
         frame = pd.DataFrame(
@@ -205,9 +207,7 @@ def log_task(task) -> None:
                 "class": [task.class_names[i] for i in data.labels],
             }
         )
-        with warnings.catch_warnings():  # MLflow's hint about integer columns: labels are never NaN
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(frame, source=task.name, name=f"{task.name}-{split}")
+        dataset = mlflow.data.from_pandas(frame, source=task.name, name=f"{task.name}-{split}")
         mlflow.log_input(dataset, context=split)
     counts = task.counts()
     mlflow.log_dict(
@@ -240,11 +240,10 @@ class MlflowSweepCallback(Callback):
         self.run_id: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from hydra.core.hydra_config import HydraConfig
         from mlflow.tracking import MlflowClient
 
         experiment_id = set_tracking(config.tracking)
-        hydra_cfg = HydraConfig.get()
+        hydra_cfg = config.hydra
         overrides = list(hydra_cfg.overrides.task)
         sweeper = hydra_cfg.sweeper.get("_target_", "basic").rsplit(".", 1)[-1]
         run = MlflowClient().create_run(

@@ -44,7 +44,7 @@ def train(cfg: DictConfig) -> float:
     from experiments.sweep import trial_callbacks
 
     keras.utils.set_random_seed(int(cfg.trainer.seed))
-    workdir = output_dir(cfg)
+    workdir = output_dir(cfg.paths.output_dir, cfg.task.name)
     tags = tracking.run_tags(cfg, str(workdir)) | tracking.runtime_tags()
     with tracking.start_run(cfg.tracking, str(cfg.tracking.run_name), tags) as run:
         tracking.log_config(cfg, task_overrides())
@@ -135,15 +135,15 @@ def optimized_value(name: str, history: dict[str, list[float]], metrics: dict) -
     )
 
 
-def output_dir(cfg: DictConfig) -> Path:
-    """Hydra's output directory for this job, or a fresh one under paths.output_dir."""
+def output_dir(root: str, name: str) -> Path:
+    """Hydra's output directory for this job, or a fresh one under `root`/`name`."""
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized():
         runtime = HydraConfig.get().runtime
         if runtime.get("output_dir"):
             return Path(runtime.output_dir)
-    parent = Path(cfg.paths.output_dir) / str(cfg.task.name)
+    parent = Path(root) / str(name)
     parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=time.strftime("%Y-%m-%d_%H-%M-%S-"), dir=parent))
 

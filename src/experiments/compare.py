@@ -1,0 +1,127 @@
+"""The reference-style comparison table from MLflow: `python -m experiments.compare [EXPERIMENT]`.
+
+Prints the table, saves it as Markdown and CSV, and draws accuracy against train time per
+configuration. Runs are found with MLflow's public search API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from experiments import project_root
+from experiments.errors import ExperimentError
+
+COLUMNS = {  # table column -> MLflow field
+    "task": "tags.task",
+    "backbone": "tags.backbone",
+    "strategy": "tags.strategy",
+    "augmentation": "tags.augmentation",
+    "val_accuracy": "metrics.best_val_accuracy",
+    "test_accuracy": "metrics.test_accuracy",
+    "total_params": "metrics.total_params",
+    "trainable_params": "metrics.trainable_params",
+    "size_mb": "metrics.model_size_mb",
+    "epochs": "metrics.epochs_run",
+    "train_time_s": "metrics.train_time_s",
+}
+
+
+def comparison_table(experiments: list[str] | None, filter_string: str = ""):
+    """One row per finished training run, best test accuracy first."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    names = experiments or [e.name for e in MlflowClient().search_experiments()]
+    wanted = " and ".join(f for f in ("attributes.status = 'FINISHED'", filter_string) if f)
+    runs = mlflow.search_runs(experiment_names=names, filter_string=wanted, output_format="pandas")
+    if runs.empty:
+        raise ExperimentError(
+            f"no finished runs in experiment(s) {', '.join(names) or '(none)'}"
+            f"{' matching ' + filter_string if filter_string else ''}; train some first"
+        )
+    # Training runs only: not sweep parents, not re-evaluations.
+    for tag in ("tags.sweep", "tags.run_type"):
+        if tag in runs:
+            runs = runs[runs[tag].isna()]
+    missing = [field for field in COLUMNS.values() if field not in runs]
+    for field in missing:
+        runs[field] = None
+    table = runs[list(COLUMNS.values())].copy()
+    table.columns = list(COLUMNS)
+    table.insert(0, "run_name", runs["tags.mlflow.runName"])
+    table.insert(1, "run_id", runs["run_id"].str[:8])
+    table["time_per_epoch_s"] = table["train_time_s"] / table["epochs"]
+    for column in ("total_params", "trainable_params", "epochs"):
+        table[column] = table[column].astype("Int64")
+    return table.sort_values("test_accuracy", ascending=False).reset_index(drop=True)
+
+
+def save_outputs(table, outdir: Path, stem: str) -> list[Path]:
+    """The table as Markdown and CSV, and a PNG of accuracy against train time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    markdown, csv, png = (outdir / f"{stem}.{ext}" for ext in ("md", "csv", "png"))
+    markdown.write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    table.to_csv(csv, index=False)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for _, row in table.iterrows():
+        label = f"{row.task}/{row.backbone}/{row.strategy}/{row.augmentation}"
+        ax.scatter(row.train_time_s, row.test_accuracy)
+        ax.annotate(
+            label,
+            (row.train_time_s, row.test_accuracy),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("train time (s)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("accuracy against train time per configuration")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return [markdown, csv, png]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m experiments.compare`."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__)
+    parser.add_argument("experiments", nargs="*", help="MLflow experiment names (default: all)")
+    parser.add_argument(
+        "--filter", default="", help="an MLflow search filter, e.g. \"tags.task = 'flowers'\""
+    )
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="default: $MLFLOW_TRACKING_URI, else the project's mlruns/mlflow.db",
+    )
+    parser.add_argument("--out", default=None, help="output folder (default: <project>/reports)")
+    args = parser.parse_args(argv)
+    import mlflow
+    import pandas as pd
+
+    root = Path(project_root())
+    mlflow.set_tracking_uri(args.tracking_uri or f"sqlite:///{root}/mlruns/mlflow.db")
+    try:
+        table = comparison_table(args.experiments, args.filter)
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    stem = "comparison-" + ("-".join(args.experiments) or "all")
+    files = save_outputs(table, Path(args.out) if args.out else root / "reports", stem)
+    with pd.option_context("display.max_columns", None, "display.width", 200):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print("saved: " + ", ".join(str(f) for f in files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

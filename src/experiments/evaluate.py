@@ -1,0 +1,109 @@
+"""Re-evaluate a logged model on a split: `python -m experiments.evaluate model=runs:/<id>/model`.
+
+The results go to a new MLflow run tagged with the source run, with the same evaluation
+artifacts as training.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from experiments import config_dir
+from experiments.errors import ExperimentError
+from experiments.train import output_dir, run_cli
+
+log = logging.getLogger("experiments.evaluate")
+
+
+def evaluate(cfg: DictConfig) -> float:
+    """Evaluate `cfg.model` on `cfg.split` of the task; the accuracy."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from experiments import tracking
+    from experiments.tasks import SPLITS, load_task
+
+    if cfg.split not in SPLITS:
+        raise ExperimentError(f"split={cfg.split} is unknown; use one of {', '.join(SPLITS)}")
+    mlflow.set_tracking_uri(str(cfg.tracking.uri))
+    match = re.match(r"runs:/([0-9a-f]+)/", str(cfg.model))
+    source = MlflowClient().get_run(match.group(1)) if match else None
+    task_cfg = cfg.get("task") or source_task(source)
+    task = load_task(task_cfg, cfg.paths)
+    experiment = cfg.tracking.experiment or (
+        MlflowClient().get_experiment(source.info.experiment_id).name if source else task_cfg.name
+    )
+    tracking_cfg = OmegaConf.merge(cfg.tracking, {"experiment": experiment})
+
+    from experiments.reports import evaluate_split, write_reports
+
+    try:
+        model = mlflow.keras.load_model(str(cfg.model))
+    except Exception as err:
+        raise ExperimentError(
+            f"cannot load model={cfg.model} ({err}); give a logged model URI "
+            f"such as runs:/<run_id>/model"
+        ) from None
+    tags = {
+        "run_type": "evaluate",
+        "task": task.name,
+        "split": cfg.split,
+        "source_model": str(cfg.model),
+    }
+    if source is not None:
+        tags |= {
+            "source_run_id": source.info.run_id,
+            **{
+                k: source.data.tags[k]
+                for k in ("backbone", "strategy", "augmentation")
+                if k in source.data.tags
+            },
+        }
+    workdir = output_dir(cfg.paths.output_dir, task.name)
+    with tracking.start_run(tracking_cfg, f"evaluate-{task.name}-{cfg.split}", tags):
+        tracking.log_task(task)
+        result = evaluate_split(model, task.splits[cfg.split], task.num_classes, cfg.batch_size)
+        mlflow.log_metrics(
+            {
+                f"{cfg.split}_loss": result.loss,
+                f"{cfg.split}_accuracy": result.accuracy,
+                "skipped_files": len(task.skipped),
+            }
+        )
+        for path in write_reports(
+            workdir / "reports", result, task.splits[cfg.split], task.class_names
+        ):
+            mlflow.log_artifact(str(path), artifact_path="evaluation")
+    log.info(
+        "%s on %s/%s: accuracy %.4f, loss %.4f",
+        cfg.model,
+        task.name,
+        cfg.split,
+        result.accuracy,
+        result.loss,
+    )
+    return result.accuracy
+
+
+def source_task(source) -> DictConfig:
+    """The task config recorded with the source run."""
+    if source is None:
+        raise ExperimentError("no task given and model= is not a runs:/ URI; add task=<name>")
+    import mlflow
+
+    text = mlflow.artifacts.load_text(f"runs:/{source.info.run_id}/config/config.yaml")
+    return OmegaConf.create(text).task
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    """Entry point of `python -m experiments.evaluate`."""
+    return run_cli(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""What every run records in MLflow, read back with MlflowClient; evaluate and compare."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from experiments import strategies
+from experiments.tracking import flatten
+from experiments.train import train
+
+from conftest import compose_config, tiny_overrides
+from helpers import client_for, runs_of
+
+EPOCH_METRICS = [
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "learning_rate",
+    "epoch_time_s",
+    "train_images_per_s",
+]
+FINAL_METRICS = [
+    "test_loss",
+    "test_accuracy",
+    "best_val_accuracy",
+    "train_time_s",
+    "total_params",
+    "trainable_params",
+    "model_size_mb",
+    "skipped_files",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, image_folder):
+    """One inline run with the reference augmentation, recorded in a sqlite store."""
+    root = tmp_path_factory.mktemp("tracked")
+    cfg = compose_config([*tiny_overrides(root, image_folder), "augmentation=reference"])
+    train(cfg)
+    (run,) = runs_of(root, "folder")
+    return root, cfg, run
+
+
+def test_run_records_params_tags_and_metrics(tiny_run):
+    from omegaconf import OmegaConf
+
+    root, cfg, run = tiny_run
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "folder-vgg16-inline-reference"
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert run.data.params == flatten(container)
+    assert run.data.params["head.units"] == "[32]" and run.data.params["trainer.epochs"] == "3"
+    tags = run.data.tags
+    assert {tags[k] for k in ("task", "backbone", "strategy", "augmentation")} == {
+        "folder",
+        "vgg16",
+        "inline",
+        "reference",
+    }
+    for key in (
+        "python_version",
+        "tensorflow_version",
+        "keras_version",
+        "device",
+        "hydra_output_dir",
+    ):
+        assert tags[key], key
+    assert tags["device"].startswith(("CPU", "GPU"))
+    client = client_for(root)
+    for name in EPOCH_METRICS:
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [0, 1, 2], name
+    for name in FINAL_METRICS:
+        assert name in run.data.metrics, name
+    assert run.data.metrics["total_params"] == 14_714_688 + 512 * 32 + 32 + 33 * 3
+    assert run.data.metrics["trainable_params"] == 512 * 32 + 32 + 33 * 3
+
+
+def test_run_records_lineage_and_artifacts(tiny_run):
+    root, _, run = tiny_run
+    client = client_for(root)
+    contexts = sorted(
+        next(t.value for t in d.tags if t.key == "mlflow.data.context")
+        for d in run.inputs.dataset_inputs
+    )
+    assert contexts == ["test", "train", "val"]
+    assert all(d.dataset.digest for d in run.inputs.dataset_inputs)
+
+    def listing(path=None):
+        out = []
+        for item in client.list_artifacts(run.info.run_id, path):
+            out += listing(item.path) if item.is_dir else [item.path]
+        return out
+
+    files = set(listing())
+    for name in (
+        "learning_curves.png",
+        "confusion_matrix.png",
+        "classification_report.txt",
+        "classification_report.json",
+        "augmented_views.png",
+        "misclassified.png",
+    ):
+        assert f"evaluation/{name}" in files
+    assert {"config/config.yaml", "config/overrides.yaml", "data/classes.json"} <= files
+    classes = client.download_artifacts(run.info.run_id, "data/classes.json")
+    import json
+
+    data = json.loads(open(classes).read())
+    assert data["class_names"] == ["class_0", "class_1", "class_2"]
+    assert sum(data["counts"]["train"].values()) == 36
+
+
+def test_logged_model_takes_uint8_images_and_predicts_like_the_trained_one(tiny_run, image_folder):
+    import keras
+    import mlflow
+
+    root, _, run = tiny_run
+    client_for(root)
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    in_memory = keras.saving.load_model(f"{run.data.tags['hydra_output_dir']}/model.keras")
+    np.testing.assert_allclose(
+        np.asarray(pyfunc.predict(images)),
+        in_memory.predict(images, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert pyfunc.metadata.get_input_schema().inputs[0].type == np.dtype(np.uint8)
+
+
+def test_evaluate_logs_a_linked_run(tiny_run, image_folder):
+    from experiments.evaluate import evaluate
+
+    root, _, run = tiny_run
+    cfg = compose_config_evaluate(root, f"runs:/{run.info.run_id}/model")
+    accuracy = evaluate(cfg)
+    (evaluation,) = runs_of(root, "folder", "tags.run_type = 'evaluate'")
+    assert evaluation.data.tags["source_run_id"] == run.info.run_id
+    assert evaluation.data.metrics["test_accuracy"] == pytest.approx(accuracy)
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
+
+
+def compose_config_evaluate(root, model):
+    from hydra import compose, initialize_config_dir
+
+    from experiments import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(
+            config_name="evaluate", overrides=[f"paths.root_dir={root}", f"model={model}"]
+        )
+
+
+def test_compare_prints_and_saves_the_table(tiny_run, capsys):
+    from experiments.compare import main
+
+    root, _, run = tiny_run
+    code = main(
+        [
+            "folder",
+            "--tracking-uri",
+            f"sqlite:///{root}/mlruns/mlflow.db",
+            "--out",
+            str(root / "reports"),
+            "--filter",
+            "tags.backbone = 'vgg16'",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "folder-vgg16-inline-reference" in printed and "time_per_epoch_s" in printed
+    import pandas as pd
+
+    table = pd.read_csv(root / "reports" / "comparison-folder.csv")
+    assert len(table) == 1  # the evaluation run is not a training row
+    assert table.loc[0, "test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+    assert table.loc[0, "epochs"] == 3
+    assert (root / "reports" / "comparison-folder.png").stat().st_size > 1000
+    assert "| task" in (root / "reports" / "comparison-folder.md").read_text()
+    assert (
+        main(
+            [
+                "folder",
+                "--tracking-uri",
+                f"sqlite:///{root}/mlruns/mlflow.db",
+                "--filter",
+                "tags.backbone = 'none'",
+            ]
+        )
+        == 2
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")]
+)
+def test_interrupted_runs_end_failed_or_killed(error, status, make_config, tmp_path, monkeypatch):
+    def explode(ctx):
+        import mlflow
+
+        mlflow.log_metric("before_the_crash", 1.0)
+        raise error("boom")
+
+    monkeypatch.setattr(strategies, "STRATEGIES", {"inline": explode})
+    with pytest.raises(error):
+        train(make_config())
+    (run,) = runs_of(tmp_path, "folder")
+    assert run.info.status == status
+    assert run.data.metrics["before_the_crash"] == 1.0  # what was logged is kept
+
+
+def test_params_are_logged_in_batches_within_mlflow_limits(tmp_path):
+    import mlflow
+    from omegaconf import OmegaConf
+
+    from experiments.tracking import log_config
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    cfg = OmegaConf.create({"many": {f"k{i}": i for i in range(250)}, "long": "x" * 9000})
+    with mlflow.start_run() as run:
+        log_config(cfg, ["a=1"])
+    params = mlflow.get_run(run.info.run_id).data.params
+    assert len(params) == 251 and len(params["long"]) == 6000
+
+
+def test_multirun_nests_jobs_under_one_parent(tmp_path, image_folder):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "-m",
+            *tiny_overrides(tmp_path, image_folder),
+            "trainer.epochs=1",
+            "trainer.seed=1,2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = runs_of(tmp_path, "folder")
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    assert len(parents) == 1
+    (parent,) = parents
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 2 and len(runs) == 3
+    assert parent.info.status == "FINISHED" and parent.data.tags["jobs"] == "2"
+    assert "trainer.seed=1,2" in parent.data.tags["sweep_overrides"]
+    assert (tmp_path / "multirun").is_dir()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on 127.0.0.1 with its own sqlite file, stopped at the end."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--default-artifact-root",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None:
+                pytest.fail("mlflow server exited")
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("mlflow server did not start within 120 s")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_runs_go_to_a_tracking_server(mlflow_server, make_config):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    train(make_config(f"tracking.uri={mlflow_server}", "trainer.epochs=1"))
+    mlflow.set_tracking_uri(mlflow_server)
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("folder").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert "test_accuracy" in run.data.metrics
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 1
+    paths = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/confusion_matrix.png" in paths
