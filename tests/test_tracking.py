@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,7 +115,7 @@ def test_run_records_lineage_and_artifacts(tiny_run):
     classes = client.download_artifacts(run.info.run_id, "data/classes.json")
     import json
 
-    data = json.loads(open(classes).read())
+    data = json.loads(Path(classes).read_text())
     assert data["class_names"] == ["class_0", "class_1", "class_2"]
     assert sum(data["counts"]["train"].values()) == 36
 
