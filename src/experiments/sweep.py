@@ -4,7 +4,29 @@ from __future__ import annotations
 
 
 def trial_callbacks(cfg) -> list:
-    """Keras callbacks reporting to the Optuna trial this job runs, or [] outside a sweep."""
-    if not cfg.get("sweeper_trial"):
+    """Keras callbacks reporting `optimized_metric` to this job's Optuna trial; [] outside one.
+
+    The sweeper passes `sweeper_trial.{storage,study,number}`; the storage is the channel.
+    """
+    node = cfg.get("sweeper_trial")
+    if not node:
         return []
-    raise NotImplementedError
+    import optuna
+    from optuna_integration import KerasPruningCallback
+
+    from hydra_plugins.experiments_sweeper.optuna_sweeper import open_storage
+
+    study = optuna.load_study(study_name=str(node.study), storage=open_storage(str(node.storage)))
+    (frozen,) = [t for t in study.get_trials(deepcopy=False) if t.number == int(node.number)]
+    # optuna.trial.Trial is how a worker attaches to a trial another process asked for; Optuna
+    # addresses it by its storage id.
+    trial = optuna.trial.Trial(study, frozen._trial_id)
+    return [KerasPruningCallback(trial, monitor=str(cfg.optimized_metric))]
+
+
+def trial_tags(cfg) -> dict[str, str]:
+    """MLflow tags naming the study and trial of this job, if it runs one."""
+    node = cfg.get("sweeper_trial")
+    if not node:
+        return {}
+    return {"optuna_study": str(node.study), "optuna_trial": str(node.number)}

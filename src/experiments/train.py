@@ -41,11 +41,13 @@ def train(cfg: DictConfig) -> float:
     from experiments.callbacks import EpochLogger
     from experiments.reports import evaluate_split, write_reports
     from experiments.strategies import Context, train_with_strategy
-    from experiments.sweep import trial_callbacks
+    from experiments.sweep import trial_callbacks, trial_tags
 
+    # Trials of a sweep share this process: start each from a clean Keras state.
+    keras.backend.clear_session(free_memory=True)
     keras.utils.set_random_seed(int(cfg.trainer.seed))
     workdir = output_dir(cfg.paths.output_dir, cfg.task.name)
-    tags = tracking.run_tags(cfg, str(workdir)) | tracking.runtime_tags()
+    tags = tracking.run_tags(cfg, str(workdir)) | tracking.runtime_tags() | trial_tags(cfg)
     with tracking.start_run(cfg.tracking, str(cfg.tracking.run_name), tags) as run:
         tracking.log_config(cfg, task_overrides())
         tracking.log_task(task)

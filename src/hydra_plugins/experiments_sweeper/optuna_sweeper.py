@@ -1,0 +1,284 @@
+"""A Hydra sweeper on Optuna >= 4 with pruning, resumable studies and several cooperating processes.
+
+Written here because the released hydra-optuna-sweeper (1.3.0) pins optuna < 3, its RDB storage
+fails under SQLAlchemy 2, and it cannot prune: the job never sees its trial (hydra#1954). This one
+passes each job the storage, the study name and the trial number (`sweeper_trial.*`), and the job
+reports its epochs to that trial through the storage (experiments.sweep).
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict  # noqa: UP035 - OmegaConf reads these annotations
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+JOURNAL_PREFIX = "journal:"
+
+
+@dataclass
+class OptunaSweeperConf:
+    _target_: str = "hydra_plugins.experiments_sweeper.optuna_sweeper.OptunaSweeper"
+    _recursive_: bool = False  # the sweeper builds its sampler and pruner itself
+    sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler",
+                                                  "seed": 42})
+    pruner: Any = field(default_factory=lambda: {"_target_": "optuna.pruners.MedianPruner",
+                                                 "n_startup_trials": 5, "n_warmup_steps": 1})
+    # maximize or minimize; null: minimize when optimized_metric names a loss, else maximize.
+    direction: Any = None
+    # Any Optuna storage URL (sqlite:///..., postgresql://...); null: a journal file in the sweep dir.
+    storage: Any = None
+    study_name: str = "experiments"
+    n_trials: int = 20
+    # Trials launched together through the launcher (parallel with hydra-joblib-launcher).
+    n_jobs: int = 1
+    max_failure_rate: float = 0.5
+    params: Dict[str, str] = field(default_factory=dict)  # noqa: UP006
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="experiments_optuna",
+                             node=OptunaSweeperConf, provider="experiments")
+
+
+def distribution_for(override: Override):
+    """The Optuna distribution of a sweep override: choice, range, interval, tag(log, ...)."""
+    import optuna.distributions as d
+
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        return d.CategoricalDistribution([as_override_text(v) for v in value.list])
+    if isinstance(value, RangeSweep):
+        return d.CategoricalDistribution([as_override_text(v) for v in override.sweep_iterator()])
+    if isinstance(value, IntervalSweep):
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return d.IntDistribution(value.start, value.end, log=log_scale)
+        return d.FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise ValueError(f"{override.key_or_group}={override.input_line}: not a sweep; use choice(), "
+                     f"range(), interval() or tag(log, interval())")
+
+
+def as_override_text(value: Any) -> Any:
+    """Optuna categories must be scalars: lists and dicts travel as their override text."""
+    if isinstance(value, list):
+        return "[" + ",".join(str(as_override_text(v)) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{as_override_text(v)}" for k, v in value.items()) + "}"
+    return value
+
+
+def open_storage(url: str):
+    """An Optuna storage from a URL, or from `journal:<path>` for a journal file."""
+    if url.startswith(JOURNAL_PREFIX):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url[len(JOURNAL_PREFIX):]))
+    return url
+
+
+class OptunaSweeper(Sweeper):
+    """Asks Optuna for trials, launches them as Hydra jobs, tells Optuna how each ended."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = OmegaConf.create(settings)
+        self.config: DictConfig = None
+        self.launcher = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def sweep(self, arguments: list[str]) -> Any:
+        import optuna
+        from hydra.utils import instantiate
+
+        settings = self.settings
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        fixed, distributions = self._search_space(arguments)
+        storage_url = settings.storage or f"{JOURNAL_PREFIX}{sweep_dir / 'optuna.journal'}"
+        metric = str(self.config.get("optimized_metric", "val_accuracy"))
+        direction = settings.direction or ("minimize" if "loss" in metric else "maximize")
+        study = optuna.create_study(
+            study_name=settings.study_name, storage=open_storage(storage_url),
+            sampler=instantiate(settings.sampler) if settings.sampler else None,
+            pruner=instantiate(settings.pruner) if settings.pruner else optuna.pruners.NopPruner(),
+            direction=direction, load_if_exists=True,
+        )
+        log.info("study %s (%s %s) in %s: %d of %d trials done", settings.study_name, direction,
+                 metric, storage_url, self._counted(study), settings.n_trials)
+        job_index = 0
+        while True:
+            trials = self._ask(study, distributions, int(settings.n_jobs))
+            if not trials:
+                break
+            overrides = [
+                [*fixed, *(f"{k}={v}" for k, v in trial.params.items()),
+                 f"++sweeper_trial.storage={storage_url}",
+                 f"++sweeper_trial.study={settings.study_name}",
+                 f"++sweeper_trial.number={trial.number}"]
+                for trial in trials
+            ]
+            returns = self.launcher.launch(overrides, initial_job_idx=job_index)
+            job_index += len(returns)
+            for trial, ret in zip(trials, returns, strict=True):
+                self._tell(study, trial, ret)
+            self._check_failures(study)
+        self._write_results(study, sweep_dir, metric)
+        return study
+
+    def _search_space(self, arguments: list[str]):
+        parser = OverridesParser.create()
+        params = [f"{k}={v}" for k, v in (self.settings.params or {}).items()]
+        fixed, distributions = [], {}
+        for override in parser.parse_overrides(params + list(arguments)):
+            if override.is_sweep_override():
+                distributions[override.get_key_element()] = distribution_for(override)
+            else:
+                fixed.append(override.input_line)
+        if not distributions:
+            raise ValueError("the Optuna sweeper has nothing to search: set hydra.sweeper.params "
+                             "(e.g. hparams_search=lr_head) or pass a sweep on the command line")
+        return fixed, distributions
+
+    @staticmethod
+    def _counted(study) -> int:
+        """Trials that count toward n_trials: all but surplus asks lost to another process."""
+        return sum(1 for t in study.get_trials(deepcopy=False)
+                   if not t.user_attrs.get("surplus"))
+
+    def _ask(self, study, distributions, how_many: int) -> list:
+        """Up to `how_many` new trials, never more than n_trials in the whole study."""
+        from optuna.trial import TrialState
+
+        asked = []
+        for _ in range(how_many):
+            if self._counted(study) >= self.settings.n_trials:
+                break
+            trial = study.ask(fixed_distributions=distributions)
+            earlier = [t for t in study.get_trials(deepcopy=False)
+                       if t.number < trial.number and not t.user_attrs.get("surplus")]
+            running = [t.params for t in study.get_trials(deepcopy=False, states=(
+                TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED))
+                if t.number != trial.number and not t.user_attrs.get("surplus")]
+            # Processes sharing a storage ask at the same moment: the storage numbers trials
+            # atomically, so only the first n_trials numbers run, and a configuration another
+            # process already runs is not run twice.
+            if len(earlier) >= self.settings.n_trials or trial.params in running:
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=TrialState.FAIL)
+                study.sampler.reseed_rng()
+                continue
+            asked.append(trial)
+        return asked
+
+    def _tell(self, study, trial, ret) -> None:
+        import optuna
+        from optuna.trial import TrialState
+
+        if ret.status == JobStatus.COMPLETED:
+            study.tell(trial, float(ret.return_value))
+            state = "COMPLETE"
+        elif isinstance(ret._return_value, optuna.TrialPruned):  # the job's exception
+            study.tell(trial, state=TrialState.PRUNED)
+            state = "PRUNED"
+        else:
+            log.warning("trial %d failed: %r", trial.number, ret._return_value)
+            study.tell(trial, state=TrialState.FAIL)
+            state = "FAIL"
+        tag_child_run(trial.number, state)
+
+    def _check_failures(self, study) -> None:
+        from optuna.trial import TrialState
+
+        done = [t for t in study.get_trials(deepcopy=False)
+                if t.state.is_finished() and not t.user_attrs.get("surplus")]
+        failed = sum(t.state == TrialState.FAIL for t in done)
+        if done and failed / len(done) > self.settings.max_failure_rate and len(done) >= 2:
+            raise RuntimeError(
+                f"stopping the sweep: {failed} of {len(done)} trials failed, more than "
+                f"hydra.sweeper.max_failure_rate={self.settings.max_failure_rate}; see the "
+                f"failed jobs' logs under {self.config.hydra.sweep.dir}"
+            )
+
+    def _write_results(self, study, sweep_dir: Path, metric: str) -> None:
+        from optuna.trial import TrialState
+
+        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        frame = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params",
+                                              "user_attrs"))
+        frame.to_csv(sweep_dir / "trials.csv", index=False)
+        results = {"name": "optuna", "metric": metric}
+        if complete:
+            results |= {"best_params": dict(study.best_params), "best_value": study.best_value}
+            log.info("best %s %.4f with %s", metric, study.best_value, study.best_params)
+        OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
+        log_study_to_parent(study, sweep_dir, results)
+
+
+def tag_child_run(number: int, state: str) -> None:
+    """Tag the MLflow child run of trial `number` with its Optuna state."""
+    from experiments.tracking import PARENT_RUN_ENV
+
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_run(parent).info.experiment_id
+    for run in client.search_runs([experiment], filter_string=(
+            f"tags.mlflow.parentRunId = '{parent}' and tags.optuna_trial = '{number}'")):
+        client.set_tag(run.info.run_id, "optuna_state", state)
+
+
+def log_study_to_parent(study, sweep_dir: Path, results: dict) -> None:
+    """Best params and value, the trials table and Optuna's plots, on the sweep's parent run."""
+    from experiments.tracking import PARENT_RUN_ENV
+
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+    from optuna.visualization import matplotlib as plots
+
+    client = MlflowClient()
+    if "best_value" in results:
+        client.log_metric(parent, "best_value", float(results["best_value"]))
+        for key, value in results["best_params"].items():
+            client.log_param(parent, f"best.{key}", str(value))
+    client.set_tag(parent, "optuna_study", study.study_name)
+    for name in ("trials.csv", "optimization_results.yaml"):
+        client.log_artifact(parent, str(sweep_dir / name), artifact_path="study")
+    for name, plot in (("optimization_history", plots.plot_optimization_history),
+                       ("param_importances", plots.plot_param_importances),
+                       ("parallel_coordinate", plots.plot_parallel_coordinate)):
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ complete trials
+            log.info("no %s plot: %s", name, err)
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+        path = sweep_dir / f"{name}.png"
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        client.log_artifact(parent, str(path), artifact_path="study")
+
