@@ -12,11 +12,19 @@ def trial_callbacks(cfg) -> list:
     if not node:
         return []
     import optuna
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
     from optuna_integration import KerasPruningCallback
 
     from hydra_plugins.experiments_sweeper.optuna_sweeper import open_storage
 
-    study = optuna.load_study(study_name=str(node.study), storage=open_storage(str(node.storage)))
+    # The job decides whether to prune, so it needs the sweeper's pruner, not Optuna's default.
+    pruner = HydraConfig.get().sweeper.get("pruner") if HydraConfig.initialized() else None
+    study = optuna.load_study(
+        study_name=str(node.study),
+        storage=open_storage(str(node.storage)),
+        pruner=instantiate(pruner) if pruner else optuna.pruners.NopPruner(),
+    )
     (frozen,) = [t for t in study.get_trials(deepcopy=False) if t.number == int(node.number)]
     # optuna.trial.Trial is how a worker attaches to a trial another process asked for; Optuna
     # addresses it by its storage id.

@@ -24,19 +24,27 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 JOURNAL_PREFIX = "journal:"
+# Asks that may be discarded as duplicates before a batch is given up.
+MAX_ASK_ATTEMPTS = 100
 
 
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.experiments_sweeper.optuna_sweeper.OptunaSweeper"
     _recursive_: bool = False  # the sweeper builds its sampler and pruner itself
-    sampler: Any = field(default_factory=lambda: {"_target_": "optuna.samplers.TPESampler",
-                                                  "seed": 42})
-    pruner: Any = field(default_factory=lambda: {"_target_": "optuna.pruners.MedianPruner",
-                                                 "n_startup_trials": 5, "n_warmup_steps": 1})
+    sampler: Any = field(
+        default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": 42}
+    )
+    pruner: Any = field(
+        default_factory=lambda: {
+            "_target_": "optuna.pruners.MedianPruner",
+            "n_startup_trials": 5,
+            "n_warmup_steps": 1,
+        }
+    )
     # maximize or minimize; null: minimize when optimized_metric names a loss, else maximize.
     direction: Any = None
-    # Any Optuna storage URL (sqlite:///..., postgresql://...); null: a journal file in the sweep dir.
+    # Any Optuna storage URL (sqlite:///..., postgresql://...); null: a journal in the sweep dir.
     storage: Any = None
     study_name: str = "experiments"
     n_trials: int = 20
@@ -46,8 +54,9 @@ class OptunaSweeperConf:
     params: Dict[str, str] = field(default_factory=dict)  # noqa: UP006
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="experiments_optuna",
-                             node=OptunaSweeperConf, provider="experiments")
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="experiments_optuna", node=OptunaSweeperConf, provider="experiments"
+)
 
 
 def distribution_for(override: Override):
@@ -64,8 +73,10 @@ def distribution_for(override: Override):
         if isinstance(value.start, int) and isinstance(value.end, int):
             return d.IntDistribution(value.start, value.end, log=log_scale)
         return d.FloatDistribution(float(value.start), float(value.end), log=log_scale)
-    raise ValueError(f"{override.key_or_group}={override.input_line}: not a sweep; use choice(), "
-                     f"range(), interval() or tag(log, interval())")
+    raise ValueError(
+        f"{override.key_or_group}={override.input_line}: not a sweep; use choice(), "
+        f"range(), interval() or tag(log, interval())"
+    )
 
 
 def as_override_text(value: Any) -> Any:
@@ -83,7 +94,7 @@ def open_storage(url: str):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(url[len(JOURNAL_PREFIX):]))
+        return JournalStorage(JournalFileBackend(url[len(JOURNAL_PREFIX) :]))
     return url
 
 
@@ -95,8 +106,9 @@ class OptunaSweeper(Sweeper):
         self.config: DictConfig = None
         self.launcher = None
 
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
-              config: DictConfig) -> None:
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
         self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
@@ -114,23 +126,35 @@ class OptunaSweeper(Sweeper):
         metric = str(self.config.get("optimized_metric", "val_accuracy"))
         direction = settings.direction or ("minimize" if "loss" in metric else "maximize")
         study = optuna.create_study(
-            study_name=settings.study_name, storage=open_storage(storage_url),
+            study_name=settings.study_name,
+            storage=open_storage(storage_url),
             sampler=instantiate(settings.sampler) if settings.sampler else None,
             pruner=instantiate(settings.pruner) if settings.pruner else optuna.pruners.NopPruner(),
-            direction=direction, load_if_exists=True,
+            direction=direction,
+            load_if_exists=True,
         )
-        log.info("study %s (%s %s) in %s: %d of %d trials done", settings.study_name, direction,
-                 metric, storage_url, self._counted(study), settings.n_trials)
+        log.info(
+            "study %s (%s %s) in %s: %d of %d trials done",
+            settings.study_name,
+            direction,
+            metric,
+            storage_url,
+            self._counted(study),
+            settings.n_trials,
+        )
         job_index = 0
         while True:
             trials = self._ask(study, distributions, int(settings.n_jobs))
             if not trials:
                 break
             overrides = [
-                [*fixed, *(f"{k}={v}" for k, v in trial.params.items()),
-                 f"++sweeper_trial.storage={storage_url}",
-                 f"++sweeper_trial.study={settings.study_name}",
-                 f"++sweeper_trial.number={trial.number}"]
+                [
+                    *fixed,
+                    *(f"{k}={v}" for k, v in trial.params.items()),
+                    f"++sweeper_trial.storage={storage_url}",
+                    f"++sweeper_trial.study={settings.study_name}",
+                    f"++sweeper_trial.number={trial.number}",
+                ]
                 for trial in trials
             ]
             returns = self.launcher.launch(overrides, initial_job_idx=job_index)
@@ -151,37 +175,49 @@ class OptunaSweeper(Sweeper):
             else:
                 fixed.append(override.input_line)
         if not distributions:
-            raise ValueError("the Optuna sweeper has nothing to search: set hydra.sweeper.params "
-                             "(e.g. hparams_search=lr_head) or pass a sweep on the command line")
+            raise ValueError(
+                "the Optuna sweeper has nothing to search: set hydra.sweeper.params "
+                "(e.g. hparams_search=lr_head) or pass a sweep on the command line"
+            )
         return fixed, distributions
 
     @staticmethod
     def _counted(study) -> int:
         """Trials that count toward n_trials: all but surplus asks lost to another process."""
-        return sum(1 for t in study.get_trials(deepcopy=False)
-                   if not t.user_attrs.get("surplus"))
+        return sum(1 for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus"))
 
     def _ask(self, study, distributions, how_many: int) -> list:
         """Up to `how_many` new trials, never more than n_trials in the whole study."""
         from optuna.trial import TrialState
 
-        asked = []
-        for _ in range(how_many):
+        asked, attempts = [], 0
+        while len(asked) < how_many and attempts < MAX_ASK_ATTEMPTS:
+            attempts += 1
             if self._counted(study) >= self.settings.n_trials:
                 break
             trial = study.ask(fixed_distributions=distributions)
-            earlier = [t for t in study.get_trials(deepcopy=False)
-                       if t.number < trial.number and not t.user_attrs.get("surplus")]
-            running = [t.params for t in study.get_trials(deepcopy=False, states=(
-                TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED))
-                if t.number != trial.number and not t.user_attrs.get("surplus")]
+            earlier = [
+                t
+                for t in study.get_trials(deepcopy=False)
+                if t.number < trial.number and not t.user_attrs.get("surplus")
+            ]
+            running = [
+                t.params
+                for t in study.get_trials(
+                    deepcopy=False,
+                    states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED),
+                )
+                if t.number != trial.number and not t.user_attrs.get("surplus")
+            ]
             # Processes sharing a storage ask at the same moment: the storage numbers trials
             # atomically, so only the first n_trials numbers run, and a configuration another
             # process already runs is not run twice.
             if len(earlier) >= self.settings.n_trials or trial.params in running:
                 trial.set_user_attr("surplus", True)
                 study.tell(trial, state=TrialState.FAIL)
-                study.sampler.reseed_rng()
+                if len(earlier) >= self.settings.n_trials:
+                    break
+                study.sampler.reseed_rng()  # a seeded sampler in a new process repeats itself
                 continue
             asked.append(trial)
         return asked
@@ -205,8 +241,11 @@ class OptunaSweeper(Sweeper):
     def _check_failures(self, study) -> None:
         from optuna.trial import TrialState
 
-        done = [t for t in study.get_trials(deepcopy=False)
-                if t.state.is_finished() and not t.user_attrs.get("surplus")]
+        done = [
+            t
+            for t in study.get_trials(deepcopy=False)
+            if t.state.is_finished() and not t.user_attrs.get("surplus")
+        ]
         failed = sum(t.state == TrialState.FAIL for t in done)
         if done and failed / len(done) > self.settings.max_failure_rate and len(done) >= 2:
             raise RuntimeError(
@@ -219,8 +258,11 @@ class OptunaSweeper(Sweeper):
         from optuna.trial import TrialState
 
         complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-        frame = study.trials_dataframe(attrs=("number", "state", "value", "duration", "params",
-                                              "user_attrs"))
+        frame = study.trials_dataframe(
+            attrs=("number", "state", "value", "duration", "params", "user_attrs")
+        )
+        if "user_attrs_surplus" in frame:  # asks discarded as duplicates never ran
+            frame = frame[frame["user_attrs_surplus"].isna()].drop(columns="user_attrs_surplus")
         frame.to_csv(sweep_dir / "trials.csv", index=False)
         results = {"name": "optuna", "metric": metric}
         if complete:
@@ -241,8 +283,10 @@ def tag_child_run(number: int, state: str) -> None:
 
     client = MlflowClient()
     experiment = client.get_run(parent).info.experiment_id
-    for run in client.search_runs([experiment], filter_string=(
-            f"tags.mlflow.parentRunId = '{parent}' and tags.optuna_trial = '{number}'")):
+    for run in client.search_runs(
+        [experiment],
+        filter_string=(f"tags.mlflow.parentRunId = '{parent}' and tags.optuna_trial = '{number}'"),
+    ):
         client.set_tag(run.info.run_id, "optuna_state", state)
 
 
@@ -268,9 +312,11 @@ def log_study_to_parent(study, sweep_dir: Path, results: dict) -> None:
     client.set_tag(parent, "optuna_study", study.study_name)
     for name in ("trials.csv", "optimization_results.yaml"):
         client.log_artifact(parent, str(sweep_dir / name), artifact_path="study")
-    for name, plot in (("optimization_history", plots.plot_optimization_history),
-                       ("param_importances", plots.plot_param_importances),
-                       ("parallel_coordinate", plots.plot_parallel_coordinate)):
+    for name, plot in (
+        ("optimization_history", plots.plot_optimization_history),
+        ("param_importances", plots.plot_param_importances),
+        ("parallel_coordinate", plots.plot_parallel_coordinate),
+    ):
         try:
             axes = plot(study)
         except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ complete trials
@@ -281,4 +327,3 @@ def log_study_to_parent(study, sweep_dir: Path, results: dict) -> None:
         figure.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(figure)
         client.log_artifact(parent, str(path), artifact_path="study")
-

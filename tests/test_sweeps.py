@@ -1,0 +1,202 @@
+"""Sweeps: our Optuna sweeper (search, pruning, resume, shared storage, failures) and grids."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import tiny_overrides
+from helpers import runs_of
+
+pytestmark = pytest.mark.slow
+
+
+def sweep(root, folder, *args, check=True):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.train",
+            "-m",
+            *tiny_overrides(root, folder),
+            "strategy=two_stage",
+            "tracking.log_model=false",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def study(storage, name="s"):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def states(storage, name="s"):
+    trials = study(storage, name).trials
+    return [t.state.name for t in trials if not t.user_attrs.get("surplus")]
+
+
+def test_search_records_a_parent_with_its_trials_and_resumes(tmp_path, image_folder):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    common = [
+        "hparams_search=lr_head",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=s",
+        "hydra.sweeper.pruner=null",
+    ]
+    sweep(tmp_path, image_folder, *common, "hydra.sweeper.n_trials=3")
+    assert states(storage) == ["COMPLETE"] * 3
+    sweep(tmp_path, image_folder, *common, "hydra.sweeper.n_trials=6")  # resumes: 3 more
+    assert states(storage) == ["COMPLETE"] * 6
+    sweep(tmp_path, image_folder, *common, "hydra.sweeper.n_trials=6")  # complete: nothing new
+    assert len(states(storage)) == 6
+
+    runs = runs_of(tmp_path, "folder")
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    assert len(parents) == 3
+    children = {
+        p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+        for p in parents
+    }
+    assert sorted(len(c) for c in children.values()) == [0, 3, 3]
+    trial_numbers = sorted(int(r.data.tags["optuna_trial"]) for c in children.values() for r in c)
+    counted = [t.number for t in study(storage).trials if not t.user_attrs.get("surplus")]
+    assert trial_numbers == counted and len(counted) == 6
+    assert all(r.data.tags["optuna_state"] == "COMPLETE" for c in children.values() for r in c)
+    second = parents[1]
+    assert "best_value" in second.data.metrics and "best.optimizer.lr" in second.data.params
+    sweep_dir = second.data.tags["sweep_dir"]
+    results = (tmp_path / sweep_dir / "optimization_results.yaml").read_text()
+    assert "best_params" in results and "head.units" in results
+    table = pd.read_csv(f"{sweep_dir}/trials.csv")
+    assert len(table) == 6 and set(table["state"]) == {"COMPLETE"}
+    assert {"params_optimizer.lr", "params_head.units", "params_head.dropout"} <= set(table)
+    best = study(storage).best_value
+    assert (
+        second.data.metrics["best_value"] == pytest.approx(best)
+        or best >= second.data.metrics["best_value"]
+    )
+
+
+def test_aggressive_pruner_stops_trials_early(tmp_path, image_folder):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    sweep(
+        tmp_path,
+        image_folder,
+        "hparams_search=lr_head",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=s",
+        "hydra.sweeper.n_trials=3",
+        "trainer.epochs=4",
+        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "~hydra.sweeper.pruner.n_startup_trials",
+        "~hydra.sweeper.pruner.n_warmup_steps",
+        "+hydra.sweeper.pruner.lower=1.1",
+    )
+    assert states(storage) == ["PRUNED"] * 3
+    children = [r for r in runs_of(tmp_path, "folder") if "optuna_trial" in r.data.tags]
+    assert len(children) == 3
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["pruned"] == "true" and run.data.tags["optuna_state"] == "PRUNED"
+        assert run.data.metrics["val_accuracy"] >= 0  # partial curves kept
+    assert all(len(t.intermediate_values) < 4 for t in study(storage).trials)
+
+
+def test_two_processes_share_one_study(tmp_path, image_folder):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    args = [
+        *tiny_overrides(tmp_path, image_folder),
+        "strategy=two_stage",
+        "tracking.log_model=false",
+        "hparams_search=lr_head",
+        "hydra.sweeper.pruner=null",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=s",
+        "hydra.sweeper.n_trials=4",
+        "trainer.epochs=2",
+    ]
+    import optuna
+
+    optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    processes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "experiments.train",
+                "-m",
+                *args,
+                f"hydra.sweep.dir={tmp_path}/multirun/p{i}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in processes:
+        assert p.wait(timeout=900) == 0, p.stderr.read()[-3000:]
+    assert states(storage).count("COMPLETE") == 4
+    params = [
+        tuple(sorted(t.params.items())) for t in study(storage).trials if t.state.name == "COMPLETE"
+    ]
+    assert len(set(params)) == 4
+
+
+def test_failing_trials_are_recorded_and_the_failure_rate_stops_the_sweep(tmp_path, image_folder):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    common = [
+        "hparams_search=lr_head",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.pruner=null",
+        "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
+        "head.dropout=choice(0.0,1.5)",
+        "trainer.epochs=1",
+    ]
+    sweep(
+        tmp_path,
+        image_folder,
+        *common,
+        "hydra.sweeper.study_name=a",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.max_failure_rate=1.0",
+    )
+    found = states(storage, "a")
+    assert len(found) == 6 and "FAIL" in found and "COMPLETE" in found
+    failed = sweep(
+        tmp_path,
+        image_folder,
+        *common,
+        "hydra.sweeper.study_name=b",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.max_failure_rate=0.0",
+        check=False,
+    )
+    assert failed.returncode != 0
+    assert "max_failure_rate" in failed.stderr
+    assert len(states(storage, "b")) < 6
+
+
+def test_basic_sweeper_grid_nests_under_one_parent(tmp_path, image_folder):
+    sweep(tmp_path, image_folder, "trainer.epochs=1", "trainer.seed=1,2", "head.units=[8],[16]")
+    runs = runs_of(tmp_path, "folder")
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and parent.data.tags["jobs"] == "4"
+    assert {(r.data.params["trainer.seed"], r.data.params["head.units"]) for r in children} == {
+        ("1", "[8]"),
+        ("1", "[16]"),
+        ("2", "[8]"),
+        ("2", "[16]"),
+    }
