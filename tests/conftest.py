@@ -44,8 +44,12 @@ def binary_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def _no_tracking_env(monkeypatch):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which the config honours; clear it
+    # before every test and every module-scoped fixture, or runs land in another test's store.
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
     monkeypatch.delenv("EXPERIMENTS_MLFLOW_PARENT_RUN_ID", raising=False)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 def tiny_overrides(root: Path, folder: Path | None = None) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -45,9 +44,6 @@ FINAL_METRICS = [
 def tiny_run(tmp_path_factory, image_folder):
     """One inline run with the reference augmentation, recorded in a sqlite store."""
     root = tmp_path_factory.mktemp("tracked")
-    # mlflow.set_tracking_uri() in earlier tests exports MLFLOW_TRACKING_URI, which the config
-    # honours; this module-scoped fixture runs before the function-scoped cleanup.
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
     cfg = compose_config([*tiny_overrides(root, image_folder), "augmentation=reference"])
     train(cfg)
     (run,) = runs_of(root, "folder")

@@ -170,23 +170,17 @@ def cpu_name() -> str:
 def git_state(root: str) -> tuple[str | None, bool]:
     """The checkout's commit and whether its tree has uncommitted changes."""
     try:
-        commit = subprocess.run(
-            ["git", "-C", root, "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
+        commit = _git(root, "rev-parse", "HEAD").strip()
+        dirty = bool(_git(root, "status", "--porcelain").strip())
     except (OSError, subprocess.SubprocessError):
         return None, False
-    return commit, bool(status.strip())
+    return commit, dirty
+
+
+def _git(root: str, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", root, *args], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
 
 
 def log_task(task) -> None:
