@@ -5,7 +5,7 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format ui compare clean
+.PHONY: help install train test test-fast lint format ui compare benchmark clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ ui: ## Start the MLflow UI on the default store, bound to 127.0.0.1
 
 compare: ## Print and save the comparison table of an experiment: EXP=flowers
 	$(BIN)/python -m experiments.compare $(EXP)
+
+benchmark: ## Memory and time of a 20-trial quickstart sweep in one process; ARGS="..." adds options
+	$(BIN)/python -m experiments.benchmark $(ARGS)
 
 clean: ## Remove outputs, caches and the local MLflow store
 	rm -rf outputs multirun cache mlruns reports .pytest_cache

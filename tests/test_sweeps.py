@@ -110,6 +110,7 @@ def test_aggressive_pruner_stops_trials_early(tmp_path, image_folder):
         assert run.info.status == "FINISHED"
         assert run.data.tags["pruned"] == "true" and run.data.tags["optuna_state"] == "PRUNED"
         assert run.data.metrics["val_accuracy"] >= 0  # partial curves kept
+        assert run.data.metrics["peak_rss_mb"] > 200  # memory recorded on every ending
     assert all(len(t.intermediate_values) < 4 for t in study(storage).trials)
 
 

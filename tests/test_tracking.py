@@ -37,6 +37,8 @@ FINAL_METRICS = [
     "trainable_params",
     "model_size_mb",
     "skipped_files",
+    "peak_rss_mb",
+    "rss_mb",
 ]
 
 
@@ -83,6 +85,8 @@ def test_run_records_params_tags_and_metrics(tiny_run):
         assert name in run.data.metrics, name
     assert run.data.metrics["total_params"] == 14_714_688 + 512 * 32 + 32 + 33 * 3
     assert run.data.metrics["trainable_params"] == 512 * 32 + 32 + 33 * 3
+    # TensorFlow and VGG16 alone hold well over 200 MB; the peak is never below the current.
+    assert run.data.metrics["peak_rss_mb"] >= run.data.metrics["rss_mb"] > 200
 
 
 def test_run_records_lineage_and_artifacts(tiny_run):

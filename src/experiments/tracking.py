@@ -88,6 +88,7 @@ def start_run(tracking, run_name: str, tags: dict[str, str]) -> Iterator[Any]:
         mlflow.end_run("KILLED")
         raise
     except BaseException as err:
+        log_memory()
         if type(err).__name__ == "TrialPruned":
             mlflow.set_tag("pruned", "true")
             mlflow.end_run("FINISHED")
@@ -96,7 +97,21 @@ def start_run(tracking, run_name: str, tags: dict[str, str]) -> Iterator[Any]:
             mlflow.end_run("FAILED")
         raise
     else:
+        log_memory()
         mlflow.end_run("FINISHED")
+
+
+def log_memory() -> None:
+    """The process's peak and current resident memory as the run ends, for every ending.
+
+    Trials of a sweep share one process, so `peak_rss_mb` growing from trial to trial is a leak;
+    `python -m experiments.benchmark` reads these.
+    """
+    import mlflow
+
+    from experiments.benchmark import memory_metrics
+
+    mlflow.log_metrics(memory_metrics())
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:

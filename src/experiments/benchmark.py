@@ -1,0 +1,191 @@
+"""Memory and time of a sweep's trials in one process: `python -m experiments.benchmark`.
+
+Runs a real Optuna sweep (by default the README's `-m hparams_search=lr_head
+experiment=quickstart`, 20 trials) in a subprocess on a throwaway MLflow store, then reads back
+what every trial's run recorded: the process's peak and current resident memory when the trial
+ended, and its training time. Trials of one sweep share one process with the basic launcher, so
+memory that grows from trial to trial is a leak; the target is a peak after the last trial within
+10% of the peak after trial 2.
+
+Timing targets live here and not in tests: this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_OVERRIDES = ["hparams_search=lr_head", "experiment=quickstart"]
+
+
+def memory_metrics() -> dict[str, float]:
+    """This process's peak resident memory so far and its current one, in MB."""
+    import psutil
+
+    rss = psutil.Process().memory_info().rss / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows: psutil reports the peak working set instead
+        peak = getattr(psutil.Process().memory_info(), "peak_wset", 0) / 2**20
+    else:
+        # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
+        scale = 1 if sys.platform == "darwin" else 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    return {"peak_rss_mb": peak, "rss_mb": rss}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.benchmark",
+        description=(
+            "Run a sweep's trials in one process and report each trial's peak and current "
+            "memory and its time; fails when the last trial's peak exceeds trial 2's by more "
+            "than --tolerance."
+        ),
+    )
+    parser.add_argument("--trials", type=int, default=20, help="trials to run (default 20)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.10,
+        help="allowed growth of the peak from trial 2 to the last trial (default 0.10)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for benchmark-memory.{md,json} (default: paths.reports_dir)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help=f"Hydra overrides of the sweep (default: {' '.join(DEFAULT_OVERRIDES)})",
+    )
+    args = parser.parse_args(argv)
+    if args.trials < 2:
+        parser.error(f"--trials={args.trials} is too few; trial 2 is the baseline, use 2 or more")
+    return args
+
+
+def run_sweep(overrides: list[str], trials: int, workdir: Path) -> tuple[str, float]:
+    """Run the sweep in a subprocess on a store in `workdir`; its tracking URI and wall time."""
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "-m",
+        *overrides,
+        f"hydra.sweeper.n_trials={trials}",
+        f"hydra.sweep.dir={workdir / 'sweep'}",
+        "hydra/launcher=basic",  # one process: what the target is about
+        f"tracking.uri={uri}",
+        f"tracking.artifact_dir={workdir / 'artifacts'}",
+        "tracking.experiment=benchmark",
+        "tracking.log_model=false",
+    ]
+    print("running:", " ".join(command), flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, check=True)
+    return uri, time.perf_counter() - started
+
+
+def collect(uri: str) -> list[dict]:
+    """One row per trial, in trial order, from the sweep's child runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("benchmark")
+    runs = client.search_runs([experiment.experiment_id], "tags.optuna_trial != ''")
+    rows = []
+    for run in runs:
+        metrics = run.data.metrics
+        if "peak_rss_mb" not in metrics:  # a run that crashed before it could record it
+            continue
+        rows.append(
+            {
+                "trial": int(run.data.tags["optuna_trial"]),
+                "state": run.data.tags.get("optuna_state", ""),
+                "peak_rss_mb": round(metrics["peak_rss_mb"], 1),
+                "rss_mb": round(metrics["rss_mb"], 1),
+                "epochs": len(client.get_metric_history(run.info.run_id, "loss")),
+                "duration_s": round((run.info.end_time - run.info.start_time) / 1000, 1),
+            }
+        )
+    return sorted(rows, key=lambda row: row["trial"])
+
+
+def summarize(rows: list[dict], tolerance: float) -> dict:
+    """Peak and current memory after the second and the last finished trial, and the verdict."""
+    if len(rows) < 2:
+        raise SystemExit(
+            f"error: only {len(rows)} trial(s) finished with a memory record; "
+            "run more trials or use hydra.sweeper.pruner=null"
+        )
+    second, last = rows[1], rows[-1]
+    peak_growth = round(last["peak_rss_mb"] / second["peak_rss_mb"] - 1, 4)  # 0.1 is 0.1
+    return {
+        "trials": len(rows),
+        "baseline_trial": second["trial"],
+        "last_trial": last["trial"],
+        "peak_rss_mb_baseline": second["peak_rss_mb"],
+        "peak_rss_mb_last": last["peak_rss_mb"],
+        "peak_growth": peak_growth,
+        "rss_mb_baseline": second["rss_mb"],
+        "rss_mb_last": last["rss_mb"],
+        "rss_growth": round(last["rss_mb"] / second["rss_mb"] - 1, 4),
+        "tolerance": tolerance,
+        "passed": peak_growth <= tolerance,
+    }
+
+
+def report(rows: list[dict], summary: dict, wall_s: float, out: Path) -> str:
+    """The per-trial table and the verdict as markdown, also saved as md and json in `out`."""
+    import pandas as pd
+
+    verdict = "PASS" if summary["passed"] else "FAIL"
+    text = "\n".join(
+        [
+            pd.DataFrame(rows).to_markdown(index=False),
+            "",
+            f"peak RSS after the 2nd trial (#{summary['baseline_trial']}): "
+            f"{summary['peak_rss_mb_baseline']:.1f} MB; after the last (#{summary['last_trial']}): "
+            f"{summary['peak_rss_mb_last']:.1f} MB ({summary['peak_growth']:+.1%}); "
+            f"RSS {summary['rss_mb_baseline']:.1f} -> {summary['rss_mb_last']:.1f} MB "
+            f"({summary['rss_growth']:+.1%}); sweep wall time {wall_s:.0f} s",
+            f"{verdict}: peak growth {summary['peak_growth']:+.1%}, "
+            f"tolerance {summary['tolerance']:.0%}",
+        ]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark-memory.md").write_text(text + "\n")
+    payload = {"summary": summary, "wall_s": round(wall_s, 1), "trials": rows}
+    (out / "benchmark-memory.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    from experiments import project_root
+
+    args = parse_args(argv)
+    out = args.out or Path(project_root()) / "reports"
+    with tempfile.TemporaryDirectory(prefix="experiments-benchmark-") as tmp:
+        try:
+            uri, wall_s = run_sweep(args.overrides or DEFAULT_OVERRIDES, args.trials, Path(tmp))
+        except subprocess.CalledProcessError as err:
+            print(f"error: the sweep exited with code {err.returncode}; see its output above")
+            return 2
+        rows = collect(uri)
+    summary = summarize(rows, args.tolerance)
+    print(report(rows, summary, wall_s, out))
+    print(f"saved {out / 'benchmark-memory.md'} and {out / 'benchmark-memory.json'}")
+    return 0 if summary["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The benchmark command: per-trial memory of a sweep in one process, and its verdict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from experiments.benchmark import memory_metrics, summarize
+
+from conftest import tiny_overrides
+
+
+def rows(*peaks):
+    return [{"trial": i, "peak_rss_mb": peak, "rss_mb": peak * 0.8} for i, peak in enumerate(peaks)]
+
+
+def test_verdict_compares_the_last_peak_with_trial_2():
+    steady = summarize(rows(900.0, 1000.0, 1050.0, 1100.0), tolerance=0.10)
+    assert steady["passed"] and steady["peak_growth"] == pytest.approx(0.10)
+    assert steady["baseline_trial"] == 1 and steady["last_trial"] == 3
+    leaking = summarize(rows(900.0, 1000.0, 1050.0, 1101.0), tolerance=0.10)
+    assert not leaking["passed"] and leaking["peak_growth"] == pytest.approx(0.101)
+    # Trial 1's own peak (feature extraction, first imports) is not the baseline.
+    assert summarize(rows(2000.0, 1000.0, 1000.0), tolerance=0.10)["passed"]
+
+
+def test_one_finished_trial_is_not_a_measurement():
+    with pytest.raises(SystemExit, match="only 1 trial"):
+        summarize(rows(1000.0), tolerance=0.10)
+
+
+def test_memory_metrics_are_this_process():
+    import numpy as np
+
+    before = memory_metrics()
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MB, touched
+    after = memory_metrics()
+    assert after["rss_mb"] - before["rss_mb"] > 50
+    assert after["peak_rss_mb"] >= after["rss_mb"] - 1
+    del block
+
+
+@pytest.mark.slow
+def test_benchmark_reports_every_trial_of_a_sweep_in_one_process(tmp_path, image_folder):
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.benchmark",
+            "--trials=3",
+            f"--out={out}",
+            *tiny_overrides(tmp_path, image_folder),
+            "strategy=two_stage",
+            "hparams_search=lr_head",
+            "hydra.sweeper.pruner=null",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode in (0, 1), result.stderr[-4000:]
+    report = json.loads((out / "benchmark-memory.json").read_text())
+    trials = report["trials"]
+    assert [t["trial"] for t in trials] == [0, 1, 2]
+    assert all(t["state"] == "COMPLETE" and t["epochs"] == 3 for t in trials)
+    # One process: the peak never falls from one trial to the next, and holds TensorFlow.
+    peaks = [t["peak_rss_mb"] for t in trials]
+    assert peaks == sorted(peaks) and peaks[0] > 200
+    summary = report["summary"]
+    assert summary["baseline_trial"] == 1 and summary["last_trial"] == 2
+    assert (result.returncode == 0) == summary["passed"]
+    assert "tolerance 10%" in (out / "benchmark-memory.md").read_text()
+    # The throwaway store is gone; the project's store was never touched.
+    assert not (tmp_path / "mlruns").exists()
