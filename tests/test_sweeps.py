@@ -201,3 +201,28 @@ def test_basic_sweeper_grid_nests_under_one_parent(tmp_path, image_folder):
         ("2", "[8]"),
         ("2", "[16]"),
     }
+
+
+def test_joblib_launcher_runs_trials_in_parallel_processes(tmp_path, image_folder):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    sweep(
+        tmp_path,
+        image_folder,
+        "hparams_search=lr_head",
+        "hydra/launcher=joblib",
+        "hydra.sweeper.n_jobs=2",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=s",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.pruner=null",
+    )
+    assert states(storage) == ["COMPLETE"] * 4
+    children = [r for r in runs_of(tmp_path, "folder") if "optuna_trial" in r.data.tags]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in children}
+    assert len(children) == 4 and len(parents) == 1
+    pids = {r.data.tags["pid"] for r in children}
+    assert len(pids) >= 2  # worker processes, not the sweeper's
+    by_trial = {int(r.data.tags["optuna_trial"]): r.info for r in children}
+    for first, second in ((0, 1), (2, 3)):  # each batch of n_jobs trials ran at the same time
+        a, b = by_trial[first], by_trial[second]
+        assert max(a.start_time, b.start_time) < min(a.end_time, b.end_time)

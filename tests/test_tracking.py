@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -68,6 +69,8 @@ def test_run_records_params_tags_and_metrics(tiny_run):
         "inline",
         "reference",
     }
+    assert tags["augmentation_applied"] == "true"
+    assert tags["pid"] == str(os.getpid()) and tags["host"]
     for key in (
         "python_version",
         "tensorflow_version",

@@ -41,16 +41,21 @@ def test_fine_tune_unfreezes_top_blocks_but_not_batchnorm(make_config):
     assert {layer.name for layer in trainable} == set(names)
 
 
-def test_two_stage_reuses_cached_features(make_config, tmp_path):
+def test_two_stage_reuses_cached_features(make_config, tmp_path, caplog):
     train(make_config("strategy=two_stage"))
     files = list((tmp_path / "cache" / "features").glob("*.npz"))
     assert len(files) == 1
     mtime = files[0].stat().st_mtime_ns
+    assert "not applied" not in caplog.text
 
-    train(make_config("strategy=two_stage", "head.units=[16]", "optimizer.lr=3e-3"))
+    # Augmentation is not part of the key: two-stage features are never augmented, and it says so.
+    train(make_config("strategy=two_stage", "head.units=[16]", "augmentation=reference"))
+    assert "augmentation=reference is not applied" in caplog.text
     first, second = runs_of(tmp_path, "folder")
     assert first.data.tags["feature_cache"] == "miss"
     assert second.data.tags["feature_cache"] == "hit"
+    assert second.data.tags["augmentation"] == "reference"
+    assert second.data.tags["augmentation_applied"] == "false"
     assert files[0].stat().st_mtime_ns == mtime
     assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 1
 
@@ -86,3 +91,21 @@ def test_balanced_class_weights_follow_the_train_split(make_config, tmp_path):
     task = Task("t", ["a", "b"], {"train": split, "val": split, "test": split})
     assert class_weights("balanced", task) == pytest.approx({0: 8 / 12, 1: 8 / 4})
     assert class_weights("none", task) is None
+
+
+def test_jobs_in_one_process_release_earlier_graphs(make_config):
+    """A sweep's trials share a process: a job's traced graphs and variables die with the next."""
+    import gc
+
+    from tensorflow.python.framework.func_graph import FuncGraph
+
+    def live_graphs() -> int:
+        gc.collect()
+        return sum(isinstance(o, FuncGraph) for o in gc.get_objects())
+
+    train(make_config("tracking.log_model=false"))
+    after_one = live_graphs()
+    assert after_one > 0  # the last job's own train step, kept until the next job starts
+    train(make_config("head.units=[16]", "tracking.log_model=false"))
+    train(make_config("head.units=[8]", "tracking.log_model=false"))
+    assert live_graphs() == after_one

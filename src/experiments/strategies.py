@@ -53,6 +53,13 @@ def train_inline(ctx: Context) -> Trained:
 
 def train_two_stage(ctx: Context) -> Trained:
     """Features extracted once and cached on disk; the head trained on them; base + head saved."""
+    if ctx.cfg.augmentation.layers:
+        log.warning(
+            "strategy=two_stage trains on features extracted once, without augmentation: "
+            "augmentation=%s is not applied (use strategy=inline or fine_tune to train with it, "
+            "or augmentation=none); the run is tagged augmentation_applied=false",
+            ctx.cfg.augmentation.name,
+        )
     features, cache = extract_features(ctx)
     head = build_head(ctx.cfg.head, features["train"].shape[1:], ctx.task.num_classes)
     batch = int(ctx.cfg.trainer.batch_size)

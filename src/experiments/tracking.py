@@ -9,6 +9,7 @@ import atexit
 import logging
 import os
 import platform
+import socket
 import subprocess
 import sys
 import warnings
@@ -169,6 +170,9 @@ def runtime_tags() -> dict[str, str]:
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,
         "device": device,
+        # Which trials of a sweep shared a process (memory), and where a launcher ran them.
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
     }
 
 

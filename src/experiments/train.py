@@ -43,8 +43,7 @@ def train(cfg: DictConfig) -> float:
     from experiments.strategies import Context, train_with_strategy
     from experiments.sweep import trial_callbacks, trial_tags
 
-    # Trials of a sweep share this process: start each from a clean Keras state.
-    keras.backend.clear_session(free_memory=True)
+    release_earlier_jobs()
     keras.utils.set_random_seed(int(cfg.trainer.seed))
     workdir = output_dir(cfg.paths.output_dir, cfg.task.name)
     tags = tracking.run_tags(cfg, str(workdir)) | tracking.runtime_tags() | trial_tags(cfg)
@@ -77,6 +76,8 @@ def train(cfg: DictConfig) -> float:
             if any(layer.name == "augmentation" for layer in trained.model.layers)
             else None
         )
+        # The `augmentation` tag is what was asked; two_stage trains without it.
+        mlflow.set_tag("augmentation_applied", str(augmentation is not None).lower())
         reports = write_reports(
             workdir / "reports",
             test,
@@ -100,6 +101,27 @@ def train(cfg: DictConfig) -> float:
             train_time,
         )
     return value
+
+
+def release_earlier_jobs() -> None:
+    """Start from a clean Keras state: the trials of a sweep share this process.
+
+    `clear_session()` alone leaks every earlier job's train step in TensorFlow 2.21: the
+    optimizer's gradient all-reduce registers a `CustomGradient-<n>` in TensorFlow's global
+    gradient registry, never removed, which pins that step's graph and the variables it captured
+    (tensorflow/tensorflow#80895, keras-team/tf-keras#286; the fix proposed upstream,
+    keras-team/tf-keras#898, is unreleased). No library call drops them, so we do: nothing traced
+    by an earlier job runs again, and the registry is private, so a TensorFlow without it is left
+    alone.
+    """
+    import keras
+    from tensorflow.python.framework import ops
+
+    registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
+    if isinstance(registry, dict):
+        for name in [name for name in registry if str(name).startswith("CustomGradient-")]:
+            del registry[name]
+    keras.backend.clear_session(free_memory=True)  # also collects the graphs now unpinned
 
 
 def summary_metrics(trained, test, train_time: float, model_file: Path, skipped: int) -> dict:
