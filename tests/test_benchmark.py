@@ -67,6 +67,7 @@ def test_benchmark_reports_every_trial_of_a_sweep_in_one_process(tmp_path, image
     trials = report["trials"]
     assert [t["trial"] for t in trials] == [0, 1, 2]
     assert all(t["state"] == "COMPLETE" and t["epochs"] == 3 for t in trials)
+    assert all(float(t["optimizer.lr"]) > 0 and t["head.units"].startswith("[") for t in trials)
     # One process: the peak never falls from one trial to the next, and holds TensorFlow.
     peaks = [t["peak_rss_mb"] for t in trials]
     assert peaks == sorted(peaks) and peaks[0] > 200
@@ -76,3 +77,37 @@ def test_benchmark_reports_every_trial_of_a_sweep_in_one_process(tmp_path, image
     assert "tolerance 10%" in (out / "benchmark-memory.md").read_text()
     # The throwaway store is gone; the project's store was never touched.
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_pruned_jobs_frames_are_released_before_the_next_job():
+    import gc
+    import weakref
+
+    import optuna
+    from hydra.core.utils import JobReturn, JobStatus
+
+    from hydra_plugins.experiments_sweeper.optuna_sweeper import release_frames
+
+    class Model:  # stands for the job's model, images and features
+        pass
+
+    refs = []
+
+    def job():
+        model = Model()
+        refs.append(weakref.ref(model))
+        try:
+            raise ValueError("an earlier error, chained as context")
+        except ValueError:
+            raise optuna.TrialPruned("pruned at epoch 2") from None
+
+    try:
+        job()
+    except optuna.TrialPruned as err:  # what Hydra's run_job keeps in the JobReturn
+        ret = JobReturn(status=JobStatus.FAILED, _return_value=err)
+    gc.collect()
+    assert refs[0]() is not None  # the traceback keeps the job's frame alive
+    release_frames(ret)
+    gc.collect()
+    assert refs[0]() is None
+    assert isinstance(ret._return_value, optuna.TrialPruned)  # the outcome itself is kept

@@ -102,6 +102,9 @@ def collect(uri: str) -> list[dict]:
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name("benchmark")
     runs = client.search_runs([experiment.experiment_id], "tags.optuna_trial != ''")
+    # The searched keys: the parent run records the best value of each as `best.<key>`.
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.sweep = 'true'")
+    searched = sorted(k.removeprefix("best.") for k in parent.data.params if k.startswith("best."))
     rows = []
     for run in runs:
         metrics = run.data.metrics
@@ -115,6 +118,7 @@ def collect(uri: str) -> list[dict]:
                 "rss_mb": round(metrics["rss_mb"], 1),
                 "epochs": len(client.get_metric_history(run.info.run_id, "loss")),
                 "duration_s": round((run.info.end_time - run.info.start_time) / 1000, 1),
+                **{key: run.data.params.get(key, "") for key in searched},
             }
         )
     return sorted(rows, key=lambda row: row["trial"])

@@ -161,6 +161,8 @@ class OptunaSweeper(Sweeper):
             job_index += len(returns)
             for trial, ret in zip(trials, returns, strict=True):
                 self._tell(study, trial, ret)
+                release_frames(ret)
+            del returns, ret  # before the next batch runs, not after
             self._check_failures(study)
         self._write_results(study, sweep_dir, metric)
         return study
@@ -327,3 +329,15 @@ def log_study_to_parent(study, sweep_dir: Path, results: dict) -> None:
         figure.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(figure)
         client.log_artifact(parent, str(path), artifact_path="study")
+
+
+def release_frames(ret) -> None:
+    """Drop the tracebacks of a pruned or failed job's exception, kept in its JobReturn.
+
+    They hold the job's frames, and with them its model, images and features: kept until the
+    next batch returns, they would add a whole job's memory to the next trial's peak.
+    """
+    err = ret._return_value
+    while isinstance(err, BaseException):
+        err.__traceback__ = None
+        err = err.__cause__ or err.__context__
