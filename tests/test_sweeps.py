@@ -78,6 +78,12 @@ def test_search_records_a_parent_with_its_trials_and_resumes(tmp_path, image_fol
     sweep_dir = second.data.tags["sweep_dir"]
     results = (tmp_path / sweep_dir / "optimization_results.yaml").read_text()
     assert "best_params" in results and "head.units" in results
+    # Another command on the same study would mix incomparable trials into it: it stops.
+    other = sweep(tmp_path, image_folder, *common, "trainer.seed=7", check=False)
+    assert other.returncode != 0
+    assert "was started with other overrides" in other.stderr
+    assert "hydra.sweeper.study_name=<new name>" in other.stderr
+    assert len(states(storage)) == 6
     table = pd.read_csv(f"{sweep_dir}/trials.csv")
     assert len(table) == 6 and set(table["state"]) == {"COMPLETE"}
     assert {"params_optimizer.lr", "params_head.units", "params_head.dropout"} <= set(table)
@@ -86,6 +92,23 @@ def test_search_records_a_parent_with_its_trials_and_resumes(tmp_path, image_fol
         second.data.metrics["best_value"] == pytest.approx(best)
         or best >= second.data.metrics["best_value"]
     )
+
+
+def test_the_same_command_resumes_its_study_from_the_default_journal(tmp_path, image_folder):
+    args = ["hparams_search=lr_head", "hydra.sweeper.pruner=null", "hydra.sweeper.n_trials=2"]
+    sweep(tmp_path, image_folder, *args)
+    study_dir = tmp_path / "multirun" / "lr_head-folder-vgg16-two_stage"
+    from hydra_plugins.experiments_sweeper.optuna_sweeper import open_storage
+
+    storage = open_storage(f"journal:{study_dir / 'optuna.journal'}")
+    name = "lr_head-folder-vgg16-two_stage"
+    assert states(storage, name) == ["COMPLETE"] * 2
+    assert sorted(p.name for p in study_dir.glob("trial_*")) == ["trial_0", "trial_1"]
+    again = sweep(tmp_path, image_folder, *args)  # the study is complete: nothing new
+    assert "2 of 2 trials done" in again.stdout + again.stderr
+    assert states(storage, name) == ["COMPLETE"] * 2
+    children = [r for r in runs_of(tmp_path, "folder") if "optuna_trial" in r.data.tags]
+    assert len(children) == 2
 
 
 def test_aggressive_pruner_stops_trials_early(tmp_path, image_folder):

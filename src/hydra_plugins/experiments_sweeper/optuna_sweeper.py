@@ -133,6 +133,7 @@ class OptunaSweeper(Sweeper):
             direction=direction,
             load_if_exists=True,
         )
+        self._check_same_study(study, fixed, distributions, storage_url)
         log.info(
             "study %s (%s %s) in %s: %d of %d trials done",
             settings.study_name,
@@ -182,6 +183,29 @@ class OptunaSweeper(Sweeper):
                 "(e.g. hparams_search=lr_head) or pass a sweep on the command line"
             )
         return fixed, distributions
+
+    @staticmethod
+    def _check_same_study(study, fixed: list[str], distributions: dict, storage_url: str) -> None:
+        """Resume a study only with the overrides and search space it was started with.
+
+        A stored study records both; a command that differs (another `trainer.epochs`, another
+        range) would mix incomparable trials into it, so it stops instead, saying how to go on.
+        """
+        identity = {
+            "overrides": sorted(fixed),
+            "search_space": {k: repr(v) for k, v in sorted(distributions.items())},
+        }
+        stored = study.user_attrs.get("identity")
+        if stored is None:
+            study.set_user_attr("identity", identity)
+        elif stored != identity:
+            changed = [k for k in identity if identity[k] != stored[k]]
+            raise ValueError(
+                f"study {study.study_name!r} in {storage_url} was started with other "
+                f"{' and '.join(changed)} (there: {stored['overrides']}, "
+                f"{list(stored['search_space'])}); to keep both, start a new study with "
+                f"hydra.sweeper.study_name=<new name>, or rerun the original command to resume it"
+            )
 
     @staticmethod
     def _counted(study) -> int:
