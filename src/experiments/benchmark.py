@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=None,
-        help="folder for benchmark-memory.{md,json} (default: paths.reports_dir)",
+        help="folder for benchmark-memory.{md,json} (default: <project root>/reports)",
     )
     parser.add_argument(
         "overrides",

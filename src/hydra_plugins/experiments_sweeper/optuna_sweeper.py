@@ -199,7 +199,7 @@ class OptunaSweeper(Sweeper):
         if stored is None:
             study.set_user_attr("identity", identity)
         elif stored != identity:
-            changed = [k for k in identity if identity[k] != stored[k]]
+            changed = [k.replace("_", " ") for k in identity if identity[k] != stored.get(k)]
             raise ValueError(
                 f"study {study.study_name!r} in {storage_url} was started with other "
                 f"{' and '.join(changed)} (there: {stored['overrides']}, "
