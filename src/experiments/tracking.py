@@ -290,5 +290,9 @@ class MlflowSweepCallback(Callback):
         )
         client.set_tag(self.run_id, "jobs", str(len(children)))
         client.set_terminated(self.run_id, status)
+        if status == "FINISHED" and not children:
+            # Nothing ran (e.g. a complete study resumed): the run the study did run holds it all.
+            client.delete_run(self.run_id)
+            log.info("no job ran; deleted the empty parent run %s", self.run_id)
         os.environ.pop(PARENT_RUN_ENV, None)
         self.run_id = None
