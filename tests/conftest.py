@@ -72,12 +72,9 @@ def tiny_overrides(root: Path, folder: Path | None = None) -> list[str]:
 
 def compose_config(overrides: list[str]):
     """The config composed from conf/ with `overrides`, as the entry point would see it."""
-    from hydra import compose, initialize_config_dir
+    from experiments import compose_project_config
 
-    from experiments import config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose_project_config(overrides)
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from experiments.benchmark import memory_metrics, summarize
+from experiments.benchmark import summarize
+from experiments.tracking import memory_metrics
 
 from conftest import tiny_overrides
 

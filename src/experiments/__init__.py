@@ -27,5 +27,14 @@ def config_dir() -> str:
     return str(Path(__file__).resolve().parent / "conf")
 
 
+def compose_project_config(overrides: list[str] | None = None):
+    """conf/config.yaml composed with `overrides`: the settings of commands that are not Hydra
+    apps (compare, benchmark), so that they find the same store and folders as a run."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides or []))
+
+
 # Registered on import so that every entry point and Hydra's compose API resolve ${project_root:}.
 OmegaConf.register_new_resolver("project_root", project_root, replace=True)

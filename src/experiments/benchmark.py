@@ -23,22 +23,6 @@ from pathlib import Path
 DEFAULT_OVERRIDES = ["hparams_search=lr_head", "experiment=quickstart"]
 
 
-def memory_metrics() -> dict[str, float]:
-    """This process's peak resident memory so far and its current one, in MB."""
-    import psutil
-
-    rss = psutil.Process().memory_info().rss / 2**20
-    try:
-        import resource
-    except ImportError:  # Windows: psutil reports the peak working set instead
-        peak = getattr(psutil.Process().memory_info(), "peak_wset", 0) / 2**20
-    else:
-        # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
-        scale = 1 if sys.platform == "darwin" else 1024
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-    return {"peak_rss_mb": peak, "rss_mb": rss}
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m experiments.benchmark",
@@ -59,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=None,
-        help="folder for benchmark-memory.{md,json} (default: <project root>/reports)",
+        help="folder for benchmark-memory.{md,json} (default: paths.reports_dir)",
     )
     parser.add_argument(
         "overrides",
@@ -174,10 +158,10 @@ def report(rows: list[dict], summary: dict, wall_s: float, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experiments import project_root
+    from experiments import compose_project_config
 
     args = parse_args(argv)
-    out = args.out or Path(project_root()) / "reports"
+    out = args.out or Path(compose_project_config().paths.reports_dir)
     with tempfile.TemporaryDirectory(prefix="experiments-benchmark-") as tmp:
         try:
             uri, wall_s = run_sweep(args.overrides or DEFAULT_OVERRIDES, args.trials, Path(tmp))

@@ -7,11 +7,10 @@ configuration. Runs are found with MLflow's public search API.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from experiments import project_root
+from experiments import compose_project_config
 from experiments.errors import ExperimentError
 
 COLUMNS = {  # table column -> MLflow field
@@ -100,23 +99,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--tracking-uri",
-        default=os.environ.get("MLFLOW_TRACKING_URI"),
-        help="default: $MLFLOW_TRACKING_URI, else the project's mlruns/mlflow.db",
+        default=None,
+        help="default: tracking.uri ($MLFLOW_TRACKING_URI, else the project's mlruns/mlflow.db)",
     )
-    parser.add_argument("--out", default=None, help="output folder (default: <project>/reports)")
+    parser.add_argument("--out", default=None, help="output folder (default: paths.reports_dir)")
     args = parser.parse_args(argv)
     import mlflow
     import pandas as pd
 
-    root = Path(project_root())
-    mlflow.set_tracking_uri(args.tracking_uri or f"sqlite:///{root}/mlruns/mlflow.db")
+    project = compose_project_config()
+    mlflow.set_tracking_uri(args.tracking_uri or str(project.tracking.uri))
     try:
         table = comparison_table(args.experiments, args.filter)
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     stem = "comparison-" + ("-".join(args.experiments) or "all")
-    files = save_outputs(table, Path(args.out) if args.out else root / "reports", stem)
+    files = save_outputs(table, Path(args.out or project.paths.reports_dir), stem)
     with pd.option_context("display.max_columns", None, "display.width", 200):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print("saved: " + ", ".join(str(f) for f in files))

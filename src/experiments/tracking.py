@@ -110,9 +110,23 @@ def log_memory() -> None:
     """
     import mlflow
 
-    from experiments.benchmark import memory_metrics
-
     mlflow.log_metrics(memory_metrics())
+
+
+def memory_metrics() -> dict[str, float]:
+    """This process's peak resident memory so far and its current one, in MB."""
+    import psutil
+
+    rss = psutil.Process().memory_info().rss / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows: psutil reports the peak working set instead
+        peak = getattr(psutil.Process().memory_info(), "peak_wset", 0) / 2**20
+    else:
+        # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
+        scale = 1 if sys.platform == "darwin" else 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    return {"peak_rss_mb": peak, "rss_mb": rss}
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:
