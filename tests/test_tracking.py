@@ -328,3 +328,24 @@ def test_runs_go_to_a_tracking_server(mlflow_server, make_config):
     assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 1
     paths = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert "evaluation/confusion_matrix.png" in paths
+
+
+def test_processes_opening_one_new_store_together_all_succeed(tmp_path):
+    """A sweep shared by several processes: each creates the same new sqlite store at once."""
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    code = (
+        "from omegaconf import OmegaConf\n"
+        "from experiments.tracking import set_tracking\n"
+        f"cfg = OmegaConf.create({{'uri': {uri!r}, 'experiment': 'shared', "
+        f"'artifact_dir': {str(tmp_path / 'artifacts')!r}}})\n"
+        "print(set_tracking(cfg))\n"
+    )
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(4)
+    ]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
+    assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert len({out.strip().splitlines()[-1] for _, out, _ in results}) == 1  # one experiment

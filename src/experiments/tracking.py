@@ -14,7 +14,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +35,27 @@ LOCAL_SCHEMES = ("sqlite:", "file:", "/")
 def set_tracking(tracking) -> str:
     """Point MLflow at `tracking.uri` and return the id of `tracking.experiment`, creating it."""
     import mlflow
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     uri = str(tracking.uri)
     local = uri.startswith(LOCAL_SCHEMES)
+    guard = nullcontext()
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        from filelock import FileLock
+
+        database = Path(uri[len("sqlite:///") :])
+        database.parent.mkdir(parents=True, exist_ok=True)
+        # MLflow creates and migrates a new sqlite store without a lock, so processes opening one
+        # new store together (a sweep shared by several processes) race on its tables.
+        guard = FileLock(f"{database}.lock")
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient()
+    with guard:
+        return _experiment_id(MlflowClient(), tracking, uri, local)
+
+
+def _experiment_id(client, tracking, uri: str, local: bool) -> str:
+    from mlflow.exceptions import MlflowException
+
     name = str(tracking.experiment)
     try:
         experiment = client.get_experiment_by_name(name)
