@@ -128,14 +128,15 @@ def test_run_records_lineage_and_artifacts(tiny_run):
 
 
 def test_logged_model_takes_uint8_images_and_predicts_like_the_trained_one(tiny_run, image_folder):
-    import keras
     import mlflow
 
     root, _, run = tiny_run
     client_for(root)
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
-    in_memory = keras.saving.load_model(f"{run.data.tags['hydra_output_dir']}/model.keras")
+    in_memory = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    # Stored once: in MLflow, not also as a copy in the run's output folder.
+    assert not list(Path(run.data.tags["hydra_output_dir"]).rglob("*.keras"))
     np.testing.assert_allclose(
         np.asarray(pyfunc.predict(images)),
         in_memory.predict(images, verbose=0),

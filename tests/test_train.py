@@ -64,13 +64,13 @@ def test_two_stage_reuses_cached_features(make_config, tmp_path, caplog):
 def test_head_follows_the_class_count(
     classes, outputs, make_config, binary_folder, image_folder, tmp_path
 ):
-    import keras
+    import mlflow
 
     folder = binary_folder if classes == 2 else image_folder
     train(make_config(folder=folder))
     (run,) = runs_of(tmp_path, "folder")
     assert run.data.metrics["test_accuracy"] >= 0.8
-    model = keras.saving.load_model(f"{run.data.tags['hydra_output_dir']}/model.keras")
+    model = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
     assert model.output_shape == (None, outputs)
     assert model.get_layer("head").layers[-1].activation.__name__ == (
         "sigmoid" if classes == 2 else "softmax"

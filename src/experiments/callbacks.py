@@ -1,4 +1,4 @@
-"""Keras callbacks of our own: per-epoch timing, learning rate and MLflow metrics."""
+"""Keras callbacks of our own: per-epoch timing, learning rate, MLflow metrics and signals."""
 
 from __future__ import annotations
 
@@ -6,15 +6,11 @@ import time
 
 import keras
 
+from experiments import interrupts
+
 
 class EpochLogger(keras.callbacks.Callback):
-    """Adds `learning_rate`, `epoch_time_s` and `train_images_per_s` to each epoch's logs and
-    logs all of them to the active MLflow run, at step = epoch.
-
-    Not mlflow.keras.MlflowCallback: it logs the optimizer config as params at every fit, which
-    MLflow rejects when fine-tuning changes the learning rate, and logs validation metrics twice.
-    Fine-tuning passes `initial_epoch`, so its epochs continue the same step count.
-    """
+    """Adds `learning_rate`, `epoch_time_s` and `train_images_per_s` to each epoch's logs."""
 
     def __init__(self, train_size: int):
         super().__init__()
@@ -30,8 +26,6 @@ class EpochLogger(keras.callbacks.Callback):
             self._train_end = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        import mlflow
-
         logs = logs if logs is not None else {}
         now = time.perf_counter()
         train_seconds = (self._train_end or now) - self._start
@@ -40,5 +34,33 @@ class EpochLogger(keras.callbacks.Callback):
         logs["learning_rate"] = float(
             keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)
         )
-        if mlflow.active_run() is not None:
-            mlflow.log_metrics({k: float(v) for k, v in logs.items()}, step=epoch)
+
+
+class TrackEpochs(keras.callbacks.Callback):
+    """Logs each epoch's logs to the run, at step = epoch, once the epoch is backed up.
+
+    Not mlflow.keras.MlflowCallback: it logs the optimizer config as params at every fit, which
+    MLflow rejects when fine-tuning changes the learning rate, and logs validation metrics twice.
+    Fine-tuning passes `initial_epoch`, so its epochs continue the same step count; a resumed run
+    continues from its first epoch not backed up, so no step is logged twice.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        from experiments import tracking
+
+        tracking.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Raises a SIGTERM or SIGINT that came during `fit` at the next batch boundary.
+
+    Raising, rather than setting `model.stop_training`, keeps Keras from validating and ending
+    the partial epoch, which `BackupAndRestore` would then back up as if it were complete. Used
+    inside `interrupts.deferred()`; see `experiments.interrupts`.
+    """
+
+    def on_train_batch_end(self, batch, logs=None):
+        interrupts.raise_if_pending()
+
+    def on_test_batch_end(self, batch, logs=None):
+        interrupts.raise_if_pending()

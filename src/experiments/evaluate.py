@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments import config_dir
 from experiments.errors import ExperimentError
-from experiments.train import output_dir, run_cli
+from experiments.train import cli_with_signals, output_dir, run_cli
 
 log = logging.getLogger("experiments.evaluate")
 
@@ -100,9 +100,13 @@ def source_task(source) -> DictConfig:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")
-def main(cfg: DictConfig) -> float:
-    """Entry point of `python -m experiments.evaluate`."""
+def hydra_main(cfg: DictConfig) -> float:
     return run_cli(evaluate, cfg)
+
+
+def main():
+    """Entry point of `python -m experiments.evaluate`."""
+    cli_with_signals(hydra_main)
 
 
 if __name__ == "__main__":

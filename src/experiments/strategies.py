@@ -14,6 +14,7 @@ import numpy as np
 
 from experiments.augmentation import build_augmentation
 from experiments.backbones import unfreeze_top_blocks
+from experiments.checkpoints import RunCheckpoints
 from experiments.errors import ExperimentError
 from experiments.heads import build_head, loss_for
 from experiments.tasks import SPLITS, Task
@@ -31,7 +32,11 @@ class Context:
     preprocess: Callable
     workdir: Path
     weights_id: str
-    callbacks: list = field(default_factory=list)  # extra Keras callbacks (tracking, pruning)
+    checkpoints: RunCheckpoints
+    # Keras callbacks that run before the epoch's backup (they add to its logs), and after it
+    # (they report the backed-up epoch: MLflow metrics, pruning).
+    callbacks: list = field(default_factory=list)
+    reporters: list = field(default_factory=list)
 
 
 @dataclass
@@ -75,20 +80,19 @@ def train_fine_tune(ctx: Context) -> Trained:
     head = build_head(cfg.head, ctx.base.output.shape[1:], ctx.task.num_classes)
     model = assemble(ctx, head)
     train, val = images_dataset(ctx, "train"), images_dataset(ctx, "val")
-    checkpoint = best_checkpoint(ctx)
-    history = fit(ctx, model, train, val, checkpoint=checkpoint)
+    history = fit(ctx, model, train, val)
     unfrozen = unfreeze_top_blocks(
         ctx.base, list(cfg.backbone.blocks), int(cfg.strategy.unfreeze_blocks)
     )
     log.info("fine-tuning %d layers at lr %g: %s", len(unfrozen), cfg.strategy.lr, unfrozen)
-    # One checkpoint across both phases, so the best epoch of either is what is restored.
+    # One best checkpoint across both phases, so the best epoch of either is what is restored.
     more = fit(
         ctx,
         model,
         train,
         val,
+        phase="fine_tune",
         lr=float(cfg.strategy.lr),
-        checkpoint=checkpoint,
         initial_epoch=int(cfg.trainer.epochs),
         epochs=int(cfg.trainer.epochs) + int(cfg.strategy.epochs),
     )
@@ -139,50 +143,54 @@ def fit(
     train,
     val,
     *,
+    phase: str = "head",
     lr: float | None = None,
-    checkpoint=None,
     initial_epoch: int = 0,
     epochs: int | None = None,
 ) -> dict[str, list[float]]:
-    """Compile and fit `model`, then restore its best-validation weights; the epoch history."""
+    """Compile and fit `model`, then restore its best-validation weights; the epoch history.
+
+    Resumable: every epoch is backed up, a phase that already finished is not run again, and an
+    interrupted one continues from its last complete epoch (`experiments.checkpoints`).
+    """
     from hydra.utils import instantiate
 
+    from experiments import interrupts
+    from experiments.callbacks import StopOnSignal
+
     cfg = ctx.cfg
+    state = ctx.checkpoints
+    end = int(epochs or cfg.trainer.epochs)
     model.compile(
         optimizer=make_optimizer(cfg.optimizer, lr),
         loss=loss_for(ctx.task.num_classes),
         metrics=["accuracy"],
     )
-    checkpoint = checkpoint or best_checkpoint(ctx)
-    callbacks = [checkpoint]
+    if state.phase_done(phase):
+        log.info("phase %s already trained; its weights are restored", phase)
+        model.load_weights(state.done_path(phase))
+        return state.history(initial_epoch, end)
+    callbacks = [*ctx.callbacks, state.backup(phase, initial_epoch)]
+    callbacks.append(state.best_checkpoint(cfg.trainer.monitor))
     for name in ("early_stopping", "reduce_lr"):
         node = cfg.trainer[name]
         if node.enabled:
             callbacks.append(instantiate({k: v for k, v in node.items() if k != "enabled"}))
-    history = model.fit(
-        train,
-        validation_data=val,
-        epochs=int(epochs or cfg.trainer.epochs),
-        initial_epoch=initial_epoch,
-        class_weight=class_weights(cfg.trainer.class_weight, ctx.task),
-        callbacks=ctx.callbacks + callbacks,
-        shuffle=False,  # the tf.data pipeline shuffles
-        verbose=2,
-    )
-    if cfg.trainer.restore_best and Path(checkpoint.filepath).is_file():
-        model.load_weights(checkpoint.filepath)
-    return {k: [float(v) for v in vs] for k, vs in history.history.items()}
-
-
-def best_checkpoint(ctx: Context):
-    """A ModelCheckpoint that keeps the weights of the best `trainer.monitor` epoch."""
-    import keras
-
-    path = ctx.workdir / "checkpoints" / "best.weights.h5"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return keras.callbacks.ModelCheckpoint(
-        str(path), monitor=ctx.cfg.trainer.monitor, save_best_only=True, save_weights_only=True
-    )
+    with interrupts.deferred():
+        model.fit(
+            train,
+            validation_data=val,
+            epochs=end,
+            initial_epoch=initial_epoch,
+            class_weight=class_weights(cfg.trainer.class_weight, ctx.task),
+            callbacks=[*callbacks, *ctx.reporters, StopOnSignal()],
+            shuffle=False,  # the tf.data pipeline shuffles
+            verbose=2,
+        )
+    if cfg.trainer.restore_best and state.best_path.is_file():
+        model.load_weights(state.best_path)
+    state.mark_phase_done(phase, model)
+    return state.history(initial_epoch, end)
 
 
 def make_optimizer(cfg, lr: float | None = None):

@@ -78,7 +78,7 @@ class Task:
 
 def load_task(cfg, paths) -> Task:
     """The task named by `cfg.loader`, downloaded if needed, decoded once and split."""
-    size = _image_size(cfg.image_size)
+    size = check_image_size(cfg.image_size)
     loader = LOADERS.get(cfg.loader)
     if loader is None:
         raise ExperimentError(
@@ -118,7 +118,7 @@ def load_digits_task(cfg, paths, size) -> Task:
     images = np.repeat(images[..., None], 3, axis=-1)
     labels = digits.target.astype(np.int32)
     sources = [f"sklearn.datasets.load_digits[{i}]" for i in range(len(labels))]
-    index = split_per_class(labels, _fractions(cfg.split), _split_seed(cfg))
+    index = split_per_class(labels, check_fractions(cfg.split), _split_seed(cfg))
     splits = {s: Split(images[i], labels[i], [sources[j] for j in i]) for s, i in index.items()}
     return Task(cfg.name, [str(d) for d in digits.target_names], splits)
 
@@ -232,7 +232,7 @@ def _task_from_class_folders(cfg, paths, root: Path, size) -> Task:
             return _sampled_task(cfg, root, files, class_names, size, seed)
         candidates = [(p, class_names.index(c)) for c in class_names for p in files[c]]
         images, labels, kept, skipped = decode_files(candidates, size)
-        index = split_per_class(labels, _fractions(cfg.split), seed)
+        index = split_per_class(labels, check_fractions(cfg.split), seed)
         splits = {
             s: Split(images[i], labels[i], [_relative(kept[j], root) for j in i])
             for s, i in index.items()
@@ -402,7 +402,8 @@ def _relative(path: Path, root: Path) -> str:
     return Path(path).relative_to(root).as_posix()
 
 
-def _image_size(value) -> tuple[int, int]:
+def check_image_size(value) -> tuple[int, int]:
+    """`task.image_size` as (height, width), refused unless it is two sizes of 8 or more."""
     try:
         size = [int(v) for v in value]
     except (TypeError, ValueError):
@@ -414,8 +415,12 @@ def _image_size(value) -> tuple[int, int]:
     return size[0], size[1]
 
 
-def _fractions(value) -> list[float]:
-    fractions = [float(v) for v in (value or [])]
+def check_fractions(value) -> list[float]:
+    """`task.split` as three positive fractions summing to 1, or refused."""
+    try:
+        fractions = [float(v) for v in (value or [])]
+    except (TypeError, ValueError):
+        fractions = []
     if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
         raise ExperimentError(
             f"task.split={value} must be three positive fractions (train, val, test) that sum to "

@@ -6,15 +6,19 @@ MLflow is imported inside the functions, so composing a config never pays for it
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import platform
 import socket
 import subprocess
+import shutil
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,17 @@ PARENT_RUN_ENV = "EXPERIMENTS_MLFLOW_PARENT_RUN_ID"
 MAX_PARAMS_PER_CALL = 100
 MAX_PARAM_CHARS = 6000
 LOCAL_SCHEMES = ("sqlite:", "file:", "/")
+# The sweep a job belongs to (a digest of the multirun's overrides), set by MlflowSweepCallback.
+SWEEP_IDENTITY_ENV = "EXPERIMENTS_SWEEP_IDENTITY"
+# MLflow's HTTP client retries a failed call for minutes by default; a lost server must cost
+# seconds, since every call is then kept in the outbox instead. The user's own settings win.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+# While the server is lost, calls go straight to the outbox; it is tried again after this long.
+RETRY_AFTER_S = 10.0
 
 
 def set_tracking(tracking) -> str:
@@ -39,6 +54,9 @@ def set_tracking(tracking) -> str:
 
     uri = str(tracking.uri)
     local = uri.startswith(LOCAL_SCHEMES)
+    if not local:
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
     guard = nullcontext()
     if uri.startswith("sqlite:///"):
         from filelock import FileLock
@@ -50,7 +68,20 @@ def set_tracking(tracking) -> str:
         guard = FileLock(f"{database}.lock")
     mlflow.set_tracking_uri(uri)
     with guard:
-        return _experiment_id(MlflowClient(), tracking, uri, local)
+        experiment_id = _experiment_id(MlflowClient(), tracking, uri, local)
+    close_stale_runs(MlflowClient())
+    return experiment_id
+
+
+def artifact_root(tracking) -> Path | None:
+    """Where a new experiment keeps artifacts: `tracking.artifact_dir`, else beside an sqlite
+    database (`sqlite:////x/mlflow.db` -> `/x/artifacts`), else MLflow's default."""
+    if tracking.get("artifact_dir"):
+        return Path(str(tracking.artifact_dir))
+    uri = str(tracking.uri)
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).parent / "artifacts"
+    return None
 
 
 def _experiment_id(client, tracking, uri: str, local: bool) -> str:
@@ -60,7 +91,8 @@ def _experiment_id(client, tracking, uri: str, local: bool) -> str:
     try:
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
-            location = Path(tracking.artifact_dir).resolve().as_uri() if local else None
+            root = artifact_root(tracking) if local else None
+            location = root.resolve().as_uri() if root else None
             try:
                 return client.create_experiment(name, artifact_location=location)
             except MlflowException:  # created meanwhile by a concurrent job
@@ -78,12 +110,32 @@ def _experiment_id(client, tracking, uri: str, local: bool) -> str:
     return experiment.experiment_id
 
 
-@contextmanager
-def start_run(tracking, run_name: str, tags: dict[str, str]) -> Iterator[Any]:
-    """An active MLflow run that always ends: FINISHED, FAILED, or KILLED on Ctrl-C.
+@dataclass
+class ActiveRun:
+    """The run being recorded: its id, whether it was resumed, and its outbox."""
 
-    A run stopped by an Optuna pruner ends FINISHED with the tag `pruned`, its curves kept.
-    Inside a multirun the run nests under the sweep's parent run.
+    run_id: str
+    resumed: bool
+    outbox: Outbox
+
+
+_active: dict[str, ActiveRun] = {}
+
+
+@contextmanager
+def start_run(
+    tracking,
+    run_name: str,
+    tags: dict[str, str],
+    identity: str | None = None,
+    resume: str = "never",
+) -> Iterator[ActiveRun]:
+    """An active MLflow run that always ends: FINISHED, FAILED, or KILLED on a signal.
+
+    With `resume` `auto`, an interrupted run (KILLED or FAILED) of the same `identity` is
+    continued instead of a new one; a run id continues that run. A run stopped by an Optuna
+    pruner ends FINISHED with the tag `pruned`, its curves kept. Inside a multirun the run nests
+    under the sweep's parent run. Calls a lost tracking server cannot take wait in the outbox.
     """
     import mlflow
     from mlflow.tracking import MlflowClient
@@ -92,26 +144,89 @@ def start_run(tracking, run_name: str, tags: dict[str, str]) -> Iterator[Any]:
     parent = os.environ.get(PARENT_RUN_ENV) or None
     if parent:  # children live in their parent's experiment, or the UI cannot nest them
         experiment_id = MlflowClient().get_run(parent).info.experiment_id
-    run = mlflow.start_run(
-        experiment_id=experiment_id, run_name=run_name, parent_run_id=parent, tags=tags
+    resumed = resumable_run(experiment_id, identity, resume) if identity else None
+    tags = tags | process_tags() | ({"identity": identity} if identity else {})
+    if sweep := os.environ.get(SWEEP_IDENTITY_ENV):
+        tags["sweep_identity"] = sweep
+    if resumed:
+        run = mlflow.start_run(run_id=resumed)
+        MlflowClient().log_batch(resumed, tags=_run_tags(tags | {"resumed": "true"}))
+        log.info("resuming run %s (resume=%s)", resumed, resume)
+    else:
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, parent_run_id=parent, tags=tags
+        )
+    active = ActiveRun(
+        run.info.run_id,
+        bool(resumed),
+        Outbox(Path(str(tracking.outbox_dir)), run.info.run_id, str(tracking.uri)),
     )
+    _active["run"] = active
     try:
-        yield run
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
+        yield active
     except BaseException as err:
         log_memory()
-        if type(err).__name__ == "TrialPruned":
-            mlflow.set_tag("pruned", "true")
-            mlflow.end_run("FINISHED")
+        name = type(err).__name__
+        if name == "TrialPruned":
+            set_tags({"pruned": "true"})
+            _end_run("FINISHED")
+        elif name in ("Interrupted", "KeyboardInterrupt"):
+            set_tags({"stopped_by": getattr(err, "name", "SIGINT")})
+            _end_run("KILLED")
         else:
-            mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:MAX_PARAM_CHARS])
-            mlflow.end_run("FAILED")
+            set_tags({"error": f"{name}: {err}"[:MAX_PARAM_CHARS]})
+            _end_run("FAILED")
         raise
     else:
         log_memory()
-        mlflow.end_run("FINISHED")
+        _end_run("FINISHED")
+    finally:
+        _active.pop("run", None)
+        _active["last"] = active
+        active.outbox.report()
+
+
+def last_run_id() -> str | None:
+    """The id of the run this process recorded last, if any."""
+    last = _active.get("run") or _active.get("last")
+    return last.run_id if last else None
+
+
+def _end_run(status: str) -> None:
+    """End the active run with `status`, after every call kept in its outbox."""
+    import mlflow
+
+    active = _active["run"]
+    # mlflow.end_run() would call the server at once, ahead of the kept calls; the status goes
+    # through the outbox instead, and the fluent API only forgets the run (its private stack).
+    stack = mlflow.tracking.fluent._active_run_stack.get()
+    if stack and stack[-1].info.run_id == active.run_id:
+        stack.pop()
+    os.environ.pop("MLFLOW_RUN_ID", None)
+    active.outbox.call("end", {"status": status, "end_time": _now_ms()})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log metrics to the active run, or keep them in its outbox while the server is lost."""
+    active = _active.get("run")
+    if active is None:
+        return
+    payload = {"metrics": {k: float(v) for k, v in metrics.items()}, "step": step or 0}
+    active.outbox.call("metrics", payload | {"timestamp": _now_ms()})
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    """Set tags on the active run (through its outbox)."""
+    active = _active.get("run")
+    if active is not None:
+        active.outbox.call("tags", {"tags": {k: str(v) for k, v in tags.items()}})
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    """Log a file to the active run (through its outbox)."""
+    active = _active.get("run")
+    if active is not None:
+        active.outbox.call("artifact", {"artifact_path": artifact_path}, files=[Path(path)])
 
 
 def log_memory() -> None:
@@ -120,9 +235,308 @@ def log_memory() -> None:
     Trials of a sweep share one process, so `peak_rss_mb` growing from trial to trial is a leak;
     `python -m experiments.benchmark` reads these.
     """
-    import mlflow
+    log_metrics(memory_metrics())
 
-    mlflow.log_metrics(memory_metrics())
+
+def backfill_metrics(records: list[dict]) -> int:
+    """Log the epochs of `records` that the active run lacks (a kill between the epoch's backup
+    and its logging); the number of epochs logged."""
+    from mlflow.tracking import MlflowClient
+
+    active = _active["run"]
+    logged = {m.step for m in MlflowClient().get_metric_history(active.run_id, "loss")}
+    missing = [r for r in records if r["epoch"] not in logged]
+    for record in missing:
+        log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=record["epoch"])
+    return len(missing)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def process_tags() -> dict[str, str]:
+    """Which process on which host runs the run: a run left RUNNING by a dead one is closed.
+
+    They also tell which trials of a sweep shared a process (memory), and where a launcher ran.
+    """
+    import psutil
+
+    return {
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "pid_started": f"{psutil.Process().create_time():.2f}",
+    }
+
+
+def _run_tags(tags: dict[str, str]) -> list:
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, str(v)[:MAX_PARAM_CHARS]) for k, v in tags.items()]
+
+
+def _process_alive(tags: dict[str, str]) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(int(tags.get("pid", "0")))
+        started = float(tags.get("pid_started", "0"))
+        # A pid is reused by later processes: it is the run's only if it started then.
+        return not started or abs(process.create_time() - started) < 1.0
+    except (psutil.Error, ValueError):
+        return False
+
+
+def close_stale_runs(client) -> list[str]:
+    """Close as KILLED every run left RUNNING on this host by a process that no longer exists."""
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    stale = [
+        run
+        for run in client.search_runs(
+            experiments, filter_string=f"attributes.status = 'RUNNING' and tags.host = '{host}'"
+        )
+        if not _process_alive(run.data.tags)
+    ]
+    for run in stale:
+        pid = run.data.tags.get("pid", "?")
+        client.set_tag(
+            run.info.run_id,
+            "killed_reason",
+            f"process {pid} on {host} ended without closing the run (kill -9, out of memory, "
+            f"reboot); closed by process {os.getpid()}",
+        )
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.warning(
+            "run %s was left RUNNING by process %s, which no longer exists: closed as KILLED",
+            run.info.run_id,
+            pid,
+        )
+    return [run.info.run_id for run in stale]
+
+
+def resumable_run(experiment_id: str, identity: str, resume: str) -> str | None:
+    """The id of the run to continue: the newest interrupted run of `identity` for `auto`,
+    the named run for a run id, or None (a new run)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if resume == "never":
+        return None
+    if resume != "auto":
+        try:
+            run = client.get_run(resume)
+        except MlflowException:
+            raise ExperimentError(
+                f"resume={resume}: no such run in {client.tracking_uri}; list the runs that can "
+                f"be resumed with: python -m experiments.runs"
+            ) from None
+        if run.info.status == "FINISHED":
+            raise ExperimentError(
+                f"resume={resume}: that run is FINISHED and is never resumed; drop resume= to "
+                f"start a new run"
+            )
+        if run.data.tags.get("identity") != identity:
+            raise ExperimentError(
+                f"resume={resume}: that run was started with another config; rerun its own "
+                f"command (see its tag `command`) with resume={resume}"
+            )
+        return resume
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.identity = '{identity}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    for run in runs:
+        if run.info.status in ("KILLED", "FAILED"):
+            return run.info.run_id
+        if run.info.status == "FINISHED":
+            return None  # a finished run is never resumed: the same command starts a new one
+    return None
+
+
+def finished_sweep_job(identity: str):
+    """The FINISHED run of this config in a sweep of the same overrides, or None."""
+    from mlflow.tracking import MlflowClient
+
+    sweep = os.environ.get(SWEEP_IDENTITY_ENV)
+    if not sweep:
+        return None
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiments,
+        filter_string=(
+            f"tags.identity = '{identity}' and tags.sweep_identity = '{sweep}' "
+            f"and attributes.status = 'FINISHED'"
+        ),
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether `err` says the tracking server could not be reached (not a refused request)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, (requests.RequestException, ConnectionError, TimeoutError)):
+        return True
+    text = str(err)
+    return isinstance(err, MlflowException) and (
+        "Max retries exceeded" in text
+        or "Connection" in text
+        or "timed out" in text
+        or "API request to" in text
+    )
+
+
+class Outbox:
+    """The calls of one run that a lost tracking server could not take, kept on local disk.
+
+    MLflow has no offline queue for a run logged to a server (its async logging retries in
+    memory and loses everything when the process ends), so ours is a folder per run:
+    `calls.jsonl` (one call a line, in order), `files/` (copies of the artifacts, the model
+    saved in MLflow's format) and `sent` (how many calls went through). The run sends them when
+    the server answers again; `python -m experiments.runs sync` sends what is left.
+    """
+
+    def __init__(self, root: Path, run_id: str, uri: str):
+        self.dir = Path(root) / run_id
+        self.run_id = run_id
+        self.uri = uri
+        self.remote = not uri.startswith(LOCAL_SCHEMES)
+        self.down_since: float | None = None
+        self.error = ""
+
+    @property
+    def calls_path(self) -> Path:
+        return self.dir / "calls.jsonl"
+
+    def pending(self) -> bool:
+        return self.calls_path.is_file()
+
+    def is_down(self) -> bool:
+        return self.down_since is not None and time.monotonic() - self.down_since < RETRY_AFTER_S
+
+    def went_down(self, err: BaseException) -> None:
+        if self.down_since is None:
+            log.warning(
+                "the tracking server %s does not answer (%s); training goes on and run %s's "
+                "records are kept in %s until it does",
+                self.uri,
+                str(err).splitlines()[0][:200],
+                self.run_id,
+                self.dir,
+            )
+        self.down_since = time.monotonic()
+        self.error = str(err).splitlines()[0][:200]
+
+    def call(self, op: str, payload: dict, files: list[Path] | None = None) -> None:
+        """Send one call now, or keep it (and copies of its files) for later."""
+        if not self.remote:
+            send(self.run_id, op, payload, files or [])
+            return
+        if not self.is_down() and (not self.pending() or self.flush()):
+            try:
+                send(self.run_id, op, payload, files or [])
+                return
+            except Exception as err:
+                if not _unreachable(err):
+                    raise
+                self.went_down(err)
+        self.keep(op, payload, files or [])
+
+    def keep(self, op: str, payload: dict, files: list[Path]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "meta.json").write_text(json.dumps({"uri": self.uri, "run_id": self.run_id}))
+        kept = []
+        for path in files:
+            target = self.dir / "files" / f"{time.time_ns()}" / path.name
+            target.parent.mkdir(parents=True)
+            (shutil.copytree if path.is_dir() else shutil.copy2)(path, target)
+            kept.append(str(target))
+        with open(self.calls_path, "a") as f:
+            f.write(json.dumps({"op": op, "payload": payload, "files": kept}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def flush(self) -> bool:
+        """Send the kept calls in order; True when none is left."""
+        try:
+            flush_outbox(self.dir)
+        except Exception as err:
+            if not _unreachable(err):
+                raise
+            self.went_down(err)
+            return False
+        if self.down_since is not None:
+            log.info("the tracking server answers again; run %s's kept records are sent", self.run_id)
+        self.down_since = None
+        return True
+
+    def report(self) -> None:
+        """At the end of the run: one more try, then one line if records are still kept."""
+        if self.remote and self.pending() and not self.flush():
+            count = sum(1 for _ in open(self.calls_path))
+            log.warning(
+                "the tracking server %s is still lost: %d records of run %s (metrics, artifacts, "
+                "model, its end status) are kept in %s; send them when it is back with: "
+                "python -m experiments.runs sync",
+                self.uri,
+                count,
+                self.run_id,
+                self.dir,
+            )
+
+
+def send(run_id: str, op: str, payload: dict, files: list) -> None:
+    """Make one logging call on run `run_id`."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if op == "metrics":
+        metrics = [
+            Metric(k, v, payload["timestamp"], payload["step"])
+            for k, v in payload["metrics"].items()
+        ]
+        client.log_batch(run_id, metrics=metrics)
+    elif op == "tags":
+        client.log_batch(run_id, tags=_run_tags(payload["tags"]))
+    elif op == "artifact":
+        for path in files:
+            if Path(path).is_dir():
+                client.log_artifacts(run_id, str(path), payload.get("artifact_path"))
+            else:
+                client.log_artifact(run_id, str(path), payload.get("artifact_path"))
+    elif op == "end":
+        client.set_terminated(run_id, payload["status"], payload.get("end_time"))
+    else:  # pragma: no cover - a file written by another version
+        raise ValueError(f"unknown outbox call {op!r}")
+
+
+def flush_outbox(folder: Path) -> int:
+    """Send the calls kept in an outbox `folder` that were not sent yet; the number sent.
+
+    Progress is recorded after each call, so an interrupted flush resumes where it stopped.
+    """
+    calls_path = folder / "calls.jsonl"
+    if not calls_path.is_file():
+        return 0
+    meta = json.loads((folder / "meta.json").read_text())
+    sent_path = folder / "sent"
+    done = int(sent_path.read_text()) if sent_path.is_file() else 0
+    calls = [json.loads(line) for line in calls_path.read_text().splitlines() if line.strip()]
+    for index in range(done, len(calls)):
+        call = calls[index]
+        send(meta["run_id"], call["op"], call["payload"], call["files"])
+        sent_path.write_text(str(index + 1))
+    shutil.rmtree(folder)
+    return len(calls) - done
 
 
 def memory_metrics() -> dict[str, float]:
@@ -196,9 +610,6 @@ def runtime_tags() -> dict[str, str]:
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,
         "device": device,
-        # Which trials of a sweep shared a process (memory), and where a launcher ran them.
-        "host": socket.gethostname(),
-        "pid": str(os.getpid()),
     }
 
 
@@ -258,7 +669,13 @@ def log_task(task) -> None:
 
 
 def log_model(model, image_shape, num_classes: int) -> None:
-    """Log the Keras model with a uint8-image signature (no input example: mlflow#16183)."""
+    """Log the Keras model with a uint8-image signature (no input example: mlflow#16183).
+
+    While the tracking server is lost the model is saved in MLflow's format into the outbox and
+    sent later as the run's `model/` artifacts, which `runs:/<id>/model` loads the same way.
+    """
+    import tempfile
+
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -269,11 +686,37 @@ def log_model(model, image_shape, num_classes: int) -> None:
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape), "image")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, outputs), "probabilities")]),
     )
-    mlflow.keras.log_model(model, name="model", signature=signature)
+    outbox = _active["run"].outbox
+    if not outbox.is_down() and not outbox.pending():
+        try:
+            mlflow.keras.log_model(model, name="model", signature=signature)
+            return
+        except Exception as err:
+            if not outbox.remote or not _unreachable(err):
+                raise
+            outbox.went_down(err)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "model"
+        mlflow.keras.save_model(model, str(saved), signature=signature)
+        outbox.call("artifact", {"artifact_path": "model"}, files=[saved])
+
+
+def sweep_identity(overrides: list[str]) -> str:
+    """A digest of a multirun's overrides, minus where it writes and how it resumes."""
+    import hashlib
+
+    kept = sorted(
+        o for o in overrides if not o.lstrip("+~").startswith(("paths.", "tracking.", "resume="))
+    )
+    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:24]
 
 
 class MlflowSweepCallback(Callback):
-    """Opens one MLflow parent run per multirun; every job of the sweep nests under it."""
+    """Opens one MLflow parent run per multirun; every job of the sweep nests under it.
+
+    The same multirun command run again after an interruption continues its parent run (with
+    `resume=auto`), and its jobs skip what already finished and resume what was interrupted.
+    """
 
     def __init__(self) -> None:
         self.run_id: str | None = None
@@ -284,31 +727,57 @@ class MlflowSweepCallback(Callback):
         experiment_id = set_tracking(config.tracking)
         hydra_cfg = config.hydra
         overrides = list(hydra_cfg.overrides.task)
+        identity = sweep_identity(overrides)
         sweeper = hydra_cfg.sweeper.get("_target_", "basic").rsplit(".", 1)[-1]
-        run = MlflowClient().create_run(
-            experiment_id,
-            run_name=f"sweep-{Path(hydra_cfg.sweep.dir).name}",
-            tags={
-                "sweep": "true",
-                "sweep_dir": str(hydra_cfg.sweep.dir),
-                "sweep_overrides": " ".join(overrides)[:MAX_PARAM_CHARS],
-                "sweeper": sweeper,
-            },
+        client = MlflowClient()
+        earlier = (
+            client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.sweep_identity = '{identity}' and tags.sweep = 'true'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if str(config.get("resume", "auto")) != "never"
+            else []
         )
-        self.run_id = run.info.run_id
+        if earlier and earlier[0].info.status in ("KILLED", "FAILED"):
+            self.run_id = earlier[0].info.run_id
+            client.update_run(self.run_id, status="RUNNING")
+            client.log_batch(self.run_id, tags=_run_tags(process_tags() | {"resumed": "true"}))
+            log.info("continuing the interrupted sweep's parent run %s", self.run_id)
+        else:
+            run = client.create_run(
+                experiment_id,
+                run_name=f"sweep-{Path(hydra_cfg.sweep.dir).name}",
+                tags={
+                    "sweep": "true",
+                    "sweep_dir": str(hydra_cfg.sweep.dir),
+                    "sweep_overrides": " ".join(overrides)[:MAX_PARAM_CHARS],
+                    "sweep_identity": identity,
+                    "sweeper": sweeper,
+                    **process_tags(),
+                },
+            )
+            self.run_id = run.info.run_id
+            log.info("MLflow parent run %s for this sweep", self.run_id)
         os.environ[PARENT_RUN_ENV] = self.run_id
+        os.environ[SWEEP_IDENTITY_ENV] = identity
         # A sweep that dies before on_multirun_end still closes its parent run.
-        atexit.register(self.close, "FAILED")
-        log.info("MLflow parent run %s for this sweep", self.run_id)
+        atexit.register(self.close, None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.close("FINISHED")
 
-    def close(self, status: str) -> None:
+    def close(self, status: str | None) -> None:
+        """End the parent run: `status`, or at exit KILLED after a signal and FAILED otherwise."""
         if self.run_id is None:
             return
         from mlflow.tracking import MlflowClient
 
+        from experiments import interrupts
+
+        if status is None:
+            status = "KILLED" if interrupts.received() else "FAILED"
         client = MlflowClient()
         children = client.search_runs(
             [client.get_run(self.run_id).info.experiment_id],
@@ -321,4 +790,5 @@ class MlflowSweepCallback(Callback):
             client.delete_run(self.run_id)
             log.info("no job ran; deleted the empty parent run %s", self.run_id)
         os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEEP_IDENTITY_ENV, None)
         self.run_id = None

@@ -28,17 +28,24 @@ def train(cfg: DictConfig) -> float:
     """Run the experiment `cfg` describes and return its `optimized_metric`."""
     from experiments import tracking
     from experiments.backbones import resolve_weights, weights_id
+    from experiments.checkpoints import RunCheckpoints, run_identity
     from experiments.tasks import load_task
+    from experiments.validation import validate_config
 
-    # Data and weights first: a missing file stops the run before any model or MLflow run exists.
+    # Values, then data and weights: a bad value or a missing file stops the run before any
+    # model or MLflow run exists.
+    validate_config(cfg)
+    identity = run_identity(cfg)
+    resume = str(cfg.get("resume", "auto"))
+    if resume != "never" and (done := finished_job(cfg, identity)) is not None:
+        return done
     task = load_task(cfg.task, cfg.paths)
     weights = resolve_weights(cfg.backbone, cfg.paths.weights_dir)
 
     import keras
-    import mlflow
 
     from experiments.backbones import build_backbone
-    from experiments.callbacks import EpochLogger
+    from experiments.callbacks import EpochLogger, TrackEpochs
     from experiments.reports import evaluate_split, write_reports
     from experiments.strategies import Context, train_with_strategy
     from experiments.sweep import trial_callbacks, trial_tags
@@ -47,9 +54,16 @@ def train(cfg: DictConfig) -> float:
     keras.utils.set_random_seed(int(cfg.trainer.seed))
     workdir = output_dir(cfg.paths.output_dir, cfg.task.name)
     tags = tracking.run_tags(cfg, str(workdir)) | tracking.runtime_tags() | trial_tags(cfg)
-    with tracking.start_run(cfg.tracking, str(cfg.tracking.run_name), tags) as run:
-        tracking.log_config(cfg, task_overrides())
-        tracking.log_task(task)
+    name = str(cfg.tracking.run_name)
+    with tracking.start_run(cfg.tracking, name, tags, identity, resume) as run:
+        checkpoints = RunCheckpoints(Path(cfg.paths.checkpoint_dir) / run.run_id)
+        if run.resumed:
+            records = checkpoints.records()
+            log.info("run %s continues after epoch %d", run.run_id, len(records))
+            tracking.backfill_metrics(records)
+        else:
+            tracking.log_config(cfg, task_overrides())
+            tracking.log_task(task)
         base, preprocess = build_backbone(cfg.backbone, task.image_shape, weights)
         ctx = Context(
             cfg,
@@ -58,26 +72,27 @@ def train(cfg: DictConfig) -> float:
             preprocess,
             workdir,
             weights_id(weights),
-            callbacks=[EpochLogger(len(task.splits["train"].labels)), *trial_callbacks(cfg)],
+            checkpoints,
+            callbacks=[EpochLogger(len(task.splits["train"].labels))],
+            reporters=[TrackEpochs(), *trial_callbacks(cfg)],
         )
         started = time.perf_counter()
         trained = train_with_strategy(ctx)
         train_time = time.perf_counter() - started
 
         test = evaluate_split(trained.model, task.splits["test"], task.num_classes)
-        model_file = workdir / "model.keras"
-        trained.model.save(model_file)
-        metrics = summary_metrics(trained, test, train_time, model_file, len(task.skipped))
-        mlflow.log_metrics(metrics)
+        metrics = summary_metrics(trained, test, train_time, len(task.skipped))
+        metrics["model_size_mb"] = model_size_mb(trained.model, workdir, cfg.tracking.log_model)
+        tracking.log_metrics(metrics)
         if trained.feature_cache:
-            mlflow.set_tag("feature_cache", trained.feature_cache)
+            tracking.set_tags({"feature_cache": trained.feature_cache})
         augmentation = (
             trained.model.get_layer("augmentation")
             if any(layer.name == "augmentation" for layer in trained.model.layers)
             else None
         )
         # The `augmentation` tag is what was asked; two_stage trains without it.
-        mlflow.set_tag("augmentation_applied", str(augmentation is not None).lower())
+        tracking.set_tags({"augmentation_applied": str(augmentation is not None).lower()})
         reports = write_reports(
             workdir / "reports",
             test,
@@ -87,20 +102,51 @@ def train(cfg: DictConfig) -> float:
             augmentation,
         )
         for path in reports:
-            mlflow.log_artifact(str(path), artifact_path="evaluation")
+            tracking.log_artifact(path, artifact_path="evaluation")
         if cfg.tracking.log_model:
             tracking.log_model(trained.model, task.image_shape, task.num_classes)
         value = optimized_value(cfg.optimized_metric, trained.history, metrics)
+        tracking.set_tags({"returned_value": repr(value)})
         log.info(
             "run %s: best val_accuracy %.4f, test_accuracy %.4f, %s=%.4f, %.0f s",
-            run.info.run_id,
+            run.run_id,
             metrics["best_val_accuracy"],
             metrics["test_accuracy"],
             cfg.optimized_metric,
             value,
             train_time,
         )
+    checkpoints.remove()  # FINISHED: the model is logged, the resumable state has done its job
     return value
+
+
+def finished_job(cfg: DictConfig, identity: str) -> float | None:
+    """In a multirun run again, the value of this job if it already FINISHED in that sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return None
+    from experiments import tracking
+
+    tracking.set_tracking(cfg.tracking)
+    run = tracking.finished_sweep_job(identity)
+    if run is None or "returned_value" not in run.data.tags:
+        return None
+    value = float(run.data.tags["returned_value"])
+    log.info("already finished in this sweep as run %s: %s=%s", run.info.run_id, cfg.optimized_metric, value)
+    return value
+
+
+def model_size_mb(model, workdir: Path, logged: bool) -> float:
+    """The size of the saved `.keras` file. The file stays in `workdir` only when the model is
+    not `logged` to MLflow, so that a model is stored once."""
+    path = workdir / "model.keras"
+    model.save(path)
+    size = path.stat().st_size / 1e6
+    if logged:
+        path.unlink()
+    return size
 
 
 def release_earlier_jobs() -> None:
@@ -124,7 +170,7 @@ def release_earlier_jobs() -> None:
     keras.backend.clear_session(free_memory=True)  # also collects the graphs now unpinned
 
 
-def summary_metrics(trained, test, train_time: float, model_file: Path, skipped: int) -> dict:
+def summary_metrics(trained, test, train_time: float, skipped: int) -> dict:
     """The reference's comparison columns for one run."""
     import numpy as np
 
@@ -141,7 +187,6 @@ def summary_metrics(trained, test, train_time: float, model_file: Path, skipped:
         "train_time_s": train_time,
         "total_params": total,
         "trainable_params": trainable,
-        "model_size_mb": model_file.stat().st_size / 1e6,
         "skipped_files": skipped,
     }
 
@@ -182,23 +227,78 @@ def task_overrides() -> list[str]:
 
 
 def run_cli(task_function, cfg: DictConfig):
-    """Call `task_function(cfg)`; a user error prints one line and exits 2 in a single run."""
+    """Call `task_function(cfg)`. In a single run a user error prints one line and exits 2, and
+    a signal prints how to resume and exits 128 + its number; a multirun handles both itself."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from experiments.checkpoints import DISK_FULL
+    from experiments.interrupts import Interrupted
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         return task_function(cfg)
     except ExperimentError as err:
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        if multirun:
             raise  # the sweeper records the failure and goes on
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:
+        if err.errno not in DISK_FULL or multirun:
+            raise
+        print(
+            f"error: no space left writing {err.filename or 'a file'} ({os.strerror(err.errno)}); "
+            f"free space there, then run the same command again to resume",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except Interrupted as err:
+        if multirun:
+            raise  # ends the whole sweep: see main()
+        print(f"interrupted by {err.name}: {resume_hint(cfg)}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+def resume_hint(cfg: DictConfig) -> str:
+    """One line: what an interrupted run kept and how to continue it."""
+    from experiments import tracking
+    from experiments.checkpoints import RunCheckpoints
+
+    run_id = tracking.last_run_id()
+    if run_id is None:
+        return "no run was started yet; run the same command again"
+    state = RunCheckpoints(Path(str(cfg.paths.checkpoint_dir)) / run_id)
+    return (
+        f"run {run_id} ended KILLED with {state.completed_epochs()} complete epoch(s) saved in "
+        f"{state.root}; run the same command again to resume it (resume=never starts afresh)"
+    )
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Entry point of `python -m experiments.train`."""
+def hydra_main(cfg: DictConfig) -> float:
     return run_cli(train, cfg)
+
+
+def main():
+    """Entry point of `python -m experiments.train`: SIGTERM and SIGINT end a run cleanly."""
+    cli_with_signals(hydra_main)
+
+
+def cli_with_signals(entry) -> None:
+    """Run a Hydra entry point with SIGTERM and SIGINT handled; a multirun stopped by one
+    prints how to complete it and exits 128 + its number."""
+    from experiments.interrupts import Interrupted, handle_signals
+
+    with handle_signals():
+        try:
+            entry()
+        except Interrupted as err:
+            print(
+                f"interrupted by {err.name}: run the same command again to complete the sweep "
+                f"(finished jobs are skipped, the interrupted one resumes; resume=never runs all)",
+                file=sys.stderr,
+            )
+            sys.exit(err.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,198 @@
+"""Resumable training state of one run: its identity, epoch backups, best weights and history.
+
+A run's state lives in `paths.checkpoint_dir/<mlflow run id>/` until the run ends FINISHED:
+
+- `backup/<phase>/`: Keras' `BackupAndRestore` (weights with the optimizer's state, and the next
+  epoch), written atomically at every epoch end;
+- `history.json`: every completed epoch's logs, so a resumed run returns whole curves;
+- `best.weights.h5`: the best `trainer.monitor` epoch so far, across phases;
+- `<phase>.done.weights.h5`: the weights a finished phase handed on (fine-tune resumes in its
+  second phase without repeating the first).
+
+A reader never trusts a file it did not see complete: everything is written to a temporary name
+in the same folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from experiments.errors import ExperimentError
+
+# Where a run writes, and how it is resumed, are not what the run is.
+NOT_IDENTITY = ("paths", "hydra", "tracking", "resume", "sweeper_trial")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def run_identity(cfg) -> str:
+    """A digest of the resolved config minus where it writes: equal configs, equal runs."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in NOT_IDENTITY:
+        container.pop(key, None)
+    text = json.dumps(container, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside `path`, renamed onto it when the block ends without error.
+
+    A disk-full error becomes one ExperimentError naming `path`, and leaves no partial file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise ExperimentError(
+                f"no space left writing {path} ({os.strerror(err.errno)}); free space there "
+                f"or point paths.* elsewhere, then run the same command again"
+            ) from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data))
+
+
+class RunCheckpoints:
+    """The resumable state of one run, in `root`."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.history_path = self.root / "history.json"
+        self.best_path = self.root / "best.weights.h5"
+
+    def records(self) -> list[dict]:
+        """Every completed epoch's logs, oldest first."""
+        if not self.history_path.is_file():
+            return []
+        return json.loads(self.history_path.read_text())
+
+    def history(self, start: int = 0, end: int | None = None) -> dict[str, list[float]]:
+        """Keras-style history of the epochs in [start, end)."""
+        out: dict[str, list[float]] = {}
+        for record in self.records():
+            if record["epoch"] >= start and (end is None or record["epoch"] < end):
+                for key, value in record.items():
+                    if key != "epoch":
+                        out.setdefault(key, []).append(value)
+        return out
+
+    def completed_epochs(self) -> int:
+        return len(self.records())
+
+    def best_so_far(self, monitor: str) -> float | None:
+        values = [r[monitor] for r in self.records() if monitor in r]
+        if not values:
+            return None
+        return min(values) if "loss" in monitor else max(values)
+
+    def done_path(self, phase: str) -> Path:
+        return self.root / f"{phase}.done.weights.h5"
+
+    def phase_done(self, phase: str) -> bool:
+        return self.done_path(phase).is_file()
+
+    def mark_phase_done(self, phase: str, model) -> None:
+        with atomic_path(self.done_path(phase), ".weights.h5") as tmp:
+            model.save_weights(tmp)
+
+    def backup(self, phase: str, initial_epoch: int):
+        return _backup_class()(self, self.root / "backup" / phase, initial_epoch)
+
+    def best_checkpoint(self, monitor: str):
+        return _best_class()(self, monitor)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _backup_class():
+    import keras
+
+    class Backup(keras.callbacks.BackupAndRestore):
+        """Keras' BackupAndRestore with atomic files, the epoch history, and a clean restart.
+
+        Keras writes `latest.weights.h5` in place (a kill mid-write leaves a file that cannot be
+        loaded) and never resets `model._initial_epoch`, so a second `fit` of the same model
+        (fine-tune's second phase) would start at the first phase's restored epoch.
+        The metadata file is written last: it is the commit point of an epoch.
+        """
+
+        def __init__(self, state: RunCheckpoints, backup_dir: Path, initial_epoch: int):
+            super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False)
+            self.state = state
+            self.initial_epoch = initial_epoch
+            self._records: list[dict] = []
+
+        def on_train_begin(self, logs=None):
+            self.model._initial_epoch = None
+            super().on_train_begin(logs)
+            resumed_at = self.model._initial_epoch or self.initial_epoch
+            # Epochs after the last committed backup are redone, so their logs are dropped.
+            self._records = [r for r in self.state.records() if r["epoch"] < resumed_at]
+
+        def on_epoch_end(self, epoch, logs=None):
+            record = {"epoch": int(epoch)}
+            record |= {k: float(v) for k, v in (logs or {}).items()}
+            self._records.append(record)
+            super().on_epoch_end(epoch, logs)
+
+        def on_train_end(self, logs=None):
+            self.model._initial_epoch = None
+            super().on_train_end(logs)
+
+        def _save_model(self):
+            with atomic_path(Path(self._weights_path), ".weights.h5") as tmp:
+                self.model.save_weights(tmp, overwrite=True)
+            write_json(self.state.history_path, self._records)
+            write_json(Path(self._training_metadata_path), {"epoch": self._current_epoch})
+
+    return Backup
+
+
+def _best_class():
+    import keras
+
+    class BestCheckpoint(keras.callbacks.ModelCheckpoint):
+        """The best `monitor` epoch's weights, written atomically, remembering earlier epochs.
+
+        After a resume Keras' ModelCheckpoint would start from -inf and overwrite the best file
+        with the first resumed epoch; it starts from the history's best instead.
+        """
+
+        def __init__(self, state: RunCheckpoints, monitor: str):
+            best = state.best_so_far(monitor)
+            super().__init__(
+                str(state.best_path),
+                monitor=monitor,
+                save_best_only=True,
+                save_weights_only=True,
+                initial_value_threshold=best,
+            )
+            self.state = state
+
+        def _save_model(self, epoch, batch, logs):
+            if self._should_save_model(epoch, batch, logs, self.filepath):
+                with atomic_path(Path(self.filepath), ".weights.h5") as tmp:
+                    self.model.save_weights(tmp, overwrite=True)
+
+    return BestCheckpoint

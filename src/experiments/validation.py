@@ -1,0 +1,162 @@
+"""Config values checked before any expensive work: data loading, model building or an MLflow run.
+
+Every check here needs only the composed config and the file system, so a typo costs a second,
+not an epoch. Each refusal is one `ExperimentError` saying what was wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from experiments.errors import ExperimentError
+
+RESUME_MODES = ("auto", "never")
+# The first bytes of the weight formats `build_backbone` can load.
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Refuse the first bad value of `cfg` that can be found without the data."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        hint = " (e.g. task.path=/data/my_images)" if "task.path" in missing else ""
+        raise ExperimentError(
+            f"{', '.join(missing)} must be set; add {missing[0]}=<value> to the command{hint}"
+        )
+    try:
+        for check in CHECKS:
+            check(cfg)
+    except OmegaConfBaseException as err:  # an interpolation that cannot resolve
+        raise ExperimentError(f"the config does not resolve: {str(err).splitlines()[0]}") from None
+
+
+def number(cfg, key: str, kind: type, *, low: float, low_open: bool = False, high=None):
+    """The value at dotted `key` as `kind`, refused unless it is in range."""
+    value = OmegaConf.select(cfg, key)
+    try:
+        if isinstance(value, bool) or value is None:
+            raise ValueError
+        converted = kind(value)
+        if kind is int and converted != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ExperimentError(
+            f"{key}={value} is not {'an integer' if kind is int else 'a number'}; "
+            f"e.g. {key}={'16' if kind is int else '1e-3'}"
+        ) from None
+    too_low = converted <= low if low_open else converted < low
+    if too_low or (high is not None and converted > high):
+        bound = f"greater than {low}" if low_open else f"at least {low}"
+        bound += f" and at most {high}" if high is not None else ""
+        raise ExperimentError(f"{key}={value} must be {bound}")
+    return converted
+
+
+def check_trainer(cfg) -> None:
+    number(cfg, "optimizer.lr", float, low=0, low_open=True)
+    number(cfg, "trainer.batch_size", int, low=1)
+    number(cfg, "trainer.epochs", int, low=1)
+    number(cfg, "trainer.seed", int, low=0)
+    if str(cfg.trainer.class_weight) not in ("none", "balanced", "None"):
+        raise ExperimentError(
+            f"trainer.class_weight={cfg.trainer.class_weight} is unknown; use none or balanced"
+        )
+    resume = str(cfg.get("resume", "auto"))
+    if resume not in RESUME_MODES and not (len(resume) == 32 and resume.isalnum()):
+        raise ExperimentError(
+            f"resume={resume} is unknown; use auto (continue an interrupted run of the same "
+            f"config), never (always start a new run) or the 32-character id of a run"
+        )
+
+
+def check_strategy(cfg) -> None:
+    from experiments.strategies import STRATEGIES
+
+    name = cfg.strategy.name
+    if name not in STRATEGIES:
+        raise ExperimentError(f"strategy.name={name!r} is unknown; use one of {sorted(STRATEGIES)}")
+    if name == "fine_tune":
+        blocks = list(cfg.backbone.blocks)
+        number(cfg, "strategy.unfreeze_blocks", int, low=1, high=len(blocks))
+        number(cfg, "strategy.lr", float, low=0, low_open=True)
+        number(cfg, "strategy.epochs", int, low=1)
+
+
+def check_head(cfg) -> None:
+    from experiments.heads import POOLING
+
+    if cfg.head.pooling not in POOLING:
+        raise ExperimentError(f"head.pooling={cfg.head.pooling!r} is unknown; use one of {POOLING}")
+    units = cfg.head.units
+    if not OmegaConf.is_list(units) or not all(
+        isinstance(u, int) and not isinstance(u, bool) and u >= 1 for u in units
+    ):
+        raise ExperimentError(
+            f"head.units={units} must be a list of positive integers, e.g. head.units=[256,128]"
+        )
+    number(cfg, "head.dropout", float, low=0)
+    if float(cfg.head.dropout) >= 1:
+        raise ExperimentError(f"head.dropout={cfg.head.dropout} must be below 1, e.g. 0.3")
+
+
+def check_task(cfg) -> None:
+    from experiments.tasks import LOADERS, check_fractions, check_image_size
+
+    if cfg.task.loader not in LOADERS:
+        raise ExperimentError(
+            f"task.loader={cfg.task.loader!r} is unknown; use one of {sorted(LOADERS)}"
+        )
+    check_image_size(cfg.task.image_size)
+    if not cfg.task.get("per_class"):
+        check_fractions(cfg.task.split)
+    if cfg.task.loader == "folder":
+        root = Path(str(cfg.task.path)).expanduser()
+        if not root.is_dir():
+            raise ExperimentError(
+                f"task.path={cfg.task.path} is not a directory; point it at a folder with one "
+                f"subfolder per class, or with train/, val/ and test/ folders that each hold "
+                f"class subfolders"
+            )
+
+
+def check_weights(cfg) -> None:
+    """A local weights file must be readable and HDF5 (`.h5` or Keras 3 `.weights.h5`)."""
+    weights = cfg.backbone.weights
+    if weights is None or str(weights).lower() in ("none", "null", "random", "imagenet"):
+        return
+    if str(weights).startswith("pkg://"):
+        return  # resolve_weights finds the package's file and names the missing package
+    path = Path(str(weights)).expanduser()
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(HDF5_SIGNATURE))
+    except OSError as err:
+        raise ExperimentError(
+            f"backbone.weights={weights} cannot be read ({err.strerror}); give a readable "
+            f"weights file, 'imagenet' or null"
+        ) from None
+    if head != HDF5_SIGNATURE:
+        raise ExperimentError(
+            f"backbone.weights={weights} is not an HDF5 weights file (.h5 from "
+            f"keras.applications, or a Keras 3 .weights.h5); give such a file, 'imagenet' or null"
+        )
+
+
+def check_metric(cfg) -> None:
+    metric = str(cfg.get("optimized_metric", "val_accuracy"))
+    if not metric:
+        raise ExperimentError("optimized_metric is empty; e.g. optimized_metric=val_accuracy")
+
+
+CHECKS: list[Callable[[DictConfig], None]] = [
+    check_trainer,
+    check_strategy,
+    check_head,
+    check_task,
+    check_weights,
+    check_metric,
+]
