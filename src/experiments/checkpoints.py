@@ -50,7 +50,9 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     A disk-full error becomes one ExperimentError naming `path`, and leaves no partial file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent
+    )
     os.close(fd)
     tmp = Path(name)
     try:

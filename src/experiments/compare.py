@@ -104,12 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=None, help="output folder (default: paths.reports_dir)")
     args = parser.parse_args(argv)
-    import mlflow
     import pandas as pd
 
+    from experiments import tracking
+
     project = compose_project_config()
-    mlflow.set_tracking_uri(args.tracking_uri or str(project.tracking.uri))
     try:
+        tracking.open_store(args.tracking_uri or str(project.tracking.uri))
         table = comparison_table(args.experiments, args.filter)
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -22,6 +22,7 @@ log = logging.getLogger("experiments.evaluate")
 def evaluate(cfg: DictConfig) -> float:
     """Evaluate `cfg.model` on `cfg.split` of the task; the accuracy."""
     import mlflow
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from experiments import tracking
@@ -29,10 +30,26 @@ def evaluate(cfg: DictConfig) -> float:
 
     if cfg.split not in SPLITS:
         raise ExperimentError(f"split={cfg.split} is unknown; use one of {', '.join(SPLITS)}")
-    mlflow.set_tracking_uri(str(cfg.tracking.uri))
+    tracking.open_store(str(cfg.tracking.uri))
     match = re.match(r"runs:/([0-9a-f]+)/", str(cfg.model))
-    source = MlflowClient().get_run(match.group(1)) if match else None
-    task_cfg = cfg.get("task") or source_task(source)
+    try:
+        source = MlflowClient().get_run(match.group(1)) if match else None
+    except MlflowException:
+        raise ExperimentError(
+            f"model={cfg.model}: no run {match.group(1)} in {cfg.tracking.uri}; copy the run id "
+            f"from the MLflow UI or from python -m experiments.compare"
+        ) from None
+    try:
+        model = mlflow.keras.load_model(str(cfg.model))
+    except Exception as err:
+        raise ExperimentError(
+            f"cannot load model={cfg.model} ({str(err).splitlines()[0][:300]}); give a logged "
+            f"model URI such as runs:/<run_id>/model"
+        ) from None
+    # The images must have the size the model was built for, whatever the task file says.
+    task_cfg = OmegaConf.merge(
+        cfg.get("task") or source_task(source), {"image_size": list(model.input_shape[1:3])}
+    )
     task = load_task(task_cfg, cfg.paths)
     experiment = cfg.tracking.experiment or (
         MlflowClient().get_experiment(source.info.experiment_id).name if source else task_cfg.name
@@ -41,13 +58,6 @@ def evaluate(cfg: DictConfig) -> float:
 
     from experiments.reports import evaluate_split, write_reports
 
-    try:
-        model = mlflow.keras.load_model(str(cfg.model))
-    except Exception as err:
-        raise ExperimentError(
-            f"cannot load model={cfg.model} ({err}); give a logged model URI "
-            f"such as runs:/<run_id>/model"
-        ) from None
     tags = {
         "run_type": "evaluate",
         "task": task.name,
@@ -67,7 +77,7 @@ def evaluate(cfg: DictConfig) -> float:
     with tracking.start_run(tracking_cfg, f"evaluate-{task.name}-{cfg.split}", tags):
         tracking.log_task(task)
         result = evaluate_split(model, task.splits[cfg.split], task.num_classes, cfg.batch_size)
-        mlflow.log_metrics(
+        tracking.log_metrics(
             {
                 f"{cfg.split}_loss": result.loss,
                 f"{cfg.split}_accuracy": result.accuracy,
@@ -77,7 +87,7 @@ def evaluate(cfg: DictConfig) -> float:
         for path in write_reports(
             workdir / "reports", result, task.splits[cfg.split], task.class_names
         ):
-            mlflow.log_artifact(str(path), artifact_path="evaluation")
+            tracking.log_artifact(path, artifact_path="evaluation")
     log.info(
         "%s on %s/%s: accuracy %.4f, loss %.4f",
         cfg.model,

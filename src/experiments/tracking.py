@@ -10,9 +10,9 @@ import json
 import logging
 import os
 import platform
+import shutil
 import socket
 import subprocess
-import shutil
 import sys
 import time
 import warnings
@@ -49,14 +49,9 @@ RETRY_AFTER_S = 10.0
 
 def set_tracking(tracking) -> str:
     """Point MLflow at `tracking.uri` and return the id of `tracking.experiment`, creating it."""
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = str(tracking.uri)
-    local = uri.startswith(LOCAL_SCHEMES)
-    if not local:
-        for key, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
     guard = nullcontext()
     if uri.startswith("sqlite:///"):
         from filelock import FileLock
@@ -66,11 +61,39 @@ def set_tracking(tracking) -> str:
         # MLflow creates and migrates a new sqlite store without a lock, so processes opening one
         # new store together (a sweep shared by several processes) race on its tables.
         guard = FileLock(f"{database}.lock")
-    mlflow.set_tracking_uri(uri)
     with guard:
-        experiment_id = _experiment_id(MlflowClient(), tracking, uri, local)
+        _point_at(uri)
+        experiment_id = _experiment_id(MlflowClient(), tracking, uri, uri.startswith(LOCAL_SCHEMES))
     close_stale_runs(MlflowClient())
     return experiment_id
+
+
+def open_store(uri: str) -> None:
+    """Point MLflow at `uri` and close the runs that dead processes left RUNNING there."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    _point_at(uri)
+    try:
+        close_stale_runs(MlflowClient())
+    except MlflowException as err:
+        raise ExperimentError(_unreachable_message(uri, err)) from None
+
+
+def _point_at(uri: str) -> None:
+    import mlflow
+
+    if not uri.startswith(LOCAL_SCHEMES):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    mlflow.set_tracking_uri(uri)
+
+
+def _unreachable_message(uri: str, err: BaseException) -> str:
+    return (
+        f"cannot reach the MLflow store tracking.uri={uri} ({str(err).splitlines()[0][:300]}); "
+        f"start the server or fix tracking.uri / MLFLOW_TRACKING_URI"
+    )
 
 
 def artifact_root(tracking) -> Path | None:
@@ -98,10 +121,7 @@ def _experiment_id(client, tracking, uri: str, local: bool) -> str:
             except MlflowException:  # created meanwhile by a concurrent job
                 experiment = client.get_experiment_by_name(name)
     except MlflowException as err:
-        raise ExperimentError(
-            f"cannot reach the MLflow store tracking.uri={uri} ({str(err).splitlines()[0]}); "
-            f"start the server or fix tracking.uri / MLFLOW_TRACKING_URI"
-        ) from None
+        raise ExperimentError(_unreachable_message(uri, err)) from None
     if experiment.lifecycle_stage == "deleted":
         raise ExperimentError(
             f"MLflow experiment {name!r} is deleted; restore it in the UI "
@@ -117,6 +137,7 @@ class ActiveRun:
     run_id: str
     resumed: bool
     outbox: Outbox
+    last_step: int = 0  # of the epoch metrics logged so far
 
 
 _active: dict[str, ActiveRun] = {}
@@ -211,6 +232,8 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     active = _active.get("run")
     if active is None:
         return
+    if step is not None:
+        active.last_step = max(active.last_step, step)
     payload = {"metrics": {k: float(v) for k, v in metrics.items()}, "step": step or 0}
     active.outbox.call("metrics", payload | {"timestamp": _now_ms()})
 
@@ -233,9 +256,11 @@ def log_memory() -> None:
     """The process's peak and current resident memory as the run ends, for every ending.
 
     Trials of a sweep share one process, so `peak_rss_mb` growing from trial to trial is a leak;
-    `python -m experiments.benchmark` reads these.
+    `python -m experiments.benchmark` reads these. Logged at the last epoch's step, so that a
+    run that is interrupted and resumed keeps one value per ending.
     """
-    log_metrics(memory_metrics())
+    active = _active.get("run")
+    log_metrics(memory_metrics(), step=active.last_step if active else None)
 
 
 def backfill_metrics(records: list[dict]) -> int:
@@ -474,14 +499,16 @@ class Outbox:
             self.went_down(err)
             return False
         if self.down_since is not None:
-            log.info("the tracking server answers again; run %s's kept records are sent", self.run_id)
+            log.info(
+                "the tracking server answers again; run %s's kept records are sent", self.run_id
+            )
         self.down_since = None
         return True
 
     def report(self) -> None:
         """At the end of the run: one more try, then one line if records are still kept."""
         if self.remote and self.pending() and not self.flush():
-            count = sum(1 for _ in open(self.calls_path))
+            count = len(self.calls_path.read_text().splitlines())
             log.warning(
                 "the tracking server %s is still lost: %d records of run %s (metrics, artifacts, "
                 "model, its end status) are kept in %s; send them when it is back with: "

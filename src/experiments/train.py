@@ -134,7 +134,12 @@ def finished_job(cfg: DictConfig, identity: str) -> float | None:
     if run is None or "returned_value" not in run.data.tags:
         return None
     value = float(run.data.tags["returned_value"])
-    log.info("already finished in this sweep as run %s: %s=%s", run.info.run_id, cfg.optimized_metric, value)
+    log.info(
+        "already finished in this sweep as run %s: %s=%s",
+        run.info.run_id,
+        cfg.optimized_metric,
+        value,
+    )
     return value
 
 
