@@ -5,7 +5,8 @@ once with nothing saved; Ctrl-C sends SIGINT, whose KeyboardInterrupt can land a
 half-way through writing a checkpoint. Both are handled here instead:
 
 - inside `model.fit` the handler only sets a flag, and `callbacks.StopOnSignal` raises
-  `Interrupted` at the next batch boundary, so the last epoch's backup is intact and the run resumes from it;
+  `Interrupted` at the next batch boundary, so the last epoch's backup is intact and the run
+  resumes from it;
 - elsewhere (decoding, evaluation, logging) nothing is half-written by stopping, so the handler
   raises `Interrupted` at once;
 - a second signal always raises at once.
