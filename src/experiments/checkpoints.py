@@ -15,23 +15,17 @@ in the same folder and renamed into place.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from experiments.errors import ExperimentError
+from experiments.files import atomic_path, write_json
 
 # Where a run writes, and how it is resumed, are not what the run is.
 NOT_IDENTITY = ("paths", "hydra", "tracking", "resume", "sweeper_trial")
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def run_identity(cfg) -> str:
@@ -41,37 +35,6 @@ def run_identity(cfg) -> str:
         container.pop(key, None)
     text = json.dumps(container, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
-    """A temporary path beside `path`, renamed onto it when the block ends without error.
-
-    A disk-full error becomes one ExperimentError naming `path`, and leaves no partial file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent
-    )
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except OSError as err:
-        if err.errno in DISK_FULL:
-            raise ExperimentError(
-                f"no space left writing {path} ({os.strerror(err.errno)}); free space there "
-                f"or point paths.* elsewhere, then run the same command again"
-            ) from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path: Path, data) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data))
 
 
 class RunCheckpoints:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from experiments.augmentation import build_augmentation
 from experiments.backbones import unfreeze_top_blocks
 from experiments.checkpoints import RunCheckpoints
 from experiments.errors import ExperimentError
+from experiments.files import atomic_path, read_cache
 from experiments.heads import build_head, loss_for
 from experiments.tasks import SPLITS, Task
 
@@ -258,10 +258,10 @@ def extract_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
         / "features"
         / f"{ctx.cfg.backbone.name}-{feature_key(ctx)}.npz"
     )
-    if path.is_file():
-        with np.load(path) as z:
-            log.info("features reused from %s", path)
-            return {s: z[s] for s in SPLITS}, "hit"
+    cached = read_cache(path, _read_features)
+    if cached is not None:
+        log.info("features reused from %s", path)
+        return cached, "hit"
     inputs = keras.Input(ctx.task.image_shape)
     extractor = keras.Model(inputs, ctx.base(ctx.preprocess(inputs), training=False))
     batch = max(int(ctx.cfg.trainer.batch_size), 64)
@@ -271,9 +271,12 @@ def extract_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
         features[s] = extractor.predict(
             _dataset(images, np.zeros(len(images)), batch, ctx, shuffle=False), verbose=0
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **features)
-    os.replace(tmp, path)  # atomic: a concurrent sweep job never reads half a file
+    with atomic_path(path) as tmp:  # a concurrent sweep job never reads half a file
+        np.savez(tmp, **features)
     log.info("features extracted to %s", path)
     return features, "miss"
+
+
+def _read_features(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {s: z[s] for s in SPLITS}

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments.errors import ExperimentError
+from experiments.files import atomic_path, read_cache
 
 log = logging.getLogger(__name__)
 
@@ -374,16 +375,11 @@ def _cached(paths, key, decode: Callable[[], Task]) -> Task:
     """The decoded task from paths.cache_dir/images, decoding and storing it on a miss."""
     digest = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:20]
     path = Path(paths.cache_dir) / "images" / f"{digest}.npz"
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            splits = {
-                s: Split(z[f"{s}_images"], z[f"{s}_labels"], meta["sources"][s]) for s in SPLITS
-            }
+    cached = read_cache(path, _read_task)
+    if cached is not None:
         log.info("decoded images reused from %s", path)
-        return Task(meta["name"], meta["class_names"], splits, meta["skipped"])
+        return cached
     task = decode()
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "name": task.name,
         "class_names": task.class_names,
@@ -392,10 +388,16 @@ def _cached(paths, key, decode: Callable[[], Task]) -> Task:
     }
     arrays = {f"{s}_images": task.splits[s].images for s in SPLITS}
     arrays |= {f"{s}_labels": task.splits[s].labels for s in SPLITS}
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, meta=json.dumps(meta), **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a concurrent job never reads half a file
+        np.savez(tmp, meta=json.dumps(meta), **arrays)
     return task
+
+
+def _read_task(path: Path) -> Task:
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+        splits = {s: Split(z[f"{s}_images"], z[f"{s}_labels"], meta["sources"][s]) for s in SPLITS}
+    return Task(meta["name"], meta["class_names"], splits, meta["skipped"])
 
 
 def _relative(path: Path, root: Path) -> str:

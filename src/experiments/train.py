@@ -237,7 +237,7 @@ def run_cli(task_function, cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from experiments.checkpoints import DISK_FULL
+    from experiments.files import DISK_FULL
     from experiments.interrupts import Interrupted
 
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

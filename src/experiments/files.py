@@ -1,0 +1,81 @@
+"""Files a reader can trust: atomic writes, disk-full errors in one line, caches that heal."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+from experiments.errors import ExperimentError
+
+log = logging.getLogger(__name__)
+
+# A full disk, a quota, or a file-size limit: the user frees space, then resumes.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# What reading a truncated or overwritten .npz / .h5 / .json raises.
+CORRUPT = (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError)
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside `path`, renamed onto it when the block ends without error.
+
+    A disk-full error becomes one ExperimentError naming `path`, and leaves no partial file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent
+    )
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise ExperimentError(
+                f"no space left writing {path} ({os.strerror(err.errno)}); free space there "
+                f"or point paths.* elsewhere, then run the same command again"
+            ) from None
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data))
+
+
+def read_cache(path: Path, read: Callable[[Path], T]) -> T | None:
+    """`read(path)`, or None when the file is missing or corrupt.
+
+    A corrupt or partial file (a crash from before writes were atomic, a copy cut short, a bad
+    disk) would fail every later run the same way: it is moved aside with one warning that names
+    it, and the caller rebuilds it.
+    """
+    if not path.is_file():
+        return None
+    try:
+        return read(path)
+    except CORRUPT as err:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        log.warning(
+            "cache file %s is corrupt or partial (%s: %s); moved it aside to %s and rebuilding it",
+            path,
+            type(err).__name__,
+            str(err).splitlines()[0][:200] if str(err) else "",
+            aside,
+        )
+        return None
