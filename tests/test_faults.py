@@ -239,3 +239,154 @@ def test_a_full_disk_ends_the_run_failed_in_one_line_and_leaves_no_partial_file(
     (resumed,) = runs_of(tmp_path, "folder")
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
     assert steps(tmp_path, run.info.run_id) == list(range(EPOCHS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweeps: the same command completes a killed sweep, with exactly its trials.
+
+
+def sweep_command(root: Path, folder: Path, *extra: str) -> list[str]:
+    overrides = [o for o in tiny_overrides(root, folder) if not o.startswith("trainer.epochs")]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "-m",
+        *overrides,
+        "trainer.epochs=12",
+        "tracking.log_model=false",
+        *extra,
+    ]
+
+
+SEARCH = ["hparams_search=lr_head", "hydra.sweeper.pruner=null", "hydra.sweeper.n_trials=3"]
+
+
+def start_sweep(root: Path, folder: Path, *extra: str) -> subprocess.Popen:
+    log = open(root / f"sweep-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 - closed with it
+    return subprocess.Popen(
+        sweep_command(root, folder, *extra), stdout=log, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finished_runs(root: Path) -> set[str]:
+    """Ids of the FINISHED training runs (not sweep parents) in the store under `root`."""
+    import sqlite3
+
+    database = root / "mlruns" / "mlflow.db"
+    if not database.is_file():
+        return set()
+    try:
+        with sqlite3.connect(database) as db:
+            query = "select run_uuid from runs r where status = 'FINISHED' and not exists "
+            query += "(select 1 from tags t where t.run_uuid = r.run_uuid and t.key = 'sweep')"
+            return {row[0] for row in db.execute(query)}
+    except sqlite3.Error:
+        return set()
+
+
+def epochs_of_unfinished(root: Path) -> int:
+    """Epochs backed up by a run that has not finished (a finished run's folder may linger)."""
+    done = finished_runs(root)
+    return max(
+        (
+            len(json.loads(p.read_text()))
+            for p in (root / "checkpoints").glob("*/history.json")
+            if p.parent.name not in done
+        ),
+        default=0,
+    )
+
+
+def journal_study(root: Path):
+    import optuna
+
+    from hydra_plugins.experiments_sweeper.optuna_sweeper import open_storage
+
+    (journal,) = (root / "multirun").glob("*/optuna.journal")
+    (summary,) = optuna.get_all_study_summaries(open_storage(f"journal:{journal}"))
+    return optuna.load_study(
+        study_name=summary.study_name, storage=open_storage(f"journal:{journal}")
+    )
+
+
+def assert_study_completed(root: Path, n_trials: int):
+    """Exactly `n_trials` counted trials, all COMPLETE; nothing RUNNING in Optuna or MLflow."""
+    from hydra_plugins.experiments_sweeper.optuna_sweeper import retried_numbers
+
+    study = journal_study(root)
+    retried = retried_numbers(study.trials)
+    counted = [
+        t for t in study.trials if t.number not in retried and not t.user_attrs.get("surplus")
+    ]
+    assert [t.state.name for t in counted] == ["COMPLETE"] * n_trials
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    runs = runs_of(root, "folder")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    return study, retried, runs
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_killed_sweep_completes_with_exactly_its_trials(processes, tmp_path, image_folder):
+    first = start_sweep(tmp_path, image_folder, *SEARCH)
+    others = [start_sweep(tmp_path, image_folder, *SEARCH) for _ in range(processes - 1)]
+    wait_until(lambda: saved_epochs(tmp_path) >= 3, first)
+    killed_trial_runs = {p.parent.name for p in (tmp_path / "checkpoints").glob("*/history.json")}
+    first.kill()
+    first.communicate(timeout=60)
+    for other in others:  # the survivor takes the dead process's trial over
+        _, stderr = other.communicate(timeout=900)
+        assert other.returncode == 0, stderr[-3000:]
+    if processes == 1:  # the same command completes it
+        again = subprocess.run(
+            sweep_command(tmp_path, image_folder, *SEARCH),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert again.returncode == 0, again.stderr[-3000:]
+
+    study, retried, runs = assert_study_completed(tmp_path, 3)
+    assert len(retried) >= 1  # the interrupted trial ran again with its params...
+    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") in retried][:1]
+    original = next(t for t in study.trials if t.number == retry.system_attrs["failed_trial"])
+    assert retry.params == original.params
+    # ...and resumed its run from the checkpoint, not from scratch.
+    resumed = [
+        r for r in runs if r.data.tags.get("resumed") == "true" and r.data.tags.get("identity")
+    ]
+    assert {r.info.run_id for r in resumed} & killed_trial_runs
+    trials = [r for r in runs if r.data.tags.get("identity")]
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+
+
+def test_an_interrupted_grid_is_completed_by_the_same_command(tmp_path, image_folder):
+    grid = ("trainer.seed=1,2,3",)
+    process = start_sweep(tmp_path, image_folder, *grid)
+    wait_until(
+        lambda: len(finished_runs(tmp_path)) == 1 and epochs_of_unfinished(tmp_path) >= 2, process
+    )
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert len([x for x in stderr.splitlines() if x.startswith("interrupted by SIGTERM")]) == 1
+    first_run = [r for r in runs_of(tmp_path, "folder") if r.info.status == "FINISHED"]
+
+    again = subprocess.run(
+        sweep_command(tmp_path, image_folder, *grid), capture_output=True, text=True, timeout=900
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    runs = runs_of(tmp_path, "folder")
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("identity")]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # continued, not a second
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.params["trainer.seed"] for r in children} == {"1", "2", "3"}
+    assert first_run[0].info.run_id in {r.info.run_id for r in children}  # skipped, not rerun
+    assert "already finished in this sweep" in again.stdout
+    (resumed,) = [r for r in children if r.data.tags.get("resumed") == "true"]
+    assert resumed.data.params["trainer.seed"] == "2"
+    assert [
+        m.step for m in client_for(tmp_path).get_metric_history(resumed.info.run_id, "loss")
+    ] == list(range(12))

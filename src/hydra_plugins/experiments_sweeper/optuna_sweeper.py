@@ -6,6 +6,7 @@ passes each job the storage, the study name and the trial number (`sweeper_trial
 reports its epochs to that trial through the storage (experiments.sweep).
 """
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -51,6 +52,11 @@ class OptunaSweeperConf:
     # Trials launched together through the launcher (parallel with hydra-joblib-launcher).
     n_jobs: int = 1
     max_failure_rate: float = 0.5
+    # RDB storages: a trial whose process stops beating this long is failed and run again by
+    # another process (Optuna's heartbeat). The journal file has none: a trial whose process on
+    # this host is gone is taken over instead.
+    heartbeat_interval: int = 60
+    grace_period: Any = None  # null: 2 x heartbeat_interval
     params: Dict[str, str] = field(default_factory=dict)  # noqa: UP006
 
 
@@ -88,14 +94,95 @@ def as_override_text(value: Any) -> Any:
     return value
 
 
-def open_storage(url: str):
-    """An Optuna storage from a URL, or from `journal:<path>` for a journal file."""
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period=None):
+    """An Optuna storage from a URL, or from `journal:<path>` for a journal file.
+
+    With `heartbeat_interval`, an RDB storage fails the trials of processes that stopped
+    beating and queues each again with the same params (Optuna's retry callback).
+    """
+    import optuna
+
     if url.startswith(JOURNAL_PREFIX):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(url[len(JOURNAL_PREFIX) :]))
-    return url
+    if heartbeat_interval is None:
+        return url
+    return optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=int(heartbeat_interval),
+        grace_period=int(grace_period) if grace_period else None,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+    )
+
+
+def owner_attrs() -> dict[str, Any]:
+    """Which process on which host runs a trial: its trial is taken over once it is gone."""
+    import socket
+
+    import psutil
+
+    return {
+        "owner_host": socket.gethostname(),
+        "owner_pid": os.getpid(),
+        "owner_started": round(psutil.Process().create_time(), 2),
+    }
+
+
+def owner_alive(attrs: dict[str, Any]) -> bool:
+    """False when the trial's owner ran on this host and is gone (a reused pid is not it)."""
+    import socket
+
+    import psutil
+
+    if attrs.get("owner_host") != socket.gethostname() or "owner_pid" not in attrs:
+        return True  # another host's process: only a heartbeat (RDB) can tell
+    try:
+        started = psutil.Process(int(attrs["owner_pid"])).create_time()
+    except psutil.Error:
+        return False
+    return abs(started - float(attrs.get("owner_started", started))) < 1.0
+
+
+def retried_numbers(trials) -> set[int]:
+    """Numbers of the trials that were failed as stale and queued again with the same params:
+    they do not count toward n_trials, their retry does."""
+    return {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
+
+
+def take_over_stale_trials(study) -> list[int]:
+    """Fail the RUNNING trials whose process is gone and queue each again with its params.
+
+    RDB storages ask Optuna's heartbeat; the journal file has none, so a trial whose owner ran
+    on this host and no longer exists is failed the same way, through the same retry callback.
+    The retry runs the same config, so its job resumes the interrupted run's checkpoint.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    optuna.storages.fail_stale_trials(study)
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("surplus") or owner_alive(trial.user_attrs):
+            continue
+        # The storage's own call, not study.tell(): it raises when another process failed the
+        # trial first, so exactly one process queues its retry.
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        retry(study, trial)
+    after = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    taken = sorted(t.number for t in after if t.number not in before)
+    if taken:
+        log.warning(
+            "trial(s) %s were left RUNNING by processes that are gone: each runs again with the "
+            "same params and resumes from its checkpoint",
+            taken,
+        )
+    return taken
 
 
 class OptunaSweeper(Sweeper):
@@ -125,9 +212,10 @@ class OptunaSweeper(Sweeper):
         storage_url = settings.storage or f"{JOURNAL_PREFIX}{sweep_dir / 'optuna.journal'}"
         metric = str(self.config.get("optimized_metric", "val_accuracy"))
         direction = settings.direction or ("minimize" if "loss" in metric else "maximize")
+        storage = open_storage(storage_url, settings.heartbeat_interval, settings.grace_period)
         study = optuna.create_study(
             study_name=settings.study_name,
-            storage=open_storage(storage_url),
+            storage=storage,
             sampler=instantiate(settings.sampler) if settings.sampler else None,
             pruner=instantiate(settings.pruner) if settings.pruner else optuna.pruners.NopPruner(),
             direction=direction,
@@ -145,6 +233,7 @@ class OptunaSweeper(Sweeper):
         )
         job_index = 0
         while True:
+            take_over_stale_trials(study)
             trials = self._ask(study, distributions, int(settings.n_jobs))
             if not trials:
                 break
@@ -158,7 +247,8 @@ class OptunaSweeper(Sweeper):
                 ]
                 for trial in trials
             ]
-            returns = self.launcher.launch(overrides, initial_job_idx=job_index)
+            with heartbeats(storage, trials):
+                returns = self.launcher.launch(overrides, initial_job_idx=job_index)
             job_index += len(returns)
             for trial, ret in zip(trials, returns, strict=True):
                 self._tell(study, trial, ret)
@@ -209,8 +299,11 @@ class OptunaSweeper(Sweeper):
 
     @staticmethod
     def _counted(study) -> int:
-        """Trials that count toward n_trials: all but surplus asks lost to another process."""
-        return sum(1 for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("surplus"))
+        """Trials that count toward n_trials: all but surplus asks lost to another process and
+        stale trials that run again as a retry."""
+        trials = study.get_trials(deepcopy=False)
+        retried = retried_numbers(trials)
+        return sum(1 for t in trials if not t.user_attrs.get("surplus") and t.number not in retried)
 
     def _ask(self, study, distributions, how_many: int) -> list:
         """Up to `how_many` new trials, never more than n_trials in the whole study."""
@@ -222,10 +315,16 @@ class OptunaSweeper(Sweeper):
             if self._counted(study) >= self.settings.n_trials:
                 break
             trial = study.ask(fixed_distributions=distributions)
+            for key, value in owner_attrs().items():
+                trial.set_user_attr(key, value)
+            trials = study.get_trials(deepcopy=False)
+            retried = retried_numbers(trials)
             earlier = [
                 t
-                for t in study.get_trials(deepcopy=False)
-                if t.number < trial.number and not t.user_attrs.get("surplus")
+                for t in trials
+                if t.number < trial.number
+                and not t.user_attrs.get("surplus")
+                and t.number not in retried
             ]
             running = [
                 t.params
@@ -287,8 +386,11 @@ class OptunaSweeper(Sweeper):
         frame = study.trials_dataframe(
             attrs=("number", "state", "value", "duration", "params", "user_attrs")
         )
+        # Stale trials run again as a retry: the retry's row is the trial's.
+        frame = frame[~frame["number"].isin(retried_numbers(study.trials))]
         if "user_attrs_surplus" in frame:  # asks discarded as duplicates never ran
             frame = frame[frame["user_attrs_surplus"].isna()].drop(columns="user_attrs_surplus")
+        frame = frame.drop(columns=[c for c in frame if c.startswith("user_attrs_owner_")])
         frame.to_csv(sweep_dir / "trials.csv", index=False)
         results = {"name": "optuna", "metric": metric}
         if complete:
@@ -296,6 +398,38 @@ class OptunaSweeper(Sweeper):
             log.info("best %s %.4f with %s", metric, study.best_value, study.best_params)
         OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
         log_study_to_parent(study, sweep_dir, results)
+
+
+@contextlib.contextmanager
+def heartbeats(storage, trials):
+    """Record Optuna heartbeats for `trials` while their jobs run (RDB storages only).
+
+    Not Optuna's own heartbeat thread: that one is private and serves `study.optimize`, where
+    the trial runs in the same process; here the launcher runs the jobs.
+    """
+    import threading
+
+    import optuna
+
+    if not isinstance(storage, optuna.storages.RDBStorage) or not storage.get_heartbeat_interval():
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for trial in trials:
+                storage.record_heartbeat(trial._trial_id)
+            if stop.wait(storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def tag_child_run(number: int, state: str) -> None:
