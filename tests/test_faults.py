@@ -390,3 +390,84 @@ def test_an_interrupted_grid_is_completed_by_the_same_command(tmp_path, image_fo
     assert [
         m.step for m in client_for(tmp_path).get_metric_history(resumed.info.run_id, "loss")
     ] == list(range(12))
+
+
+# ---------------------------------------------------------------------------------------------
+# A tracking server that goes away does not cost the run.
+
+
+def server_runs(url: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(url)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("folder")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+def logged_epochs(client, run_id: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, "val_accuracy"))
+
+
+def test_a_server_down_at_start_is_one_line_within_15_s(tmp_path, image_folder):
+    from helpers import free_port
+
+    started = time.monotonic()
+    result = rerun(tmp_path, image_folder, f"tracking.uri=http://127.0.0.1:{free_port()}")
+    took = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "cannot reach the MLflow store" in line and "127.0.0.1" in line
+    assert took < 15, f"{took:.1f} s"
+    assert not (tmp_path / "cache").exists()  # stopped before loading any data
+
+
+@pytest.mark.parametrize("comes_back", ["during_training", "after_the_run"])
+def test_a_server_lost_mid_run_costs_nothing(comes_back, tmp_path, image_folder):
+    from helpers import MlflowServer
+
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        process = start(tmp_path, image_folder, f"tracking.uri={server.url}")
+        wait_until(lambda: saved_epochs(tmp_path) >= 2, process)
+        server.kill()
+        lost_at, lost_after = time.monotonic(), saved_epochs(tmp_path)
+        if comes_back == "during_training":
+            wait_until(lambda: saved_epochs(tmp_path) >= lost_after + 6, process)
+            server.start()
+        _, stderr = process.communicate(timeout=600)
+        ended = time.monotonic() - lost_at
+        assert process.returncode == 0, stderr[-3000:]  # training went on to the end
+        assert "Traceback" not in stderr
+        print(f"server lost after epoch {lost_after}; training ended {ended:.1f} s later")
+        outbox = tmp_path / "outbox"
+        if comes_back == "after_the_run":
+            assert list(outbox.glob("*/calls.jsonl"))  # kept on local disk
+            server.start()
+            sync = subprocess.run(
+                [sys.executable, "-m", "experiments.runs", "sync", f"paths.root_dir={tmp_path}"],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert sync.returncode == 0, sync.stderr[-2000:]
+            assert "records sent" in sync.stdout
+        assert not list(outbox.glob("*/calls.jsonl"))  # all sent
+
+        client, runs = server_runs(server.url)
+        (run,) = runs
+        assert run.info.status == "FINISHED"
+        assert logged_epochs(client, run.info.run_id) == list(range(EPOCHS))
+        assert {"test_accuracy", "peak_rss_mb", "model_size_mb"} <= set(run.data.metrics)
+        import mlflow
+        import numpy as np
+
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+        images = np.zeros((2, 32, 32, 3), np.uint8)
+        assert np.asarray(model.predict(images)).shape == (2, 3)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
+        assert "evaluation/confusion_matrix.png" in artifacts
+    finally:
+        server.stop()

@@ -80,6 +80,26 @@ def open_store(uri: str) -> None:
         raise ExperimentError(_unreachable_message(uri, err)) from None
 
 
+def check_reachable(tracking) -> None:
+    """A tracking server that does not answer stops the run now, in seconds, before any data is
+    loaded; a local store needs no check."""
+    import urllib.error
+    import urllib.request
+
+    uri = str(tracking.uri)
+    if uri.startswith(LOCAL_SCHEMES) or not uri.startswith(("http://", "https://")):
+        return
+    timeout = float(
+        os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+    )
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answers; a proxy may not route /health
+    except (OSError, ValueError) as err:
+        raise ExperimentError(_unreachable_message(uri, err)) from None
+
+
 def _point_at(uri: str) -> None:
     import mlflow
 

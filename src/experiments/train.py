@@ -35,6 +35,7 @@ def train(cfg: DictConfig) -> float:
     # Values, then data and weights: a bad value or a missing file stops the run before any
     # model or MLflow run exists.
     validate_config(cfg)
+    tracking.check_reachable(cfg.tracking)
     identity = run_identity(cfg)
     resume = str(cfg.get("resume", "auto"))
     if resume != "never" and (done := finished_job(cfg, identity)) is not None:
