@@ -471,3 +471,66 @@ def test_a_server_lost_mid_run_costs_nothing(comes_back, tmp_path, image_folder)
         assert "evaluation/confusion_matrix.png" in artifacts
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad values are refused before any expensive work: exit 2, one line, no traceback, no run.
+
+BAD_VALUES = [
+    ("optimizer.lr=-1", "optimizer.lr=-1"),
+    ("optimizer.lr=0", "optimizer.lr=0"),
+    ("optimizer.lr=abc", "is not a number"),
+    ("trainer.batch_size=0", "trainer.batch_size=0"),
+    ("trainer.batch_size=2.5", "is not an integer"),
+    ("trainer.epochs=0", "trainer.epochs=0"),
+    ("trainer.epochs=many", "is not an integer"),
+    ("trainer.class_weight=heavy", "trainer.class_weight=heavy"),
+    ("strategy=fine_tune strategy.unfreeze_blocks=99", "at most 5"),
+    ("strategy=fine_tune strategy.unfreeze_blocks=0", "strategy.unfreeze_blocks=0"),
+    ("strategy=fine_tune strategy.lr=-1e-5", "strategy.lr"),
+    ("head.pooling=bogus", "head.pooling='bogus' is unknown"),
+    ("head.units=[0]", "head.units=[0]"),
+    ("head.units=[big]", "positive integers"),
+    ("head.dropout=1.5", "head.dropout=1.5"),
+    ("backbone.weights=/etc/passwd", "not an HDF5 weights file"),
+    ("backbone.weights=/nonexistent/w.h5", "cannot be read"),
+    ("task.path=/nonexistent/images", "is not a directory"),
+    ("task.image_size=[4,4]", "task.image_size"),
+    ("task.split=[0.5,0.5,0.5]", "task.split"),
+    ("resume=sometimes", "resume=sometimes is unknown"),
+]
+
+
+@pytest.mark.parametrize(("override", "says"), BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_a_bad_value_is_refused_before_any_work(override, says, tmp_path, image_folder):
+    base = [
+        o
+        for o in tiny_overrides(tmp_path, image_folder)
+        if o.split("=")[0] not in {o2.split("=")[0] for o2 in override.split()}
+    ]
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.train", *base, *override.split()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    took = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and says in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "cache").exists()
+    assert took < 5, f"{took:.1f} s"
+
+
+def test_an_unset_task_path_is_refused_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "task=folder", f"paths.root_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "task.path must be set" in line

@@ -307,3 +307,62 @@ def test_processes_opening_one_new_store_together_all_succeed(tmp_path):
     results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
     assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
     assert len({out.strip().splitlines()[-1] for _, out, _ in results}) == 1  # one experiment
+
+
+@pytest.mark.slow
+def test_evaluate_runs_as_the_readme_writes_it(tmp_path):
+    """`python -m experiments.evaluate model=runs:/<id>/model split=test`: the task comes from
+    the source run and the image size from the model (48 px here, the digits file says 32)."""
+    overrides = [
+        f"paths.root_dir={tmp_path}",
+        "task=digits",
+        "task.image_size=[48,48]",
+        "backbone=vgg16",
+        "backbone.weights=null",
+        "strategy=two_stage",
+        "augmentation=none",
+        "head.units=[32]",
+        "trainer.epochs=2",
+        "trainer.batch_size=64",
+    ]
+    train(compose_config(overrides))
+    (run,) = runs_of(tmp_path, "digits")
+    for extra in ([], ["task=digits"]):
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "experiments.evaluate",
+                f"model=runs:/{run.info.run_id}/model",
+                "split=test",
+                f"paths.root_dir={tmp_path}",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+    evaluations = runs_of(tmp_path, "digits", "tags.run_type = 'evaluate'")
+    assert len(evaluations) == 2
+    for evaluation in evaluations:
+        assert evaluation.data.tags["source_run_id"] == run.info.run_id
+        assert evaluation.data.metrics["test_accuracy"] == pytest.approx(
+            run.data.metrics["test_accuracy"]
+        )
+
+
+def test_artifacts_follow_an_sqlite_store_elsewhere(make_config, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    train(make_config(f"tracking.uri=sqlite:///{elsewhere}/mlflow.db", "trainer.epochs=1"))
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{elsewhere}/mlflow.db")
+    (run,) = MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("folder").experiment_id]
+    )
+    assert run.info.artifact_uri.startswith((elsewhere / "artifacts").as_uri())
+    assert any((elsewhere / "artifacts").rglob("MLmodel"))  # the model, beside its store
+    assert not (tmp_path / "mlruns").exists()
+    assert not list((tmp_path / "outputs").rglob("*.keras"))  # and stored once
