@@ -5,10 +5,10 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format ui compare benchmark clean
+.PHONY: help install train test test-fast lint format ui compare benchmark runs clean clean-records
 
 help: ## List the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,5 +46,11 @@ compare: ## Print and save the comparison table of an experiment: EXP=flowers
 benchmark: ## Memory and time of a 20-trial quickstart sweep in one process; ARGS="..." adds options
 	$(BIN)/python -m experiments.benchmark $(ARGS)
 
-clean: ## Remove outputs, caches and the local MLflow store
-	rm -rf outputs multirun cache mlruns reports .pytest_cache
+runs: ## List unfinished runs and the commands that resume them
+	$(BIN)/python -m experiments.runs
+
+clean: ## Remove outputs and caches (rebuilt on demand); keeps runs, studies and checkpoints
+	rm -rf outputs cache reports .pytest_cache
+
+clean-records: ## Delete every record: the MLflow store, Optuna studies, checkpoints and the outbox
+	rm -rf mlruns multirun checkpoints outbox
