@@ -534,3 +534,25 @@ def test_an_unset_task_path_is_refused_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert "task.path must be set" in line
+
+
+def test_fine_tune_resumes_in_its_second_phase(tmp_path, image_folder):
+    extra = ("strategy=fine_tune", "trainer.epochs=3", "strategy.epochs=20")
+    process = start(tmp_path, image_folder, *extra)
+    wait_until(lambda: saved_epochs(tmp_path) >= 6, process)  # 3 in the second phase
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    (run,) = runs_of(tmp_path, "folder")
+    assert run.info.status == "KILLED"
+    assert (tmp_path / "checkpoints" / run.info.run_id / "head.done.weights.h5").is_file()
+
+    again = rerun(tmp_path, image_folder, *extra)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "phase head already trained" in again.stdout  # the first phase is not run again
+    assert "Epoch 1/3" not in again.stdout
+    (resumed,) = runs_of(tmp_path, "folder")
+    assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert steps(tmp_path, run.info.run_id) == list(range(23))
+    rates = client_for(tmp_path).get_metric_history(run.info.run_id, "learning_rate")
+    assert all(m.value == pytest.approx(1e-5) for m in rates if m.step >= 3)
+    assert all(m.value == pytest.approx(3e-3) for m in rates if m.step < 3)

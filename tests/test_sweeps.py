@@ -250,3 +250,34 @@ def test_joblib_launcher_runs_trials_in_parallel_processes(tmp_path, image_folde
     for first, second in ((0, 1), (2, 3)):  # each batch of n_jobs trials ran at the same time
         a, b = by_trial[first], by_trial[second]
         assert max(a.start_time, b.start_time) < min(a.end_time, b.end_time)
+
+
+def test_a_trial_whose_heartbeat_stopped_is_failed_and_queued_again(tmp_path):
+    """RDB storages: a trial of a process on another host that stopped beating is taken over."""
+    import optuna
+
+    from hydra_plugins.experiments_sweeper.optuna_sweeper import (
+        open_storage,
+        retried_numbers,
+        take_over_stale_trials,
+    )
+
+    storage = open_storage(f"sqlite:///{tmp_path}/optuna.db", heartbeat_interval=1, grace_period=2)
+    study = optuna.create_study(study_name="hb", storage=storage)
+    distributions = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    lost = study.ask(distributions)
+    lost.set_user_attr("owner_host", "another-host")  # its pid means nothing here
+    storage.record_heartbeat(lost._trial_id)
+    alive = study.ask(distributions)
+    alive.set_user_attr("owner_host", "another-host")
+    assert take_over_stale_trials(study) == []  # both still beat
+    import time
+
+    time.sleep(3)
+    storage.record_heartbeat(alive._trial_id)
+    assert take_over_stale_trials(study) == [lost.number]
+    trials = study.get_trials(deepcopy=False)
+    assert retried_numbers(trials) == {lost.number}
+    (retry,) = [t for t in trials if t.state.name == "WAITING"]
+    assert retry.params == lost.params
+    assert [t.state.name for t in trials if t.number == alive.number] == ["RUNNING"]

@@ -109,3 +109,42 @@ def test_jobs_in_one_process_release_earlier_graphs(make_config):
     train(make_config("head.units=[16]", "tracking.log_model=false"))
     train(make_config("head.units=[8]", "tracking.log_model=false"))
     assert live_graphs() == after_one
+
+
+def test_a_backup_restores_the_optimizer_state_and_the_epoch(tmp_path):
+    """Keras' BackupAndRestore (our atomic subclass): a second fit resumes where the first
+    stopped, with the optimizer's step count and moments, not a fresh optimizer."""
+    import keras
+
+    from experiments.checkpoints import RunCheckpoints
+
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("float32")
+
+    def model():
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
+        m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+        return m
+
+    state = RunCheckpoints(tmp_path / "run")
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("killed after epoch 2")
+
+    first = model()
+    with pytest.raises(RuntimeError):
+        first.fit(
+            x, y, batch_size=8, epochs=5, verbose=0, callbacks=[state.backup("head", 0), Stop()]
+        )
+    assert state.completed_epochs() == 2
+    second = model()
+    history = second.fit(
+        x, y, batch_size=8, epochs=5, verbose=0, callbacks=[state.backup("head", 0)]
+    )
+    assert len(history.history["loss"]) == 3  # epochs 3-5 only
+    assert int(second.optimizer.iterations.numpy()) == 5 * 4  # 2 restored epochs + 3, 4 steps each
+    assert [r["epoch"] for r in state.records()] == [0, 1, 2, 3, 4]
+    assert not list((tmp_path / "run").rglob(".*"))  # no temporary file left behind

@@ -100,7 +100,12 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period=N
     With `heartbeat_interval`, an RDB storage fails the trials of processes that stopped
     beating and queues each again with the same params (Optuna's retry callback).
     """
+    import warnings
+
     import optuna
+
+    # Heartbeats and their retry callback have been "experimental" since Optuna 2.8 (2021).
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     if url.startswith(JOURNAL_PREFIX):
         from optuna.storages import JournalStorage
@@ -154,23 +159,27 @@ def retried_numbers(trials) -> set[int]:
 def take_over_stale_trials(study) -> list[int]:
     """Fail the RUNNING trials whose process is gone and queue each again with its params.
 
-    RDB storages ask Optuna's heartbeat; the journal file has none, so a trial whose owner ran
-    on this host and no longer exists is failed the same way, through the same retry callback.
+    RDB storages ask Optuna's heartbeat (a process on any host); for every storage, a trial whose
+    owner ran on this host and no longer exists is failed the same way, through the same retry
+    callback, at once (the journal file has no heartbeat).
     The retry runs the same config, so its job resumes the interrupted run's checkpoint.
     """
     import optuna
     from optuna.trial import TrialState
 
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+    # Any host's trial whose heartbeat stopped (RDB storages): failed, its retry queued.
     optuna.storages.fail_stale_trials(study)
+    # This host's trials whose process is gone: known now, without waiting for a grace period.
+    storage = study._storage  # Optuna's own handle: the call below has no Study-level form
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial.user_attrs.get("surplus") or owner_alive(trial.user_attrs):
             continue
-        # The storage's own call, not study.tell(): it raises when another process failed the
-        # trial first, so exactly one process queues its retry.
+        # Not study.tell(): this raises when another process failed the trial first, so
+        # exactly one process queues its retry.
         try:
-            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         retry(study, trial)
