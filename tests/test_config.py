@@ -127,6 +127,7 @@ def test_reference_rotation_is_a_fraction_of_a_turn(tmp_path):
 def test_reference_architectures_match_the_write_up(experiment, total, trainable, tmp_path):
     """The reference's parameter counts: VGG19 at 180x180, Flatten, 256-128-64 head."""
     from experiments.backbones import build_backbone
+    from experiments.checkpoints import RunCheckpoints
     from experiments.heads import build_head
     from experiments.strategies import Context, assemble
 
@@ -140,7 +141,7 @@ def test_reference_architectures_match_the_write_up(experiment, total, trainable
         image_shape = (180, 180, 3)
         num_classes = classes
 
-    ctx = Context(cfg, FakeTask(), base, preprocess, tmp_path, "random")
+    ctx = Context(cfg, FakeTask(), base, preprocess, tmp_path, "random", RunCheckpoints(tmp_path))
     model = assemble(ctx, build_head(cfg.head, base.output.shape[1:], classes))
     assert model.count_params() == total
     assert sum(int(np.prod(w.shape)) for w in model.trainable_weights) == trainable

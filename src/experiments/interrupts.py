@@ -7,9 +7,11 @@ half-way through writing a checkpoint. Both are handled here instead:
 - inside `model.fit` the handler only sets a flag, and `callbacks.StopOnSignal` raises
   `Interrupted` at the next batch boundary, so the last epoch's backup is intact and the run
   resumes from it;
-- elsewhere (decoding, evaluation, logging) nothing is half-written by stopping, so the handler
-  raises `Interrupted` at once;
-- a second signal always raises at once.
+- inside a call to the MLflow store or the Optuna storage the signal waits for the call to end
+  (milliseconds): an exception in the middle of an sqlite write leaves its transaction open and
+  the store locked, and the run could not be closed;
+- elsewhere (decoding, building, evaluation) nothing is half-written by stopping (cache files
+  are renamed into place when complete), so the handler raises `Interrupted` at once.
 
 The entry point turns `Interrupted` into one line and exit status 128 + signal (130, 143).
 """
@@ -17,9 +19,10 @@ The entry point turns `Interrupted` into one line and exit status 128 + signal (
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
@@ -45,8 +48,8 @@ _state = {"pending": None, "deferring": 0, "received": None}
 
 def _handle(signum, frame) -> None:
     _state["received"] = signum
-    if _state["deferring"] and _state["pending"] is None:
-        _state["pending"] = signum  # StopOnSignal raises it at the next batch boundary
+    if _state["deferring"]:
+        _state["pending"] = signum  # raised where it is safe: see deferred()
         return
     raise Interrupted(signum)
 
@@ -71,14 +74,28 @@ def received() -> int | None:
 
 
 @contextlib.contextmanager
-def deferred() -> Iterator[None]:
-    """Signals wait for `raise_if_pending` (at fit's batch ends) inside this block."""
+def deferred(hold: bool = False) -> Iterator[None]:
+    """Signals inside this block wait for its end (or for `raise_if_pending`, at fit's batch
+    ends). Blocks nest: a signal is raised when the outermost one ends, unless `hold` keeps it
+    pending for the caller's next `raise_if_pending`."""
     _state["deferring"] += 1
     try:
         yield
     finally:
         _state["deferring"] -= 1
-    raise_if_pending()  # a signal that came after the last batch
+    if not _state["deferring"] and not hold:
+        raise_if_pending()
+
+
+def uninterrupted(function: Callable) -> Callable:
+    """Run `function` inside `deferred()`: for calls that write to a store."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with deferred():
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 def raise_if_pending() -> None:

@@ -26,6 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.errors import ExperimentError
+from experiments.interrupts import deferred, raise_if_pending, uninterrupted
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ HTTP_DEFAULTS = {
 RETRY_AFTER_S = 10.0
 
 
+@uninterrupted
 def set_tracking(tracking) -> str:
     """Point MLflow at `tracking.uri` and return the id of `tracking.experiment`, creating it."""
     from mlflow.tracking import MlflowClient
@@ -68,6 +70,7 @@ def set_tracking(tracking) -> str:
     return experiment_id
 
 
+@uninterrupted
 def open_store(uri: str) -> None:
     """Point MLflow at `uri` and close the runs that dead processes left RUNNING there."""
     from mlflow.exceptions import MlflowException
@@ -181,50 +184,65 @@ def start_run(
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    experiment_id = set_tracking(tracking)
-    parent = os.environ.get(PARENT_RUN_ENV) or None
-    if parent:  # children live in their parent's experiment, or the UI cannot nest them
-        experiment_id = MlflowClient().get_run(parent).info.experiment_id
-    resumed = resumable_run(experiment_id, identity, resume) if identity else None
-    tags = tags | process_tags() | ({"identity": identity} if identity else {})
-    if sweep := os.environ.get(SWEEP_IDENTITY_ENV):
-        tags["sweep_identity"] = sweep
-    if resumed:
-        run = mlflow.start_run(run_id=resumed)
-        MlflowClient().log_batch(resumed, tags=_run_tags(tags | {"resumed": "true"}))
-        log.info("resuming run %s (resume=%s)", resumed, resume)
-    else:
-        run = mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name, parent_run_id=parent, tags=tags
+    # A signal while the run is opened or closed waits for it (see experiments.interrupts).
+    with deferred(hold=True):
+        experiment_id = set_tracking(tracking)
+        parent = os.environ.get(PARENT_RUN_ENV) or None
+        if parent:  # children live in their parent's experiment, or the UI cannot nest them
+            experiment_id = MlflowClient().get_run(parent).info.experiment_id
+        resumed = resumable_run(experiment_id, identity, resume) if identity else None
+        tags = tags | process_tags() | ({"identity": identity} if identity else {})
+        if sweep := os.environ.get(SWEEP_IDENTITY_ENV):
+            tags["sweep_identity"] = sweep
+        if resumed:
+            run = mlflow.start_run(run_id=resumed)
+            MlflowClient().log_batch(resumed, tags=_run_tags(tags | {"resumed": "true"}))
+            log.info("resuming run %s (resume=%s)", resumed, resume)
+        else:
+            run = mlflow.start_run(
+                experiment_id=experiment_id, run_name=run_name, parent_run_id=parent, tags=tags
+            )
+        active = ActiveRun(
+            run.info.run_id,
+            bool(resumed),
+            Outbox(Path(str(tracking.outbox_dir)), run.info.run_id, str(tracking.uri)),
         )
-    active = ActiveRun(
-        run.info.run_id,
-        bool(resumed),
-        Outbox(Path(str(tracking.outbox_dir)), run.info.run_id, str(tracking.uri)),
-    )
-    _active["run"] = active
+        _active["run"] = active
     try:
+        raise_if_pending()
         yield active
     except BaseException as err:
-        log_memory()
-        name = type(err).__name__
-        if name == "TrialPruned":
-            set_tags({"pruned": "true"})
-            _end_run("FINISHED")
-        elif name in ("Interrupted", "KeyboardInterrupt"):
-            set_tags({"stopped_by": getattr(err, "name", "SIGINT")})
-            _end_run("KILLED")
-        else:
-            set_tags({"error": f"{name}: {err}"[:MAX_PARAM_CHARS]})
-            _end_run("FAILED")
+        with deferred(hold=True):
+            log_memory()
+            name = type(err).__name__
+            if name == "TrialPruned":
+                set_tags({"pruned": "true"})
+                _end_run("FINISHED")
+            elif name in ("Interrupted", "KeyboardInterrupt"):
+                set_tags({"stopped_by": getattr(err, "name", "SIGINT")})
+                _end_run("KILLED")
+            else:
+                set_tags({"error": f"{name}: {err}"[:MAX_PARAM_CHARS]})
+                _end_run("FAILED")
         raise
     else:
-        log_memory()
-        _end_run("FINISHED")
+        with deferred():  # a signal now ends the process after the run is FINISHED
+            log_memory()
+            _end_run("FINISHED")
     finally:
         _active.pop("run", None)
         _active["last"] = active
         active.outbox.report()
+
+
+def run_status(run_id: str) -> str | None:
+    """The status of a run, or None when the store cannot tell."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient().get_run(run_id).info.status
+    except Exception:  # a lost server: the caller says what it knows without it
+        return None
 
 
 def last_run_id() -> str | None:
@@ -283,6 +301,7 @@ def log_memory() -> None:
     log_metrics(memory_metrics(), step=active.last_step if active else None)
 
 
+@uninterrupted
 def backfill_metrics(records: list[dict]) -> int:
     """Log the epochs of `records` that the active run lacks (a kill between the epoch's backup
     and its logging); the number of epochs logged."""
@@ -332,6 +351,7 @@ def _process_alive(tags: dict[str, str]) -> bool:
         return False
 
 
+@uninterrupted
 def close_stale_runs(client) -> list[str]:
     """Close as KILLED every run left RUNNING on this host by a process that no longer exists."""
     host = socket.gethostname()
@@ -480,6 +500,7 @@ class Outbox:
         self.down_since = time.monotonic()
         self.error = str(err).splitlines()[0][:200]
 
+    @uninterrupted
     def call(self, op: str, payload: dict, files: list[Path] | None = None) -> None:
         """Send one call now, or keep it (and copies of its files) for later."""
         if not self.remote:
@@ -566,6 +587,7 @@ def send(run_id: str, op: str, payload: dict, files: list) -> None:
         raise ValueError(f"unknown outbox call {op!r}")
 
 
+@uninterrupted
 def flush_outbox(folder: Path) -> int:
     """Send the calls kept in an outbox `folder` that were not sent yet; the number sent.
 
@@ -612,6 +634,7 @@ def flatten(node: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): str(node)[:MAX_PARAM_CHARS]}
 
 
+@uninterrupted
 def log_config(cfg: DictConfig, overrides: list[str]) -> None:
     """Every resolved config leaf as a param, plus the config and overrides as YAML artifacts."""
     import mlflow
@@ -686,6 +709,7 @@ def _git(root: str, *args: str) -> str:
     ).stdout
 
 
+@uninterrupted
 def log_task(task) -> None:
     """Data lineage: an MLflow dataset input per split, class names and counts per class."""
     import mlflow
@@ -715,6 +739,7 @@ def log_task(task) -> None:
     mlflow.log_metrics({f"n_{s}": sum(counts[s].values()) for s in SPLITS})
 
 
+@uninterrupted
 def log_model(model, image_shape, num_classes: int) -> None:
     """Log the Keras model with a uint8-image signature (no input example: mlflow#16183).
 
@@ -768,6 +793,7 @@ class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.run_id: str | None = None
 
+    @uninterrupted
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from mlflow.tracking import MlflowClient
 
@@ -815,6 +841,7 @@ class MlflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.close("FINISHED")
 
+    @uninterrupted
     def close(self, status: str | None) -> None:
         """End the parent run: `status`, or at exit KILLED after a signal and FAILED otherwise."""
         if self.run_id is None:

@@ -273,6 +273,8 @@ def resume_hint(cfg: DictConfig) -> str:
     run_id = tracking.last_run_id()
     if run_id is None:
         return "no run was started yet; run the same command again"
+    if tracking.run_status(run_id) == "FINISHED":
+        return f"run {run_id} had just FINISHED; nothing is lost"
     state = RunCheckpoints(Path(str(cfg.paths.checkpoint_dir)) / run_id)
     return (
         f"run {run_id} ended KILLED with {state.completed_epochs()} complete epoch(s) saved in "

@@ -22,6 +22,9 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+# A signal waits for a write to the study's storage to end (a journal line, an RDB transaction).
+from experiments.interrupts import uninterrupted
+
 log = logging.getLogger(__name__)
 
 JOURNAL_PREFIX = "journal:"
@@ -156,6 +159,7 @@ def retried_numbers(trials) -> set[int]:
     return {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
 
 
+@uninterrupted
 def take_over_stale_trials(study) -> list[int]:
     """Fail the RUNNING trials whose process is gone and queue each again with its params.
 
@@ -222,7 +226,7 @@ class OptunaSweeper(Sweeper):
         metric = str(self.config.get("optimized_metric", "val_accuracy"))
         direction = settings.direction or ("minimize" if "loss" in metric else "maximize")
         storage = open_storage(storage_url, settings.heartbeat_interval, settings.grace_period)
-        study = optuna.create_study(
+        study = uninterrupted(optuna.create_study)(
             study_name=settings.study_name,
             storage=storage,
             sampler=instantiate(settings.sampler) if settings.sampler else None,
@@ -314,6 +318,7 @@ class OptunaSweeper(Sweeper):
         retried = retried_numbers(trials)
         return sum(1 for t in trials if not t.user_attrs.get("surplus") and t.number not in retried)
 
+    @uninterrupted
     def _ask(self, study, distributions, how_many: int) -> list:
         """Up to `how_many` new trials, never more than n_trials in the whole study."""
         from optuna.trial import TrialState
@@ -356,6 +361,7 @@ class OptunaSweeper(Sweeper):
             asked.append(trial)
         return asked
 
+    @uninterrupted
     def _tell(self, study, trial, ret) -> None:
         import optuna
         from optuna.trial import TrialState
@@ -388,6 +394,7 @@ class OptunaSweeper(Sweeper):
                 f"failed jobs' logs under {self.config.hydra.sweep.dir}"
             )
 
+    @uninterrupted
     def _write_results(self, study, sweep_dir: Path, metric: str) -> None:
         from optuna.trial import TrialState
 
