@@ -21,7 +21,7 @@ from helpers import client_for, runs_of
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 30
+EPOCHS = 16
 
 
 def command(root: Path, folder: Path, *extra: str) -> list[str]:
@@ -537,7 +537,7 @@ def test_an_unset_task_path_is_refused_in_one_line(tmp_path):
 
 
 def test_fine_tune_resumes_in_its_second_phase(tmp_path, image_folder):
-    extra = ("strategy=fine_tune", "trainer.epochs=3", "strategy.epochs=20")
+    extra = ("strategy=fine_tune", "trainer.epochs=3", "strategy.epochs=12")
     process = start(tmp_path, image_folder, *extra)
     wait_until(lambda: saved_epochs(tmp_path) >= 6, process)  # 3 in the second phase
     process.send_signal(signal.SIGTERM)
@@ -552,7 +552,7 @@ def test_fine_tune_resumes_in_its_second_phase(tmp_path, image_folder):
     assert "Epoch 1/3" not in again.stdout
     (resumed,) = runs_of(tmp_path, "folder")
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
-    assert steps(tmp_path, run.info.run_id) == list(range(23))
+    assert steps(tmp_path, run.info.run_id) == list(range(15))
     rates = client_for(tmp_path).get_metric_history(run.info.run_id, "learning_rate")
     assert all(m.value == pytest.approx(1e-5) for m in rates if m.step >= 3)
     assert all(m.value == pytest.approx(3e-3) for m in rates if m.step < 3)
