@@ -235,6 +235,20 @@ def start_run(
         active.outbox.report()
 
 
+def recorded(run_id: str) -> set[str]:
+    """What a run already holds of its opening records: 'config' (the last of its params was
+    logged) and 'task' (its data lineage)."""
+    from mlflow.tracking import MlflowClient
+
+    data = MlflowClient().get_run(run_id).data
+    found = set()
+    if "config/overrides.yaml" in {a.path for a in MlflowClient().list_artifacts(run_id, "config")}:
+        found.add("config")
+    if "class_names" in data.tags:
+        found.add("task")
+    return found
+
+
 def run_status(run_id: str) -> str | None:
     """The status of a run, or None when the store cannot tell."""
     from mlflow.tracking import MlflowClient
@@ -735,8 +749,9 @@ def log_task(task) -> None:
         {"class_names": task.class_names, "counts": counts, "skipped_files": task.skipped},
         "data/classes.json",
     )
-    mlflow.set_tag("class_names", ", ".join(task.class_names)[:MAX_PARAM_CHARS])
     mlflow.log_metrics({f"n_{s}": sum(counts[s].values()) for s in SPLITS})
+    # Last: a run resumed after a kill finds this tag only if its lineage is whole.
+    mlflow.set_tag("class_names", ", ".join(task.class_names)[:MAX_PARAM_CHARS])
 
 
 @uninterrupted

@@ -62,8 +62,11 @@ def train(cfg: DictConfig) -> float:
             records = checkpoints.records()
             log.info("run %s continues after epoch %d", run.run_id, len(records))
             tracking.backfill_metrics(records)
-        else:
+        # A run killed while it was being opened may lack its config or data lineage.
+        recorded = tracking.recorded(run.run_id) if run.resumed else set()
+        if "config" not in recorded:
             tracking.log_config(cfg, task_overrides())
+        if "task" not in recorded:
             tracking.log_task(task)
         base, preprocess = build_backbone(cfg.backbone, task.image_shape, weights)
         ctx = Context(
