@@ -37,9 +37,11 @@ def test_memory_metrics_are_this_process():
     import numpy as np
 
     before = memory_metrics()
-    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MB, touched
+    # 256 MB, touched: the kernel's resident-memory counters are batched and can lag a few tens
+    # of MB behind in a process as large as this test session.
+    block = np.ones(256 * 2**20, dtype=np.uint8)
     after = memory_metrics()
-    assert after["rss_mb"] - before["rss_mb"] > 50
+    assert after["rss_mb"] - before["rss_mb"] > 128
     assert after["peak_rss_mb"] >= after["rss_mb"] - 1
     del block
 

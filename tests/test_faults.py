@@ -6,7 +6,6 @@ back what the MLflow store and the checkpoint folder kept, and runs the same com
 
 from __future__ import annotations
 
-import json
 import resource
 import signal
 import subprocess
@@ -39,10 +38,16 @@ def start(root: Path, folder: Path, *extra: str, **popen) -> subprocess.Popen:
     )
 
 
+def committed(run_dir: Path) -> int:
+    """Epochs a run's checkpoint folder has committed (see experiments.checkpoints)."""
+    from experiments.checkpoints import RunCheckpoints
+
+    return RunCheckpoints(run_dir).completed_epochs()
+
+
 def saved_epochs(root: Path) -> int:
     """Epochs backed up so far by the one run under `root`."""
-    histories = list((root / "checkpoints").glob("*/history.json"))
-    return max((len(json.loads(p.read_text())) for p in histories), default=0)
+    return max((committed(p) for p in (root / "checkpoints").glob("*")), default=0)
 
 
 def wait_until(condition, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -288,14 +293,8 @@ def finished_runs(root: Path) -> set[str]:
 def epochs_of_unfinished(root: Path) -> int:
     """Epochs backed up by a run that has not finished (a finished run's folder may linger)."""
     done = finished_runs(root)
-    return max(
-        (
-            len(json.loads(p.read_text()))
-            for p in (root / "checkpoints").glob("*/history.json")
-            if p.parent.name not in done
-        ),
-        default=0,
-    )
+    folders = [p for p in (root / "checkpoints").glob("*") if p.name not in done]
+    return max((committed(p) for p in folders), default=0)
 
 
 def journal_study(root: Path):
@@ -331,7 +330,7 @@ def test_a_killed_sweep_completes_with_exactly_its_trials(processes, tmp_path, i
     first = start_sweep(tmp_path, image_folder, *SEARCH)
     others = [start_sweep(tmp_path, image_folder, *SEARCH) for _ in range(processes - 1)]
     wait_until(lambda: saved_epochs(tmp_path) >= 3, first)
-    killed_trial_runs = {p.parent.name for p in (tmp_path / "checkpoints").glob("*/history.json")}
+    killed_trial_runs = {p.name for p in (tmp_path / "checkpoints").glob("*") if committed(p)}
     first.kill()
     first.communicate(timeout=60)
     for other in others:  # the survivor takes the dead process's trial over

@@ -3,8 +3,9 @@
 A run's state lives in `paths.checkpoint_dir/<mlflow run id>/` until the run ends FINISHED:
 
 - `backup/<phase>/`: Keras' `BackupAndRestore` (weights with the optimizer's state, and the next
-  epoch), written atomically at every epoch end;
-- `history.json`: every completed epoch's logs, so a resumed run returns whole curves;
+  epoch), written atomically at every epoch end; its metadata file also holds every completed
+  epoch's logs, so a resumed run returns whole curves, and it is written last, as the one commit
+  point of an epoch;
 - `best.weights.h5`: the best `trainer.monitor` epoch so far, across phases;
 - `<phase>.done.weights.h5`: the weights a finished phase handed on (fine-tune resumes in its
   second phase without repeating the first).
@@ -42,14 +43,19 @@ class RunCheckpoints:
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.history_path = self.root / "history.json"
         self.best_path = self.root / "best.weights.h5"
 
     def records(self) -> list[dict]:
-        """Every completed epoch's logs, oldest first."""
-        if not self.history_path.is_file():
-            return []
-        return json.loads(self.history_path.read_text())
+        """Every committed epoch's logs, oldest first (the latest phase's backup holds them all)."""
+        latest: list[dict] = []
+        for path in self.root.glob("backup/*/training_metadata.json"):
+            try:
+                history = json.loads(path.read_text()).get("history", [])
+            except (OSError, ValueError):
+                continue
+            if len(history) > len(latest):
+                latest = history
+        return latest
 
     def history(self, start: int = 0, end: int | None = None) -> dict[str, list[float]]:
         """Keras-style history of the epochs in [start, end)."""
@@ -99,7 +105,7 @@ def _backup_class():
         Keras writes `latest.weights.h5` in place (a kill mid-write leaves a file that cannot be
         loaded) and never resets `model._initial_epoch`, so a second `fit` of the same model
         (fine-tune's second phase) would start at the first phase's restored epoch.
-        The metadata file is written last: it is the commit point of an epoch.
+        The metadata file is written last, with the epoch's logs: it is the commit point.
         """
 
         def __init__(self, state: RunCheckpoints, backup_dir: Path, initial_epoch: int):
@@ -128,8 +134,9 @@ def _backup_class():
         def _save_model(self):
             with atomic_path(Path(self._weights_path), ".weights.h5") as tmp:
                 self.model.save_weights(tmp, overwrite=True)
-            write_json(self.state.history_path, self._records)
-            write_json(Path(self._training_metadata_path), {"epoch": self._current_epoch})
+            # Keras reads "epoch"; the history rides in the same file, committed with it.
+            metadata = {"epoch": self._current_epoch, "history": self._records}
+            write_json(Path(self._training_metadata_path), metadata)
 
     return Backup
 
