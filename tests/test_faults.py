@@ -159,7 +159,9 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(moment, tmp_path, image_fold
     assert closed.info.status == "KILLED"
     assert f"process {process.pid}" in closed.data.tags["killed_reason"]
 
-    again = rerun(tmp_path, image_folder)
+    # The same command resumes it; so does the line `runs` printed, which names the run.
+    named = [f"resume={run.info.run_id}"] if moment == "before_first_epoch" else []
+    again = rerun(tmp_path, image_folder, *named)
     assert again.returncode == 0, again.stderr[-3000:]
     (resumed,) = runs_of(tmp_path, "folder")
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"

@@ -655,7 +655,10 @@ def log_config(cfg: DictConfig, overrides: list[str]) -> None:
 
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("hydra", None)
-    params = list(flatten(container).items())
+    # A resumed run keeps the params it has: MLflow refuses a new value (e.g. `resume`), and
+    # where it writes may differ from the first command's.
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    params = [(k, v) for k, v in flatten(container).items() if k not in logged]
     for start in range(0, len(params), MAX_PARAMS_PER_CALL):
         mlflow.log_params(dict(params[start : start + MAX_PARAMS_PER_CALL]))
     mlflow.log_text(OmegaConf.to_yaml(container), "config/config.yaml")
