@@ -103,10 +103,8 @@ def test_augmentations_change_images_only_in_training(augmentation, tmp_path):
 def test_reference_rotation_is_a_fraction_of_a_turn(tmp_path):
     cfg = compose_config([*tiny_overrides(tmp_path), "augmentation=reference"])
     names = [layer._target_.rsplit(".", 1)[-1] for layer in cfg.augmentation.layers]
-    assert names == ["RandomFlip", "RandomRotation", "RandomZoom"]
-    assert (
-        cfg.augmentation.layers[1].factor == 0.2 and cfg.augmentation.layers[2].height_factor == 0.4
-    )
+    assert names == ["RandomFlip", "RandomAffine"]  # rotation and zoom in one compiled warp
+    assert cfg.augmentation.layers[1].rotation == 0.2 and cfg.augmentation.layers[1].zoom == 0.4
     assert (
         options("augmentation")
         and compose_config([*tiny_overrides(tmp_path), "augmentation=none"]).augmentation.layers

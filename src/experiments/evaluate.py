@@ -26,8 +26,10 @@ def evaluate(cfg: DictConfig) -> float:
     from mlflow.tracking import MlflowClient
 
     from experiments import tracking
+    from experiments.backend import use_backend
     from experiments.tasks import SPLITS, load_task
 
+    use_backend(cfg.backend)  # before MLflow loads the model with Keras
     if cfg.split not in SPLITS:
         raise ExperimentError(f"split={cfg.split} is unknown; use one of {', '.join(SPLITS)}")
     tracking.open_store(str(cfg.tracking.uri))

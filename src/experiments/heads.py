@@ -31,10 +31,14 @@ def build_head(cfg, feature_shape, num_classes: int):
         layers.append(keras.layers.Dense(int(width), activation=cfg.activation, name=f"dense_{i}"))
         if cfg.dropout > 0:
             layers.append(keras.layers.Dropout(float(cfg.dropout), name=f"dropout_{i}"))
+    # float32 probabilities under a mixed precision policy too (a stable loss)
     if num_classes == 2:
-        layers.append(keras.layers.Dense(1, activation="sigmoid", name="output"))
+        output = keras.layers.Dense(1, activation="sigmoid", name="output", dtype="float32")
     else:
-        layers.append(keras.layers.Dense(num_classes, activation="softmax", name="output"))
+        output = keras.layers.Dense(
+            num_classes, activation="softmax", name="output", dtype="float32"
+        )
+    layers.append(output)
     return keras.Sequential(layers, name="head")
 
 

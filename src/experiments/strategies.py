@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.augmentation import build_augmentation
 from experiments.backbones import unfreeze_top_blocks
 from experiments.checkpoints import RunCheckpoints
 from experiments.errors import ExperimentError
@@ -125,6 +124,9 @@ def assemble(ctx: Context, head, augment: bool = True):
     """Raw 0-255 RGB images -> [augmentation] -> preprocess_input -> base -> head."""
     import keras
 
+    from experiments.augmentation import build_augmentation
+
+    # float32 in the model, uint8 from the pipeline: Keras casts each batch on the device.
     inputs = keras.Input(ctx.task.image_shape, name="image")
     x = inputs
     augmentation = build_augmentation(ctx.cfg.augmentation) if augment else None
@@ -161,11 +163,7 @@ def fit(
     cfg = ctx.cfg
     state = ctx.checkpoints
     end = int(epochs or cfg.trainer.epochs)
-    model.compile(
-        optimizer=make_optimizer(cfg.optimizer, lr),
-        loss=loss_for(ctx.task.num_classes),
-        metrics=["accuracy"],
-    )
+    compile_model(ctx, model, lr)
     if state.phase_done(phase):
         log.info("phase %s already trained; its weights are restored", phase)
         model.load_weights(state.done_path(phase))
@@ -184,13 +182,28 @@ def fit(
             initial_epoch=initial_epoch,
             class_weight=class_weights(cfg.trainer.class_weight, ctx.task),
             callbacks=[*callbacks, *ctx.reporters, StopOnSignal()],
-            shuffle=False,  # the tf.data pipeline shuffles
+            shuffle=False,  # the batches shuffle themselves
             verbose=2,
         )
     if cfg.trainer.restore_best and state.best_path.is_file():
         model.load_weights(state.best_path)
     state.mark_phase_done(phase, model)
     return state.history(initial_epoch, end)
+
+
+def compile_model(ctx: Context, model, lr: float | None = None) -> None:
+    """Compile `model` with the run's optimizer at `lr`, its loss, accuracy and compilation
+    (`trainer.jit_compile`); a warning when Keras turns compilation off."""
+    from experiments.backend import check_compiled, jit_compile
+
+    compiled = jit_compile(ctx.cfg.trainer.jit_compile)
+    model.compile(
+        optimizer=make_optimizer(ctx.cfg.optimizer, lr),
+        loss=loss_for(ctx.task.num_classes),
+        metrics=["accuracy"],
+        jit_compile=compiled,
+    )
+    check_compiled(model, compiled)
 
 
 def make_optimizer(cfg, lr: float | None = None):
@@ -221,23 +234,17 @@ def class_weights(mode: str, task: Task) -> dict[int, float] | None:
 
 
 def images_dataset(ctx: Context, split: str):
-    """A batched tf.data pipeline of one split's uint8 images, shuffled for training."""
+    """Batches of one split's uint8 images and labels, shuffled for training."""
     data = ctx.task.splits[split]
     return _dataset(
         data.images, data.labels, int(ctx.cfg.trainer.batch_size), ctx, shuffle=split == "train"
     )
 
 
-def _dataset(x: np.ndarray, y: np.ndarray, batch_size: int, ctx: Context, shuffle: bool):
-    import tensorflow as tf
+def _dataset(x: np.ndarray, y: np.ndarray | None, batch_size: int, ctx: Context, shuffle: bool):
+    from experiments.inputs import batches
 
-    ds = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        ds = ds.shuffle(len(y), seed=int(ctx.cfg.trainer.seed), reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(
-        lambda a, b: (tf.cast(a, tf.float32), b), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return batches(x, y, batch_size=batch_size, shuffle=shuffle, seed=int(ctx.cfg.trainer.seed))
 
 
 def feature_key(ctx: Context) -> str:
@@ -268,8 +275,10 @@ def extract_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
     features = {}
     for s in SPLITS:
         images = ctx.task.splits[s].images
-        features[s] = extractor.predict(
-            _dataset(images, np.zeros(len(images)), batch, ctx, shuffle=False), verbose=0
+        # float32 on the host whatever the precision: the head trains on them as its input
+        features[s] = np.asarray(
+            extractor.predict(_dataset(images, None, batch, ctx, shuffle=False), verbose=0),
+            dtype=np.float32,
         )
     with atomic_path(path) as tmp:  # a concurrent sweep job never reads half a file
         np.savez(tmp, **features)

@@ -682,34 +682,6 @@ def run_tags(cfg: DictConfig, output_dir: str) -> dict[str, str]:
     return tags
 
 
-def runtime_tags() -> dict[str, str]:
-    """TensorFlow and Keras versions and the device: known only once TensorFlow is imported."""
-    import keras
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        device = f"GPU: {details.get('device_name', gpus[0].name)} x{len(gpus)}"
-    else:
-        device = f"CPU: {cpu_name()} ({os.cpu_count()} cores)"
-    return {
-        "tensorflow_version": tf.__version__,
-        "keras_version": keras.__version__,
-        "device": device,
-    }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def git_state(root: str) -> tuple[str | None, bool]:
     """The checkout's commit and whether its tree has uncommitted changes."""
     try:

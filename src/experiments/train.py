@@ -21,19 +21,19 @@ from experiments.errors import ExperimentError
 
 log = logging.getLogger("experiments.train")
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-
 
 def train(cfg: DictConfig) -> float:
     """Run the experiment `cfg` describes and return its `optimized_metric`."""
     from experiments import tracking
     from experiments.backbones import resolve_weights, weights_id
+    from experiments.backend import device_tags, use_backend, use_precision
     from experiments.checkpoints import RunCheckpoints, run_identity
     from experiments.tasks import load_task
     from experiments.validation import validate_config
 
-    # Values, then data and weights: a bad value or a missing file stops the run before any
-    # model or MLflow run exists.
+    # The backend before anything imports Keras; then values, data and weights: a bad value or
+    # a missing file stops the run before any model or MLflow run exists.
+    use_backend(cfg.backend)
     validate_config(cfg)
     tracking.check_reachable(cfg.tracking)
     identity = run_identity(cfg)
@@ -45,6 +45,7 @@ def train(cfg: DictConfig) -> float:
 
     import keras
 
+    from experiments.augmentation import without_augmentation
     from experiments.backbones import build_backbone
     from experiments.callbacks import EpochLogger, TrackEpochs
     from experiments.reports import evaluate_split, write_reports
@@ -52,9 +53,10 @@ def train(cfg: DictConfig) -> float:
     from experiments.sweep import trial_callbacks, trial_tags
 
     release_earlier_jobs()
+    use_precision(cfg.trainer.precision)
     keras.utils.set_random_seed(int(cfg.trainer.seed))
     workdir = output_dir(cfg.paths.output_dir, cfg.task.name)
-    tags = tracking.run_tags(cfg, str(workdir)) | tracking.runtime_tags() | trial_tags(cfg)
+    tags = tracking.run_tags(cfg, str(workdir)) | device_tags() | trial_tags(cfg)
     name = str(cfg.tracking.run_name)
     with tracking.start_run(cfg.tracking, name, tags, identity, resume) as run:
         checkpoints = RunCheckpoints(Path(cfg.paths.checkpoint_dir) / run.run_id)
@@ -86,7 +88,10 @@ def train(cfg: DictConfig) -> float:
 
         test = evaluate_split(trained.model, task.splits["test"], task.num_classes)
         metrics = summary_metrics(trained, test, train_time, len(task.skipped))
-        metrics["model_size_mb"] = model_size_mb(trained.model, workdir, cfg.tracking.log_model)
+        # The model that is saved and logged: Keras' own layers only, so that it loads with Keras
+        # alone; augmentation is the identity at inference
+        serving = without_augmentation(trained.model)
+        metrics["model_size_mb"] = model_size_mb(serving, workdir, cfg.tracking.log_model)
         tracking.log_metrics(metrics)
         if trained.feature_cache:
             tracking.set_tags({"feature_cache": trained.feature_cache})
@@ -108,7 +113,7 @@ def train(cfg: DictConfig) -> float:
         for path in reports:
             tracking.log_artifact(path, artifact_path="evaluation")
         if cfg.tracking.log_model:
-            tracking.log_model(trained.model, task.image_shape, task.num_classes)
+            tracking.log_model(serving, task.image_shape, task.num_classes)
         value = optimized_value(cfg.optimized_metric, trained.history, metrics)
         tracking.set_tags({"returned_value": repr(value)})
         log.info(
@@ -170,13 +175,19 @@ def release_earlier_jobs() -> None:
     alone.
     """
     import keras
+
+    if keras.backend.backend() == "tensorflow":
+        _drop_custom_gradients()
+    keras.backend.clear_session(free_memory=True)  # also collects the graphs now unpinned
+
+
+def _drop_custom_gradients() -> None:
     from tensorflow.python.framework import ops
 
     registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
     if isinstance(registry, dict):
         for name in [name for name in registry if str(name).startswith("CustomGradient-")]:
             del registry[name]
-    keras.backend.clear_session(free_memory=True)  # also collects the graphs now unpinned
 
 
 def summary_metrics(trained, test, train_time: float, skipped: int) -> dict:

@@ -73,6 +73,21 @@ def check_trainer(cfg) -> None:
         )
 
 
+def check_runtime(cfg) -> None:
+    """`trainer.jit_compile` and `trainer.precision` (`backend` is checked as it is set)."""
+    from experiments.backend import PRECISIONS
+
+    if str(cfg.trainer.jit_compile).lower() not in ("auto", "true", "false"):
+        raise ExperimentError(
+            f"trainer.jit_compile={cfg.trainer.jit_compile} is not auto, true or false"
+        )
+    if str(cfg.trainer.precision) not in PRECISIONS:
+        raise ExperimentError(
+            f"trainer.precision={cfg.trainer.precision} is unknown; "
+            f"use one of {', '.join(PRECISIONS)}"
+        )
+
+
 def check_strategy(cfg) -> None:
     from experiments.strategies import STRATEGIES
 
@@ -154,6 +169,7 @@ def check_metric(cfg) -> None:
 
 CHECKS: list[Callable[[DictConfig], None]] = [
     check_trainer,
+    check_runtime,
     check_strategy,
     check_head,
     check_task,

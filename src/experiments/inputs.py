@@ -1,0 +1,61 @@
+"""The input pipeline: batches of a split read from host arrays, on every Keras backend.
+
+Images stay uint8 from disk to the device: a batch is sliced from the split's uint8 array (in
+memory or memory-mapped) and the model casts it to float on the device, four times fewer bytes
+than float32 to carry, and no float copy of a dataset ever exists on the host. Keras'
+`PyDataset` is the one input type that every backend consumes natively (TensorFlow wraps it in
+`tf.data`, JAX and PyTorch iterate it), and its worker threads prepare the next batches while
+the device computes. `tf.data` would tie the JAX path to TensorFlow.
+
+This module imports Keras: import it only after the backend is chosen (`experiments.backend`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+
+# Threads that slice the next batches while the device works, and how many batches they keep
+# ready: slicing is a memory copy that releases the GIL, so two keep one device busy.
+WORKERS = 2
+QUEUE = 8
+
+
+class Batches(keras.utils.PyDataset):
+    """`(x[i:j], y[i:j])` batches of arrays `x` and `y`, reshuffled every epoch when `shuffle`.
+
+    Each batch reads its rows in ascending order, which a memory-mapped array serves with
+    sequential reads; the order of the rows inside a batch does not matter to training.
+    """
+
+    def __init__(self, x, y, batch_size: int, shuffle: bool = False, seed: int = 0):
+        super().__init__(workers=WORKERS, use_multiprocessing=False, max_queue_size=QUEUE)
+        if len(x) != len(y):
+            raise ValueError(f"{len(x)} inputs but {len(y)} labels")
+        self.x, self.y = x, np.asarray(y)
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self._rng = np.random.default_rng(seed)
+        self._order = self._rng.permutation(len(self.y)) if shuffle else None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def __getitem__(self, index: int):
+        start = index * self.batch_size
+        if self._order is None:
+            end = start + self.batch_size
+            return np.asarray(self.x[start:end]), self.y[start:end]
+        rows = np.sort(self._order[start : start + self.batch_size])
+        return np.asarray(self.x[rows]), self.y[rows]
+
+    def on_epoch_end(self) -> None:
+        if self.shuffle:
+            self._order = self._rng.permutation(len(self.y))
+
+
+def batches(x, y=None, *, batch_size: int, shuffle: bool = False, seed: int = 0) -> Batches:
+    """A `Batches` of `x` and `y` (zeros when only inputs are given, for `predict`)."""
+    return Batches(x, np.zeros(len(x), np.int32) if y is None else y, batch_size, shuffle, seed)
