@@ -5,7 +5,7 @@ HOST ?= 127.0.0.1
 PORT ?= 5000
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format ui compare benchmark runs clean clean-records
+.PHONY: help install train test test-jax test-fast lint format ui compare benchmark runs clean clean-records
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -14,14 +14,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-install: $(BIN)/python ## Create .venv and install the package with the dev and offline extras
-	$(BIN)/pip install -e ".[dev,offline]"
+install: $(BIN)/python ## Create .venv and install the package with the dev, offline and jax extras
+	$(BIN)/pip install -e ".[dev,offline,jax]"
 
 train: ## Run the offline quickstart (digits on a pretrained VGG16); ARGS="..." adds overrides
 	$(BIN)/python -m experiments.train experiment=quickstart $(ARGS)
 
 test: ## Run the whole test suite, slow end-to-end tests included
 	$(BIN)/python -m pytest
+
+test-jax: ## Run the core tests and the quickstart on the JAX backend
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -m backends
 
 test-fast: ## Run the tests without the slow end-to-end ones
 	$(BIN)/python -m pytest -m "not slow"

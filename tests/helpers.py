@@ -103,3 +103,22 @@ class MlflowServer:
             if child.is_running():
                 child.kill()
         self.process = None
+
+
+def env_without(tmp_path: Path, *packages: str) -> dict[str, str]:
+    """The environment of a Python process in which `packages` look uninstalled: importing one,
+    or asking importlib where it is, fails as for a package that is not there."""
+    import os
+
+    folder = tmp_path / "without"
+    folder.mkdir(exist_ok=True)
+    (folder / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class _Absent(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {packages!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Absent())\n"
+    )
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import compose_config, tiny_overrides
 
+pytestmark = pytest.mark.backends  # CI runs these on JAX as well (make test-jax)
+
 
 def test_the_warp_is_bilinear_with_reflected_borders():
     """Exactly scipy's map_coordinates(order=1, mode='reflect') at the same source points."""

@@ -114,3 +114,54 @@ def test_a_pruned_jobs_frames_are_released_before_the_next_job():
     gc.collect()
     assert refs[0]() is None
     assert isinstance(ret._return_value, optuna.TrialPruned)  # the outcome itself is kept
+
+
+@pytest.mark.slow
+def test_throughput_measures_each_backbone_against_its_inference_rate(tmp_path):
+    """`benchmark throughput` rows (JSON and Markdown) for several backbones, and an MLflow run
+    tagged with the backend and the device."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.benchmark",
+            "throughput",
+            "--batches=2",
+            f"--out={out}",
+            f"paths.root_dir={tmp_path}",
+            "backbone=vgg16,mobilenetv2",
+            "task.image_size=[48,48]",
+            "trainer.batch_size=8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((out / "benchmark-throughput.json").read_text())
+    assert [row["backbone"] for row in rows] == ["vgg16", "mobilenetv2"]
+    rates = [
+        "inference_images_per_s",
+        "inline_images_per_s",
+        "inline_noaug_images_per_s",
+        "extract_images_per_s",
+        "head_images_per_s",
+        "fine_tune_images_per_s",
+    ]
+    for row in rows:
+        assert {"backend", "device", "jit_compile", "ratio", "compile_s"} <= row.keys()
+        assert all(row[key] > 0 for key in rates), row
+        assert row["ratio"] == pytest.approx(
+            row["inline_images_per_s"] / row["inference_images_per_s"], rel=0.01
+        )
+        assert row["images"] == 16
+    table = (out / "benchmark-throughput.md").read_text()
+    assert "inline / inference" in table and "mobilenetv2" in table
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("benchmark").experiment_id])
+    assert run.data.tags["backend"] == rows[0]["backend"]
+    assert run.data.tags["device"] == rows[0]["device"]
+    assert run.data.metrics["vgg16.ratio"] == pytest.approx(rows[0]["ratio"])

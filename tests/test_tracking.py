@@ -14,7 +14,7 @@ from experiments import strategies
 from experiments.tracking import flatten
 from experiments.train import train
 
-from conftest import compose_config, tiny_overrides
+from conftest import IMAGE_SIZE, compose_config, tiny_overrides
 from helpers import MlflowServer, client_for, runs_of
 
 EPOCH_METRICS = [
@@ -50,6 +50,7 @@ def tiny_run(tmp_path_factory, image_folder):
     return root, cfg, run
 
 
+@pytest.mark.backends
 def test_run_records_params_tags_and_metrics(tiny_run):
     from omegaconf import OmegaConf
 
@@ -68,9 +69,11 @@ def test_run_records_params_tags_and_metrics(tiny_run):
     }
     assert tags["augmentation_applied"] == "true"
     assert tags["pid"] == str(os.getpid()) and tags["host"]
+    backend = tags["backend"]
+    assert backend == os.environ.get("KERAS_BACKEND", "tensorflow")
     for key in (
         "python_version",
-        "tensorflow_version",
+        f"{backend}_version",
         "keras_version",
         "device",
         "hydra_output_dir",
@@ -124,13 +127,14 @@ def test_run_records_lineage_and_artifacts(tiny_run):
     assert sum(data["counts"]["train"].values()) == 36
 
 
+@pytest.mark.backends
 def test_logged_model_takes_uint8_images_and_predicts_like_the_trained_one(tiny_run, image_folder):
     import mlflow
 
     root, _, run = tiny_run
     client_for(root)
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-    images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    images = np.random.default_rng(1).integers(0, 256, (5, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
     in_memory = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
     # Stored once: in MLflow, not also as a copy in the run's output folder.
     assert not list(Path(run.data.tags["hydra_output_dir"]).rglob("*.keras"))
@@ -143,6 +147,7 @@ def test_logged_model_takes_uint8_images_and_predicts_like_the_trained_one(tiny_
     assert pyfunc.metadata.get_input_schema().inputs[0].type == np.dtype(np.uint8)
 
 
+@pytest.mark.backends
 def test_evaluate_logs_a_linked_run(tiny_run, image_folder):
     from experiments.evaluate import evaluate
 

@@ -7,9 +7,11 @@ import pytest
 
 from experiments.train import train
 
+from conftest import IMAGE_SIZE
 from helpers import client_for, runs_of
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("strategy", ["inline", "two_stage", "fine_tune"])
 def test_each_strategy_beats_chance(strategy, make_config, tmp_path):
     cfg = make_config(
@@ -27,6 +29,7 @@ def test_each_strategy_beats_chance(strategy, make_config, tmp_path):
     assert run.data.tags["strategy"] == strategy
 
 
+@pytest.mark.backends
 def test_fine_tune_unfreezes_top_blocks_but_not_batchnorm(make_config):
     import keras
 
@@ -41,6 +44,7 @@ def test_fine_tune_unfreezes_top_blocks_but_not_batchnorm(make_config):
     assert {layer.name for layer in trainable} == set(names)
 
 
+@pytest.mark.backends
 def test_two_stage_reuses_cached_features(make_config, tmp_path, caplog):
     train(make_config("strategy=two_stage"))
     files = list((tmp_path / "cache" / "features").glob("*.npz"))
@@ -78,7 +82,7 @@ def test_head_follows_the_class_count(
     assert model.loss == (
         "binary_crossentropy" if classes == 2 else "sparse_categorical_crossentropy"
     )
-    probabilities = model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
+    probabilities = model.predict(np.zeros((2, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8), verbose=0)
     assert ((probabilities >= 0) & (probabilities <= 1)).all()
 
 
@@ -111,6 +115,7 @@ def test_jobs_in_one_process_release_earlier_graphs(make_config):
     assert live_graphs() == after_one
 
 
+@pytest.mark.backends
 def test_a_backup_restores_the_optimizer_state_and_the_epoch(tmp_path):
     """Keras' BackupAndRestore (our atomic subclass): a second fit resumes where the first
     stopped, with the optimizer's step count and moments, not a fresh optimizer."""

@@ -46,7 +46,11 @@ def use_backend(name: str) -> str:
             )
         return name
     package, install = BACKENDS[name]
-    if importlib.util.find_spec(package) is None:
+    try:
+        found = importlib.util.find_spec(package) is not None
+    except ImportError:  # a broken installation is as good as none
+        found = False
+    if not found:
         raise ExperimentError(
             f"backend={name} needs the {package} package, which is not installed: {install}"
         )

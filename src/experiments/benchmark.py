@@ -1,4 +1,10 @@
-"""Memory and time of a sweep's trials in one process: `python -m experiments.benchmark`.
+"""Benchmarks: `python -m experiments.benchmark [sweep|throughput] [options] [overrides]`.
+
+- `sweep` (the default): memory and time of a sweep's trials in one process, below.
+- `throughput`: training speed against the frozen base's own inference rate, for each chosen
+  backbone (`experiments.throughput`).
+
+Sweep memory:
 
 Runs a real Optuna sweep (by default the README's `-m hparams_search=lr_head
 experiment=quickstart`, 20 trials) in a subprocess on a throwaway MLflow store, then reads back
@@ -158,6 +164,12 @@ def report(rows: list[dict], summary: dict, wall_s: float, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    mode = argv.pop(0) if argv and argv[0] in MODES else "sweep"
+    return MODES[mode](argv)
+
+
+def sweep_main(argv: list[str]) -> int:
     from experiments import compose_project_config
 
     args = parse_args(argv)
@@ -173,6 +185,72 @@ def main(argv: list[str] | None = None) -> int:
     print(report(rows, summary, wall_s, out))
     print(f"saved {out / 'benchmark-memory.md'} and {out / 'benchmark-memory.json'}")
     return 0 if summary["passed"] else 1
+
+
+def parse_throughput_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.benchmark throughput",
+        description=(
+            "Images/s of the frozen base's inference, inline training with and without the "
+            "reference augmentation, two-stage extraction and head training, and fine-tuning, "
+            "for each backbone, on random weights and random images (works offline). The "
+            "default is the reference model: VGG19, 180 px, batch 16."
+        ),
+    )
+    parser.add_argument(
+        "--batches", type=int, default=16, help="batches per timed pass (default 16)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for benchmark-throughput.{md,json} (default: paths.reports_dir)",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides: backbone=vgg19,resnet50 (several), backend=jax, "
+        "task.image_size=[224,224], trainer.batch_size=64, trainer.precision=mixed_bfloat16",
+    )
+    args = parser.parse_args(argv)
+    if args.batches < 2:
+        parser.error(f"--batches={args.batches} is too few; use 2 or more")
+    return args
+
+
+def throughput_main(argv: list[str]) -> int:
+    from experiments import compose_project_config
+    from experiments.backend import use_backend
+    from experiments.errors import ExperimentError
+
+    args = parse_throughput_args(argv)
+    backbones = [o for o in args.overrides if o.startswith("backbone=")]
+    others = [o for o in args.overrides if not o.startswith("backbone=")]
+    names = backbones[-1].split("=", 1)[1].split(",") if backbones else [None]
+    try:
+        configs = [
+            compose_project_config([*others, *([f"backbone={n}"] if n else [])]) for n in names
+        ]
+        use_backend(configs[0].backend)
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from experiments.throughput import measure, record, report
+
+    rows = []
+    for cfg in configs:
+        images = args.batches * int(cfg.trainer.batch_size)
+        print(f"measuring {cfg.backbone.name} on {images} images per pass ...", flush=True)
+        rows.append(measure(cfg, images))
+        print(json.dumps(rows[-1]), flush=True)
+    out = args.out or Path(configs[0].paths.reports_dir)
+    print(report(rows, out))
+    run_id = record(configs[0], rows, out)
+    print(f"saved {out / 'benchmark-throughput.md'} and .json; MLflow run {run_id}")
+    return 0
+
+
+MODES = {"sweep": sweep_main, "throughput": throughput_main}
 
 
 if __name__ == "__main__":

@@ -26,11 +26,13 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 REFERENCE_AUGMENTATION = "reference"
+FINE_TUNE_BLOCKS = 2  # strategy=fine_tune's default, unless strategy.unfreeze_blocks is given
 
 
 def measure(cfg, images: int) -> dict:
     """One row of rates for the backbone of `cfg`, on `images` random images per pass."""
     import keras
+    from omegaconf import OmegaConf
 
     from experiments.backbones import build_backbone, unfreeze_top_blocks
     from experiments.backend import device_tags, jit_compile, use_precision
@@ -51,8 +53,6 @@ def measure(cfg, images: int) -> dict:
     base, preprocess = build_backbone(cfg.backbone, shape, None)
 
     def model_with(head, augmentation: str):
-        from omegaconf import OmegaConf
-
         from experiments import compose_project_config
         from experiments.strategies import Context, assemble
 
@@ -107,7 +107,8 @@ def measure(cfg, images: int) -> dict:
     features = np.asarray(features, dtype=np.float32)
     row["head_images_per_s"], _ = train_rate(head_for(features.shape[1:]), features, y)
 
-    unfreeze_top_blocks(base, list(cfg.backbone.blocks), int(cfg.strategy.unfreeze_blocks))
+    blocks = OmegaConf.select(cfg, "strategy.unfreeze_blocks", default=FINE_TUNE_BLOCKS)
+    unfreeze_top_blocks(base, list(cfg.backbone.blocks), int(blocks))
     row["fine_tune_images_per_s"], _ = train_rate(model, x, y)
     base.trainable = False
 
@@ -147,7 +148,8 @@ def report(rows: list[dict], out: Path) -> str:
     text = "\n".join(
         [
             f"device: {first['device']}; images {first['image_size']} px, batch "
-            f"{first['batch_size']}, {first['images']} random uint8 images per pass, random weights",
+            f"{first['batch_size']}, {first['images']} random uint8 images per pass, "
+            "random weights",
             "",
             table.to_markdown(index=False, floatfmt=".2f"),
         ]
