@@ -134,7 +134,9 @@ def test_logged_model_takes_uint8_images_and_predicts_like_the_trained_one(tiny_
     root, _, run = tiny_run
     client_for(root)
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-    images = np.random.default_rng(1).integers(0, 256, (5, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    images = np.random.default_rng(1).integers(
+        0, 256, (5, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8
+    )
     in_memory = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
     # Stored once: in MLflow, not also as a copy in the run's output folder.
     assert not list(Path(run.data.tags["hydra_output_dir"]).rglob("*.keras"))

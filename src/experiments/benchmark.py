@@ -201,6 +201,12 @@ def parse_throughput_args(argv: list[str]) -> argparse.Namespace:
         "--batches", type=int, default=16, help="batches per timed pass (default 16)"
     )
     parser.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="timed passes per rate after the compiling one; the best counts (default 2)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -215,6 +221,8 @@ def parse_throughput_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batches < 2:
         parser.error(f"--batches={args.batches} is too few; use 2 or more")
+    if args.repeats < 1:
+        parser.error(f"--repeats={args.repeats} must be at least 1")
     return args
 
 
@@ -241,7 +249,7 @@ def throughput_main(argv: list[str]) -> int:
     for cfg in configs:
         images = args.batches * int(cfg.trainer.batch_size)
         print(f"measuring {cfg.backbone.name} on {images} images per pass ...", flush=True)
-        rows.append(measure(cfg, images))
+        rows.append(measure(cfg, images, args.repeats))
         print(json.dumps(rows[-1]), flush=True)
     out = args.out or Path(configs[0].paths.reports_dir)
     print(report(rows, out))
