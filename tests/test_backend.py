@@ -53,6 +53,7 @@ def test_a_jax_run_trains_logs_and_evaluates_without_tensorflow(tmp_path, image_
         *tiny_overrides(tmp_path, image_folder),
         "backend=jax",
         "augmentation=reference",
+        "trainer.epochs=1",
         "task.image_size=[48,48]",  # XLA's CPU convolutions crawl on VGG's 2x2 maps at 32 px
     ]
 
