@@ -20,11 +20,11 @@ install: $(BIN)/python ## Create .venv and install the package with the dev, off
 train: ## Run the offline quickstart (digits on a pretrained VGG16); ARGS="..." adds overrides
 	$(BIN)/python -m experiments.train experiment=quickstart $(ARGS)
 
-test: ## Run the whole test suite, slow end-to-end tests included
-	$(BIN)/python -m pytest
+test: ## Run the whole test suite, slow end-to-end tests included; ARGS="..." passes pytest options
+	$(BIN)/python -m pytest $(ARGS)
 
 test-jax: ## Run the core tests and the quickstart on the JAX backend
-	KERAS_BACKEND=jax $(BIN)/python -m pytest -m backends
+	KERAS_BACKEND=jax $(BIN)/python -m pytest -m backends $(ARGS)
 
 test-fast: ## Run the tests without the slow end-to-end ones
 	$(BIN)/python -m pytest -m "not slow"

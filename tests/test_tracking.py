@@ -334,24 +334,22 @@ def test_evaluate_runs_as_the_readme_writes_it(tmp_path):
     ]
     train(compose_config(overrides))
     (run,) = runs_of(tmp_path, "digits")
-    for extra in ([], ["task=digits"]):
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "experiments.evaluate",
-                f"model=runs:/{run.info.run_id}/model",
-                "split=test",
-                f"paths.root_dir={tmp_path}",
-                *extra,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.evaluate",
+            f"model=runs:/{run.info.run_id}/model",
+            "split=test",
+            f"paths.root_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
     evaluations = runs_of(tmp_path, "digits", "tags.run_type = 'evaluate'")
-    assert len(evaluations) == 2
+    assert len(evaluations) == 1
     for evaluation in evaluations:
         assert evaluation.data.tags["source_run_id"] == run.info.run_id
         assert evaluation.data.metrics["test_accuracy"] == pytest.approx(

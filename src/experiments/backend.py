@@ -54,9 +54,15 @@ def use_backend(name: str) -> str:
         raise ExperimentError(
             f"backend={name} needs the {package} package, which is not installed: {install}"
         )
-    os.environ["KERAS_BACKEND"] = name
     if name == "tensorflow":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    try:  # Keras imports it next: a broken installation is one line here, not a traceback there
+        importlib.import_module(package)
+    except ImportError as err:
+        raise ExperimentError(
+            f"backend={name}: importing {package} failed ({err}); repair it: {install}"
+        ) from None
+    os.environ["KERAS_BACKEND"] = name
     return name
 
 

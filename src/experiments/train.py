@@ -31,15 +31,15 @@ def train(cfg: DictConfig) -> float:
     from experiments.tasks import load_task
     from experiments.validation import validate_config
 
-    # The backend before anything imports Keras; then values, data and weights: a bad value or
-    # a missing file stops the run before any model or MLflow run exists.
-    use_backend(cfg.backend)
+    # Values, then the backend, data and weights: a bad value or a missing file stops the run
+    # before any model or MLflow run exists. Nothing before use_backend imports Keras.
     validate_config(cfg)
     tracking.check_reachable(cfg.tracking)
     identity = run_identity(cfg)
     resume = str(cfg.get("resume", "auto"))
     if resume != "never" and (done := finished_job(cfg, identity)) is not None:
         return done
+    use_backend(cfg.backend)
     task = load_task(cfg.task, cfg.paths)
     weights = resolve_weights(cfg.backbone, cfg.paths.weights_dir)
 

@@ -74,8 +74,11 @@ def check_trainer(cfg) -> None:
 
 
 def check_runtime(cfg) -> None:
-    """`trainer.jit_compile` and `trainer.precision` (`backend` is checked as it is set)."""
-    from experiments.backend import PRECISIONS
+    """`backend`, `trainer.jit_compile` and `trainer.precision`."""
+    from experiments.backend import BACKENDS, PRECISIONS
+
+    if str(cfg.backend) not in BACKENDS:
+        raise ExperimentError(f"backend={cfg.backend} is unknown; use one of {', '.join(BACKENDS)}")
 
     if str(cfg.trainer.jit_compile).lower() not in ("auto", "true", "false"):
         raise ExperimentError(
