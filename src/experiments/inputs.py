@@ -4,8 +4,9 @@ Images stay uint8 from disk to the device: a batch is sliced from the split's ui
 memory or memory-mapped) and the model casts it to float on the device, four times fewer bytes
 than float32 to carry, and no float copy of a dataset ever exists on the host. Keras'
 `PyDataset` is the one input type that every backend consumes natively (TensorFlow wraps it in
-`tf.data`, JAX and PyTorch iterate it), and its worker threads prepare the next batches while
-the device computes. `tf.data` would tie the JAX path to TensorFlow.
+`tf.data` and prefetches, JAX and PyTorch iterate it, JAX sending the next batch to a GPU
+ahead); for a memory-mapped split its worker threads read the next batches while the device
+computes. `tf.data` would tie the JAX path to TensorFlow.
 
 This module imports Keras: import it only after the backend is chosen (`experiments.backend`).
 """
@@ -17,8 +18,10 @@ import math
 import keras
 import numpy as np
 
-# Threads that slice the next batches while the device works, and how many batches they keep
-# ready: slicing is a memory copy that releases the GIL, so two keep one device busy.
+# Threads that read the next batches of a memory-mapped split while the device works, and how
+# many batches they keep ready. A split in memory needs none: a batch is one memory copy, and
+# Keras' enqueuer costs about 0.2 s an epoch to start and stop its threads. Without threads,
+# TensorFlow prefetches through tf.data and JAX sends the next batch to the GPU ahead.
 WORKERS = 2
 QUEUE = 8
 
@@ -31,7 +34,8 @@ class Batches(keras.utils.PyDataset):
     """
 
     def __init__(self, x, y, batch_size: int, shuffle: bool = False, seed: int = 0):
-        super().__init__(workers=WORKERS, use_multiprocessing=False, max_queue_size=QUEUE)
+        threads = WORKERS if isinstance(x, np.memmap) else 1
+        super().__init__(workers=threads, use_multiprocessing=False, max_queue_size=QUEUE)
         if len(x) != len(y):
             raise ValueError(f"{len(x)} inputs but {len(y)} labels")
         self.x, self.y = x, np.asarray(y)
