@@ -27,15 +27,20 @@ BACKENDS = {
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
+def known_backend(name) -> str:
+    """`name` as a string, refused unless it is a backend we support."""
+    if str(name) not in BACKENDS:
+        raise ExperimentError(f"backend={name} is unknown; use one of {', '.join(BACKENDS)}")
+    return str(name)
+
+
 def use_backend(name: str) -> str:
     """Make `name` the Keras backend of this process, before Keras is imported; its name.
 
     A process that has already imported Keras keeps its backend: asking for another one is an
     error, since Keras cannot switch.
     """
-    name = str(name)
-    if name not in BACKENDS:
-        raise ExperimentError(f"backend={name} is unknown; use one of {', '.join(BACKENDS)}")
+    name = known_backend(name)
     if "keras" in sys.modules:
         current = sys.modules["keras"].backend.backend()
         if current != name:

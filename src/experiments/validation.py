@@ -75,10 +75,9 @@ def check_trainer(cfg) -> None:
 
 def check_runtime(cfg) -> None:
     """`backend`, `trainer.jit_compile` and `trainer.precision`."""
-    from experiments.backend import BACKENDS, PRECISIONS
+    from experiments.backend import PRECISIONS, known_backend
 
-    if str(cfg.backend) not in BACKENDS:
-        raise ExperimentError(f"backend={cfg.backend} is unknown; use one of {', '.join(BACKENDS)}")
+    known_backend(cfg.backend)
 
     if str(cfg.trainer.jit_compile).lower() not in ("auto", "true", "false"):
         raise ExperimentError(
