@@ -150,6 +150,24 @@ def test_logged_model_takes_uint8_images_and_predicts_like_the_trained_one(tiny_
 
 
 @pytest.mark.backends
+def test_logged_model_pins_keras_numpy_and_its_backend(tiny_run):
+    from importlib.metadata import version
+
+    import keras
+    import mlflow
+
+    root, _, run = tiny_run
+    client_for(root)
+    folder = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model")
+    pins = set((Path(folder) / "requirements.txt").read_text().split())
+    backend = keras.backend.backend()
+    expected = {"keras", "numpy", backend} | ({"jaxlib"} if backend == "jax" else set())
+    assert pins == {f"{name}=={version(name)}" for name in expected} | {
+        f"mlflow=={version('mlflow')}"
+    }
+
+
+@pytest.mark.backends
 def test_evaluate_logs_a_linked_run(tiny_run, image_folder):
     from experiments.evaluate import evaluate
 

@@ -729,6 +729,31 @@ def log_task(task) -> None:
     mlflow.set_tag("class_names", ", ".join(task.class_names)[:MAX_PARAM_CHARS])
 
 
+# The packages a logged model needs besides MLflow (which adds itself): per Keras backend, the
+# import names whose installed distributions are pinned.
+SERVING_MODULES = {
+    "tensorflow": ("keras", "numpy", "tensorflow"),
+    "jax": ("keras", "numpy", "jax", "jaxlib"),
+    "torch": ("keras", "numpy", "torch"),
+}
+
+
+def serving_requirements(backend: str) -> list[str]:
+    """Pinned pip requirements of a Keras model served on `backend`.
+
+    Given these, MLflow skips inferring them, which loads the model again in a subprocess and
+    costs ~10 s a run. They are what that inference finds: Keras, NumPy and the backend.
+    """
+    from importlib.metadata import packages_distributions, version
+
+    distributions = packages_distributions()
+    pins = []
+    for module in SERVING_MODULES[backend]:
+        for name in distributions.get(module, [module])[:1]:  # e.g. tensorflow-cpu
+            pins.append(f"{name}=={version(name)}")
+    return pins
+
+
 @uninterrupted
 def log_model(model, image_shape, num_classes: int) -> None:
     """Log the Keras model with a uint8-image signature (no input example: mlflow#16183).
@@ -738,6 +763,7 @@ def log_model(model, image_shape, num_classes: int) -> None:
     """
     import tempfile
 
+    import keras
     import mlflow
     import numpy as np
     from mlflow.models import ModelSignature
@@ -748,10 +774,14 @@ def log_model(model, image_shape, num_classes: int) -> None:
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape), "image")]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, outputs), "probabilities")]),
     )
+    model_spec = {
+        "signature": signature,
+        "pip_requirements": serving_requirements(keras.backend.backend()),
+    }
     outbox = _active["run"].outbox
     if not outbox.is_down() and not outbox.pending():
         try:
-            mlflow.keras.log_model(model, name="model", signature=signature)
+            mlflow.keras.log_model(model, name="model", **model_spec)
             return
         except Exception as err:
             if not outbox.remote or not _unreachable(err):
@@ -759,7 +789,7 @@ def log_model(model, image_shape, num_classes: int) -> None:
             outbox.went_down(err)
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "model"
-        mlflow.keras.save_model(model, str(saved), signature=signature)
+        mlflow.keras.save_model(model, str(saved), **model_spec)
         outbox.call("artifact", {"artifact_path": "model"}, files=[saved])
 
 
