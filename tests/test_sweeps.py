@@ -186,7 +186,7 @@ def test_failing_trials_are_recorded_and_the_failure_rate_stops_the_sweep(tmp_pa
         "hparams_search=lr_head",
         f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.pruner=null",
-        "hydra.sweeper.sampler._target_=optuna.samplers.RandomSampler",
+        "hydra/sweeper/sampler=random",
         "head.dropout=choice(0.0,1.5)",
         "trainer.epochs=1",
     ]
@@ -282,3 +282,53 @@ def test_a_trial_whose_heartbeat_stopped_is_failed_and_queued_again(tmp_path):
     (retry,) = [t for t in trials if t.state.name == "WAITING"]
     assert retry.params == lost.params
     assert [t.state.name for t in trials if t.number == alive.number] == ["RUNNING"]
+
+
+def test_accuracy_against_cost_puts_the_pareto_front_in_mlflow(tmp_path, image_folder):
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from helpers import client_for
+
+    sweep(
+        tmp_path,
+        image_folder,
+        "hparams_search=accuracy_vs_cost",
+        "backbone=vgg16",  # fixed on the command line: out of the search (offline weights)
+        "head.units=choice([8],[64,32])",  # replaces the preset's choices
+        "hydra.sweeper.n_trials=3",
+        "trainer.epochs=2",
+    )
+    study_dir = tmp_path / "multirun" / "accuracy_vs_cost-folder-two_stage"
+    results = yaml.safe_load((study_dir / "optimization_results.yaml").read_text())
+    assert results["metric"] == ["val_accuracy", "train_time_s"]
+    assert results["directions"] == ["maximize", "minimize"]
+    front = results["solutions"]
+    assert front and all(len(s["values"]) == 2 for s in front)
+    # Job folders by trial number; their overrides are their own parameters only.
+    for job in study_dir.glob("trial_*"):
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        keys = {o.split("=")[0] for o in overrides}
+        assert {"backbone", "head.units", "head.pooling", "optimizer.lr"} <= keys
+        assert not any("optuna" in o.lower() or "sweeper" in o for o in overrides)
+
+    runs = runs_of(tmp_path, "folder")
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3
+    assert all(r.data.params["optimizer.lr"] == "0.003" for r in children)
+    on_front = {r.data.tags["optuna_trial"] for r in children if r.data.tags["pareto"] == "true"}
+    assert len(on_front) == len(front)
+    assert {r.data.tags["pareto"] for r in children} <= {"true", "false"}
+    client = client_for(tmp_path)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert {"study/pareto_front.json", "study/pareto_front.png"} <= artifacts
+    stored = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "study/pareto_front.json")).read_text()
+    )
+    table = pd.DataFrame(stored["data"], columns=stored["columns"])  # MLflow's table format
+    assert sorted(table["trial"].astype(str)) == sorted(on_front)
+    assert {"val_accuracy", "train_time_s", "head.units"} <= set(table.columns)
+    assert parent.data.metrics["pareto_size"] == len(front)

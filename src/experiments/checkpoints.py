@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from experiments.files import atomic_path, write_json
 
 # Where a run writes, and how it is resumed, are not what the run is.
-NOT_IDENTITY = ("paths", "hydra", "tracking", "resume", "sweeper_trial")
+NOT_IDENTITY = ("paths", "hydra", "tracking", "resume")
 
 
 def run_identity(cfg) -> str:

@@ -886,3 +886,50 @@ class MlflowSweepCallback(Callback):
         os.environ.pop(PARENT_RUN_ENV, None)
         os.environ.pop(SWEEP_IDENTITY_ENV, None)
         self.run_id = None
+
+
+def tag_trial_runs(study_name: str, tags: dict[int, dict[str, str]]) -> None:
+    """Tag the MLflow runs of a study's trials, by trial number, in the sweep's experiment."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent or not tags:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_run(parent).info.experiment_id
+    runs = client.search_runs(
+        [experiment], filter_string=f"tags.optuna_study = '{study_name}'", max_results=50000
+    )
+    for run in runs:
+        number = int(run.data.tags.get("optuna_trial", -1))
+        if number in tags:
+            client.log_batch(run.info.run_id, tags=_run_tags(tags[number]))
+
+
+def log_study(study, sweep_dir: Path, results: dict, plots: list[Path]) -> None:
+    """A study on the sweep's parent run: its best params and value or its Pareto front (as a
+    table), the trials table, the results file and Optuna's plots, under `study/`."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent:
+        return
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    if "best_value" in results:
+        client.log_metric(parent, "best_value", float(results["best_value"]))
+        for key, value in results["best_params"].items():
+            client.log_param(parent, f"best.{key}", str(value))
+    if "solutions" in results:
+        names = results["metric"] if isinstance(results.get("metric"), list) else None
+        rows = []
+        for trial in study.best_trials:
+            values = dict(zip(names or range(len(trial.values)), trial.values, strict=True))
+            rows.append({"trial": trial.number, **values, **trial.params})
+        client.log_table(parent, pd.DataFrame(rows), artifact_file="study/pareto_front.json")
+        client.log_metric(parent, "pareto_size", len(rows))
+    client.set_tag(parent, "optuna_study", study.study_name)
+    for name in ("trials.csv", "optimization_results.yaml"):
+        client.log_artifact(parent, str(sweep_dir / name), artifact_path="study")
+    for path in plots:
+        client.log_artifact(parent, str(path), artifact_path="study")

@@ -6,6 +6,7 @@ test split and record everything in MLflow. Returns the value named by `optimize
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -22,8 +23,9 @@ from experiments.errors import ExperimentError
 log = logging.getLogger("experiments.train")
 
 
-def train(cfg: DictConfig) -> float:
-    """Run the experiment `cfg` describes and return its `optimized_metric`."""
+def train(cfg: DictConfig) -> float | tuple[float, ...]:
+    """Run the experiment `cfg` describes and return its `optimized_metric` (a tuple of values
+    when it names several)."""
     from experiments import tracking
     from experiments.backbones import resolve_weights, weights_id
     from experiments.backend import device_tags, use_backend, use_precision
@@ -56,7 +58,7 @@ def train(cfg: DictConfig) -> float:
     use_precision(cfg.trainer.precision)
     keras.utils.set_random_seed(int(cfg.trainer.seed))
     workdir = output_dir(cfg.paths.output_dir, cfg.task.name)
-    tags = tracking.run_tags(cfg, str(workdir)) | device_tags() | trial_tags(cfg)
+    tags = tracking.run_tags(cfg, str(workdir)) | device_tags() | trial_tags()
     name = str(cfg.tracking.run_name)
     with tracking.start_run(cfg.tracking, name, tags, identity, resume) as run:
         checkpoints = RunCheckpoints(Path(cfg.paths.checkpoint_dir) / run.run_id)
@@ -114,22 +116,21 @@ def train(cfg: DictConfig) -> float:
             tracking.log_artifact(path, artifact_path="evaluation")
         if cfg.tracking.log_model:
             tracking.log_model(serving, task.image_shape, task.num_classes)
-        value = optimized_value(cfg.optimized_metric, trained.history, metrics)
-        tracking.set_tags({"returned_value": repr(value)})
+        value = optimized_values(cfg.optimized_metric, trained.history, metrics)
+        tracking.set_tags({"returned_value": json.dumps(value)})
         log.info(
-            "run %s: best val_accuracy %.4f, test_accuracy %.4f, %s=%.4f, %.0f s",
+            "run %s: best val_accuracy %.4f, test_accuracy %.4f, %s, %.0f s",
             run.run_id,
             metrics["best_val_accuracy"],
             metrics["test_accuracy"],
-            cfg.optimized_metric,
-            value,
+            returned_text(cfg.optimized_metric, value),
             train_time,
         )
     checkpoints.remove()  # FINISHED: the model is logged, the resumable state has done its job
     return value
 
 
-def finished_job(cfg: DictConfig, identity: str) -> float | None:
+def finished_job(cfg: DictConfig, identity: str) -> float | tuple[float, ...] | None:
     """In a multirun run again, the value of this job if it already FINISHED in that sweep."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -142,12 +143,13 @@ def finished_job(cfg: DictConfig, identity: str) -> float | None:
     run = tracking.finished_sweep_job(identity)
     if run is None or "returned_value" not in run.data.tags:
         return None
-    value = float(run.data.tags["returned_value"])
+    text = run.data.tags["returned_value"]
+    value = json.loads(text) if text.startswith("[") else float(text)  # JSON, or repr(float)
+    value = tuple(value) if isinstance(value, list) else value
     log.info(
-        "already finished in this sweep as run %s: %s=%s",
+        "already finished in this sweep as run %s: %s",
         run.info.run_id,
-        cfg.optimized_metric,
-        value,
+        returned_text(cfg.optimized_metric, value),
     )
     return value
 
@@ -209,6 +211,20 @@ def summary_metrics(trained, test, train_time: float, skipped: int) -> dict:
         "trainable_params": trainable,
         "skipped_files": skipped,
     }
+
+
+def optimized_values(names, history: dict[str, list[float]], metrics: dict):
+    """What the job returns to a sweeper: the value of `optimized_metric`, or a tuple of values
+    when it names several (a multi-objective study)."""
+    if isinstance(names, str):
+        return optimized_value(names, history, metrics)
+    return tuple(optimized_value(str(name), history, metrics) for name in names)
+
+
+def returned_text(names, value) -> str:
+    if isinstance(names, str):
+        return f"{names}={value:.4f}"
+    return ", ".join(f"{n}={v:.4f}" for n, v in zip(names, value, strict=True))
 
 
 def optimized_value(name: str, history: dict[str, list[float]], metrics: dict) -> float:
@@ -297,7 +313,7 @@ def resume_hint(cfg: DictConfig) -> str:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def hydra_main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float | tuple[float, ...]:
     return run_cli(train, cfg)
 
 

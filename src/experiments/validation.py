@@ -164,9 +164,13 @@ def check_weights(cfg) -> None:
 
 
 def check_metric(cfg) -> None:
-    metric = str(cfg.get("optimized_metric", "val_accuracy"))
-    if not metric:
-        raise ExperimentError("optimized_metric is empty; e.g. optimized_metric=val_accuracy")
+    metric = cfg.get("optimized_metric", "val_accuracy")
+    names = [metric] if isinstance(metric, str) or metric is None else list(metric)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ExperimentError(
+            f"optimized_metric={metric} must name a metric, or several as a list; e.g. "
+            f"optimized_metric=val_accuracy or optimized_metric=[val_accuracy,train_time_s]"
+        )
 
 
 CHECKS: list[Callable[[DictConfig], None]] = [

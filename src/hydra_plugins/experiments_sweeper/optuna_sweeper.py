@@ -1,100 +1,41 @@
 """A Hydra sweeper on Optuna >= 4 with pruning, resumable studies and several cooperating processes.
 
 Written here because the released hydra-optuna-sweeper (1.3.0) pins optuna < 3, its RDB storage
-fails under SQLAlchemy 2, and it cannot prune: the job never sees its trial (hydra#1954). This one
-passes each job the storage, the study name and the trial number (`sweeper_trial.*`), and the job
-reports its epochs to that trial through the storage (experiments.sweep).
+fails under SQLAlchemy 2, and it cannot prune: the job never sees its trial (hydra#1954). Its
+configs work here unchanged (see config.py and space.py). Each job learns its storage, study and
+trial number from environment variables set through its `hydra.job.env_set`, never from task
+overrides, so `hydra.job.override_dirname` holds only the job's own parameters; the job reports
+its epochs to that trial through the storage (experiments.sweep).
 """
 
 import contextlib
 import logging
+import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict  # noqa: UP035 - OmegaConf reads these annotations
+from typing import Any
 
-from hydra.core.config_store import ConfigStore
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-# A signal waits for a write to the study's storage to end (a journal line, an RDB transaction).
 from experiments.interrupts import uninterrupted
+from experiments.sweep import STORAGE_ENV, STUDY_ENV, TRIAL_ENV
+from hydra_plugins.experiments_sweeper import SweepError
+from hydra_plugins.experiments_sweeper.config import register
+from hydra_plugins.experiments_sweeper.space import SearchSpace, search_space
 
 log = logging.getLogger(__name__)
 
 JOURNAL_PREFIX = "journal:"
 # Asks that may be discarded as duplicates before a batch is given up.
 MAX_ASK_ATTEMPTS = 100
+# Metrics minimized when hydra.sweeper.direction is not given; any other is maximized.
+MINIMIZED = ("loss", "time", "_s", "params", "size", "rss", "error")
 
-
-@dataclass
-class OptunaSweeperConf:
-    _target_: str = "hydra_plugins.experiments_sweeper.optuna_sweeper.OptunaSweeper"
-    _recursive_: bool = False  # the sweeper builds its sampler and pruner itself
-    sampler: Any = field(
-        default_factory=lambda: {"_target_": "optuna.samplers.TPESampler", "seed": 42}
-    )
-    pruner: Any = field(
-        default_factory=lambda: {
-            "_target_": "optuna.pruners.MedianPruner",
-            "n_startup_trials": 5,
-            "n_warmup_steps": 1,
-        }
-    )
-    # maximize or minimize; null: minimize when optimized_metric names a loss, else maximize.
-    direction: Any = None
-    # Any Optuna storage URL (sqlite:///..., postgresql://...); null: a journal in the sweep dir.
-    storage: Any = None
-    study_name: str = "experiments"
-    n_trials: int = 20
-    # Trials launched together through the launcher (parallel with hydra-joblib-launcher).
-    n_jobs: int = 1
-    max_failure_rate: float = 0.5
-    # RDB storages: a trial whose process stops beating this long is failed and run again by
-    # another process (Optuna's heartbeat). The journal file has none: a trial whose process on
-    # this host is gone is taken over instead.
-    heartbeat_interval: int = 60
-    grace_period: Any = None  # null: 2 x heartbeat_interval
-    params: Dict[str, str] = field(default_factory=dict)  # noqa: UP006
-
-
-ConfigStore.instance().store(
-    group="hydra/sweeper", name="experiments_optuna", node=OptunaSweeperConf, provider="experiments"
-)
-
-
-def distribution_for(override: Override):
-    """The Optuna distribution of a sweep override: choice, range, interval, tag(log, ...)."""
-    import optuna.distributions as d
-
-    value = override.value()
-    if isinstance(value, ChoiceSweep):
-        return d.CategoricalDistribution([as_override_text(v) for v in value.list])
-    if isinstance(value, RangeSweep):
-        return d.CategoricalDistribution([as_override_text(v) for v in override.sweep_iterator()])
-    if isinstance(value, IntervalSweep):
-        log_scale = "log" in value.tags
-        if isinstance(value.start, int) and isinstance(value.end, int):
-            return d.IntDistribution(value.start, value.end, log=log_scale)
-        return d.FloatDistribution(float(value.start), float(value.end), log=log_scale)
-    raise ValueError(
-        f"{override.key_or_group}={override.input_line}: not a sweep; use choice(), "
-        f"range(), interval() or tag(log, interval())"
-    )
-
-
-def as_override_text(value: Any) -> Any:
-    """Optuna categories must be scalars: lists and dicts travel as their override text."""
-    if isinstance(value, list):
-        return "[" + ",".join(str(as_override_text(v)) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{as_override_text(v)}" for k, v in value.items()) + "}"
-    return value
+register()
 
 
 def open_storage(url: str, heartbeat_interval: int | None = None, grace_period=None):
@@ -216,94 +157,143 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         import optuna
-        from hydra.utils import instantiate
 
         settings = self.settings
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        fixed, distributions = self._search_space(arguments)
+        space = search_space(settings.params, arguments)
+        if not space.distributions and not settings.custom_search_space:
+            raise SweepError(
+                "the Optuna sweeper has nothing to search: set hydra.sweeper.params "
+                "(e.g. hparams_search=lr_head) or pass a sweep on the command line"
+            )
+        metrics = metric_names(self.config)
+        directions = study_directions(settings.direction, metrics)
+        sampler, n_trials = self._sampler(space, len(directions))
         storage_url = settings.storage or f"{JOURNAL_PREFIX}{sweep_dir / 'optuna.journal'}"
-        metric = str(self.config.get("optimized_metric", "val_accuracy"))
-        direction = settings.direction or ("minimize" if "loss" in metric else "maximize")
         storage = open_storage(storage_url, settings.heartbeat_interval, settings.grace_period)
         study = uninterrupted(optuna.create_study)(
             study_name=settings.study_name,
             storage=storage,
-            sampler=instantiate(settings.sampler) if settings.sampler else None,
-            pruner=instantiate(settings.pruner) if settings.pruner else optuna.pruners.NopPruner(),
-            direction=direction,
+            sampler=sampler,
+            pruner=self._pruner(len(directions)),
+            directions=directions,
             load_if_exists=True,
         )
-        self._check_same_study(study, fixed, distributions, storage_url)
+        self._check_same_study(study, space, storage_url)
+        if len(directions) > 1 and metrics and study.metric_names is None:
+            uninterrupted(study.set_metric_names)(metrics)
         log.info(
-            "study %s (%s %s) in %s: %d of %d trials done",
-            settings.study_name,
-            direction,
-            metric,
+            "study %s (%s %s, %s) in %s: %d of %d trials done",
+            study.study_name,
+            "/".join(directions),
+            "/".join(metrics or ["the returned value"]),
+            type(sampler).__name__,
             storage_url,
             self._counted(study),
-            settings.n_trials,
+            n_trials,
         )
+        plumbing = {
+            STORAGE_ENV: storage_url,
+            STUDY_ENV: study.study_name,
+        }
         job_index = 0
-        while True:
-            take_over_stale_trials(study)
-            trials = self._ask(study, distributions, int(settings.n_jobs))
-            if not trials:
-                break
-            overrides = [
-                [
-                    *fixed,
-                    *(f"{k}={v}" for k, v in trial.params.items()),
-                    f"++sweeper_trial.storage={storage_url}",
-                    f"++sweeper_trial.study={settings.study_name}",
-                    f"++sweeper_trial.number={trial.number}",
+        try:
+            while True:
+                take_over_stale_trials(study)
+                trials = self._ask(study, space, int(settings.n_jobs), n_trials)
+                if not trials:
+                    break
+                overrides = [
+                    [
+                        *space.fixed,
+                        *(f"{key}={value}" for key, value in trial.params.items()),
+                        *hydra_env({**plumbing, TRIAL_ENV: trial.number}),
+                    ]
+                    for trial in trials
                 ]
-                for trial in trials
-            ]
-            with heartbeats(storage, trials):
-                returns = self.launcher.launch(overrides, initial_job_idx=job_index)
-            job_index += len(returns)
-            for trial, ret in zip(trials, returns, strict=True):
-                self._tell(study, trial, ret)
-                release_frames(ret)
-            del returns, ret  # before the next batch runs, not after
-            self._check_failures(study)
-        self._write_results(study, sweep_dir, metric)
+                with heartbeats(storage, trials):
+                    returns = self.launcher.launch(overrides, initial_job_idx=job_index)
+                job_index += len(returns)
+                for trial, ret in zip(trials, returns, strict=True):
+                    self._tell(study, trial, ret)
+                    release_frames(ret)
+                del returns, ret  # before the next batch runs, not after
+                self._check_failures(study)
+        finally:
+            # Whatever ended the sweep, what the study holds so far is written out.
+            self._write_results(study, sweep_dir, metrics)
         return study
 
-    def _search_space(self, arguments: list[str]):
-        parser = OverridesParser.create()
-        params = [f"{k}={v}" for k, v in (self.settings.params or {}).items()]
-        fixed, distributions = [], {}
-        for override in parser.parse_overrides(params + list(arguments)):
-            if override.is_sweep_override():
-                distributions[override.get_key_element()] = distribution_for(override)
-            else:
-                fixed.append(override.input_line)
-        if not distributions:
-            raise ValueError(
-                "the Optuna sweeper has nothing to search: set hydra.sweeper.params "
-                "(e.g. hparams_search=lr_head) or pass a sweep on the command line"
+    def _sampler(self, space: SearchSpace, objectives: int):
+        """The configured sampler and how many trials the study may have.
+
+        `auto` is TPE for one objective and NSGA-II for several. A grid is built from the search
+        space, and the study stops at its size.
+        """
+        import functools
+
+        import optuna
+        from hydra.utils import instantiate
+
+        node = OmegaConf.to_container(self.settings.sampler or {}, resolve=True)
+        node = {k: v for k, v in node.items() if v is not None or k == "_target_"}
+        target = node.get("_target_", "auto")
+        n_trials = int(self.settings.n_trials)
+        if target == "auto":
+            chosen = optuna.samplers.NSGAIISampler if objectives > 1 else optuna.samplers.TPESampler
+            return chosen(seed=node.get("seed")), n_trials
+        if target.endswith("GPSampler") and not _installed("torch"):
+            raise SweepError(
+                "hydra/sweeper/sampler=gp needs PyTorch, which is not installed: pip install torch "
+                "(or choose tpe, random, grid, cmaes, nsgaii or qmc)"
             )
-        return fixed, distributions
+        if target.endswith("CmaEsSampler") and not _installed("cmaes"):
+            raise SweepError(
+                "hydra/sweeper/sampler=cmaes needs the cmaes package, which is not installed: "
+                "pip install cmaes"
+            )
+        sampler = instantiate(node)
+        if isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler:
+            grid = space.grid()
+            size = math.prod(len(values) for values in grid.values())
+            if size < n_trials:
+                log.info("the grid has %d points: n_trials is %d, not %d", size, size, n_trials)
+            return sampler(grid), min(n_trials, size)
+        return sampler, n_trials
+
+    def _pruner(self, objectives: int):
+        import optuna
+        from hydra.utils import instantiate
+
+        if not self.settings.pruner:
+            return optuna.pruners.NopPruner()
+        if objectives > 1:
+            log.info(
+                "pruning is off: Optuna prunes on one intermediate value, and this study has "
+                "%d objectives",
+                objectives,
+            )
+            return optuna.pruners.NopPruner()
+        return instantiate(self.settings.pruner)
 
     @staticmethod
-    def _check_same_study(study, fixed: list[str], distributions: dict, storage_url: str) -> None:
+    def _check_same_study(study, space: SearchSpace, storage_url: str) -> None:
         """Resume a study only with the overrides and search space it was started with.
 
         A stored study records both; a command that differs (another `trainer.epochs`, another
         range) would mix incomparable trials into it, so it stops instead, saying how to go on.
         """
         identity = {
-            "overrides": sorted(fixed),
-            "search_space": {k: repr(v) for k, v in sorted(distributions.items())},
+            "overrides": sorted(space.fixed),
+            "search_space": {k: repr(v) for k, v in sorted(space.distributions.items())},
         }
         stored = study.user_attrs.get("identity")
         if stored is None:
-            study.set_user_attr("identity", identity)
+            uninterrupted(study.set_user_attr)("identity", identity)
         elif stored != identity:
             changed = [k.replace("_", " ") for k in identity if identity[k] != stored.get(k)]
-            raise ValueError(
+            raise SweepError(
                 f"study {study.study_name!r} in {storage_url} was started with other "
                 f"{' and '.join(changed)} (there: {stored['overrides']}, "
                 f"{list(stored['search_space'])}); to keep both, start a new study with "
@@ -319,16 +309,22 @@ class OptunaSweeper(Sweeper):
         return sum(1 for t in trials if not t.user_attrs.get("surplus") and t.number not in retried)
 
     @uninterrupted
-    def _ask(self, study, distributions, how_many: int) -> list:
+    def _ask(self, study, space: SearchSpace, how_many: int, n_trials: int) -> list:
         """Up to `how_many` new trials, never more than n_trials in the whole study."""
+        from hydra.utils import get_method
         from optuna.trial import TrialState
 
+        extend = None
+        if self.settings.custom_search_space:
+            extend = get_method(str(self.settings.custom_search_space))
         asked, attempts = [], 0
         while len(asked) < how_many and attempts < MAX_ASK_ATTEMPTS:
             attempts += 1
-            if self._counted(study) >= self.settings.n_trials:
+            if self._counted(study) >= n_trials:
                 break
-            trial = study.ask(fixed_distributions=distributions)
+            trial = study.ask(fixed_distributions=space.distributions)
+            if extend is not None:
+                extend(self.config, trial)
             for key, value in owner_attrs().items():
                 trial.set_user_attr(key, value)
             trials = study.get_trials(deepcopy=False)
@@ -351,10 +347,10 @@ class OptunaSweeper(Sweeper):
             # Processes sharing a storage ask at the same moment: the storage numbers trials
             # atomically, so only the first n_trials numbers run, and a configuration another
             # process already runs is not run twice.
-            if len(earlier) >= self.settings.n_trials or trial.params in running:
+            if len(earlier) >= n_trials or trial.params in running:
                 trial.set_user_attr("surplus", True)
-                study.tell(trial, state=TrialState.FAIL)
-                if len(earlier) >= self.settings.n_trials:
+                tell(study, trial, state=TrialState.FAIL)
+                if len(earlier) >= n_trials:
                     break
                 study.sampler.reseed_rng()  # a seeded sampler in a new process repeats itself
                 continue
@@ -366,17 +362,25 @@ class OptunaSweeper(Sweeper):
         import optuna
         from optuna.trial import TrialState
 
+        from experiments.tracking import tag_trial_runs
+
         if ret.status == JobStatus.COMPLETED:
-            study.tell(trial, float(ret.return_value))
-            state = "COMPLETE"
+            try:
+                values = objective_values(ret.return_value, len(study.directions))
+            except ValueError as err:
+                log.warning("trial %d failed: %s", trial.number, err)
+                tell(study, trial, state=TrialState.FAIL)
+                state = "FAIL"
+            else:
+                state = tell(study, trial, values=values).name
         elif isinstance(ret._return_value, optuna.TrialPruned):  # the job's exception
-            study.tell(trial, state=TrialState.PRUNED)
+            tell(study, trial, state=TrialState.PRUNED)
             state = "PRUNED"
         else:
             log.warning("trial %d failed: %r", trial.number, ret._return_value)
-            study.tell(trial, state=TrialState.FAIL)
+            tell(study, trial, state=TrialState.FAIL)
             state = "FAIL"
-        tag_child_run(trial.number, state)
+        tag_trial_runs(study.study_name, {trial.number: {"optuna_state": state}})
 
     def _check_failures(self, study) -> None:
         from optuna.trial import TrialState
@@ -388,32 +392,172 @@ class OptunaSweeper(Sweeper):
         ]
         failed = sum(t.state == TrialState.FAIL for t in done)
         if done and failed / len(done) > self.settings.max_failure_rate and len(done) >= 2:
-            raise RuntimeError(
+            raise SweepError(
                 f"stopping the sweep: {failed} of {len(done)} trials failed, more than "
                 f"hydra.sweeper.max_failure_rate={self.settings.max_failure_rate}; see the "
                 f"failed jobs' logs under {self.config.hydra.sweep.dir}"
             )
 
     @uninterrupted
-    def _write_results(self, study, sweep_dir: Path, metric: str) -> None:
-        from optuna.trial import TrialState
+    def _write_results(self, study, sweep_dir: Path, metrics: list[str] | None) -> None:
+        from experiments.tracking import log_study, tag_trial_runs
 
-        complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
         frame = study.trials_dataframe(
             attrs=("number", "state", "value", "duration", "params", "user_attrs")
         )
+        if frame.empty:
+            return
         # Stale trials run again as a retry: the retry's row is the trial's.
         frame = frame[~frame["number"].isin(retried_numbers(study.trials))]
         if "user_attrs_surplus" in frame:  # asks discarded as duplicates never ran
             frame = frame[frame["user_attrs_surplus"].isna()].drop(columns="user_attrs_surplus")
         frame = frame.drop(columns=[c for c in frame if c.startswith("user_attrs_owner_")])
+        results = study_results(study, metrics)
+        if "solutions" in results:
+            front = {t.number for t in study.best_trials}
+            frame["pareto"] = frame["number"].isin(front)
+            tags = {n: {"pareto": str(n in front).lower()} for n in frame["number"]}
+            tag_trial_runs(study.study_name, tags)
         frame.to_csv(sweep_dir / "trials.csv", index=False)
-        results = {"name": "optuna", "metric": metric}
-        if complete:
-            results |= {"best_params": dict(study.best_params), "best_value": study.best_value}
-            log.info("best %s %.4f with %s", metric, study.best_value, study.best_params)
         OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
-        log_study_to_parent(study, sweep_dir, results)
+        log_study(study, sweep_dir, results, plots(study, sweep_dir, metrics))
+
+
+def metric_names(config: DictConfig) -> list[str] | None:
+    """The names of the job's objectives (`optimized_metric`), or None when it has none."""
+    metric = config.get("optimized_metric")
+    if metric is None:
+        return None
+    return [str(m) for m in metric] if isinstance(metric, ListConfig | list) else [str(metric)]
+
+
+def study_directions(direction: Any, metrics: list[str] | None) -> list[str]:
+    """One direction per objective: as given, or from each metric's name (minimize a loss, a
+    time, a size or a parameter count; maximize the rest), or minimize (hydra-optuna-sweeper's
+    default) for a task without `optimized_metric`."""
+    if direction is None:
+        if not metrics:
+            return ["minimize"]
+        return ["minimize" if any(word in m for word in MINIMIZED) else "maximize" for m in metrics]
+    given = list(direction) if isinstance(direction, ListConfig | list | tuple) else [direction]
+    given = [str(getattr(d, "name", d)) for d in given]
+    if bad := [d for d in given if d not in ("minimize", "maximize")]:
+        raise SweepError(f"hydra.sweeper.direction={bad[0]}: use minimize or maximize")
+    if metrics and len(given) != len(metrics):
+        raise SweepError(
+            f"hydra.sweeper.direction gives {len(given)} direction(s) for the {len(metrics)} "
+            f"metric(s) of optimized_metric={metrics}: give one per metric"
+        )
+    return given
+
+
+def objective_values(returned: Any, objectives: int) -> list[float]:
+    """The job's return value as one float per objective; ValueError says what is wrong."""
+    many = isinstance(returned, list | tuple | ListConfig)
+    if objectives == 1 and not many:
+        values = [returned]
+    elif objectives > 1 and many:
+        values = list(returned)
+    else:
+        shape = "a number" if objectives == 1 else f"a list or tuple of {objectives} numbers"
+        raise ValueError(
+            f"the job returned {returned!r}; a study of {objectives} objective(s) needs {shape}"
+        )
+    if len(values) != objectives:
+        raise ValueError(
+            f"the job returned {len(values)} value(s), {returned!r}, for {objectives} objectives"
+        )
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(f"the job returned {returned!r}, which is not numeric") from None
+
+
+def tell(study, trial, **outcome):
+    """study.tell, whose GridSampler stops the study once the grid is covered: outside
+    study.optimize that stop raises, after the trial's state is stored. The sweep ends on its
+    own then, as n_trials is capped at the grid's size."""
+    try:
+        study.tell(trial, **outcome)
+    except RuntimeError as err:
+        if "Study.stop" not in str(err):
+            raise
+    return study.get_trials(deepcopy=False)[trial.number].state
+
+
+def study_results(study, metrics: list[str] | None) -> dict[str, Any]:
+    """optimization_results.yaml as hydra-optuna-sweeper writes it: the best params and value,
+    or the Pareto front (`solutions`) of a multi-objective study."""
+    from optuna.trial import TrialState
+
+    results: dict[str, Any] = {"name": "optuna"}
+    if metrics:
+        results["metric"] = metrics[0] if len(metrics) == 1 else metrics
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        return results
+    if len(study.directions) == 1:
+        log.info("best value %.4f with %s", study.best_value, study.best_params)
+        return results | {"best_params": dict(study.best_params), "best_value": study.best_value}
+    front = study.best_trials
+    log.info("%d trial(s) on the Pareto front", len(front))
+    for t in front:
+        log.info("    trial %d: values %s, params %s", t.number, t.values, t.params)
+    return results | {
+        "directions": [d.name.lower() for d in study.directions],
+        "solutions": [{"params": dict(t.params), "values": list(t.values)} for t in front],
+    }
+
+
+def plots(study, sweep_dir: Path, metrics: list[str] | None) -> list[Path]:
+    """Optuna's plots of the study as PNG files: the history, importances and parallel
+    coordinates of one objective, or the Pareto front of several."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    if len(study.directions) > 1:
+        names = metrics if metrics and len(metrics) == len(study.directions) else None
+        wanted = {
+            "pareto_front": lambda s: optuna_plots.plot_pareto_front(s, target_names=names),
+        }
+    else:
+        wanted = {
+            "optimization_history": optuna_plots.plot_optimization_history,
+            "param_importances": optuna_plots.plot_param_importances,
+            "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
+        }
+    saved = []
+    for name, plot in wanted.items():
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ complete trials
+            log.info("no %s plot: %s", name, err)
+            continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+        path = sweep_dir / f"{name}.png"
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        saved.append(path)
+    return saved
+
+
+def hydra_env(values: dict[str, Any]) -> list[str]:
+    """Overrides setting environment variables for a job through its hydra node: they are not
+    task overrides, so they stay out of hydra.job.override_dirname."""
+    return [f"++hydra.job.env_set.{key}={quoted(str(value))}" for key, value in values.items()]
+
+
+def quoted(text: str) -> str:
+    """`text` as a quoted value of Hydra's override grammar (a URL may hold = , or spaces)."""
+    return "'" + text.replace("'", "\\'") + "'"
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None
 
 
 @contextlib.contextmanager
@@ -446,63 +590,6 @@ def heartbeats(storage, trials):
     finally:
         stop.set()
         thread.join()
-
-
-def tag_child_run(number: int, state: str) -> None:
-    """Tag the MLflow child run of trial `number` with its Optuna state."""
-    from experiments.tracking import PARENT_RUN_ENV
-
-    parent = os.environ.get(PARENT_RUN_ENV)
-    if not parent:
-        return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient()
-    experiment = client.get_run(parent).info.experiment_id
-    for run in client.search_runs(
-        [experiment],
-        filter_string=(f"tags.mlflow.parentRunId = '{parent}' and tags.optuna_trial = '{number}'"),
-    ):
-        client.set_tag(run.info.run_id, "optuna_state", state)
-
-
-def log_study_to_parent(study, sweep_dir: Path, results: dict) -> None:
-    """Best params and value, the trials table and Optuna's plots, on the sweep's parent run."""
-    from experiments.tracking import PARENT_RUN_ENV
-
-    parent = os.environ.get(PARENT_RUN_ENV)
-    if not parent:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from mlflow.tracking import MlflowClient
-    from optuna.visualization import matplotlib as plots
-
-    client = MlflowClient()
-    if "best_value" in results:
-        client.log_metric(parent, "best_value", float(results["best_value"]))
-        for key, value in results["best_params"].items():
-            client.log_param(parent, f"best.{key}", str(value))
-    client.set_tag(parent, "optuna_study", study.study_name)
-    for name in ("trials.csv", "optimization_results.yaml"):
-        client.log_artifact(parent, str(sweep_dir / name), artifact_path="study")
-    for name, plot in (
-        ("optimization_history", plots.plot_optimization_history),
-        ("param_importances", plots.plot_param_importances),
-        ("parallel_coordinate", plots.plot_parallel_coordinate),
-    ):
-        try:
-            axes = plot(study)
-        except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ complete trials
-            log.info("no %s plot: %s", name, err)
-            continue
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
-        path = sweep_dir / f"{name}.png"
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(figure)
-        client.log_artifact(parent, str(path), artifact_path="study")
 
 
 def release_frames(ret) -> None:

@@ -1,0 +1,234 @@
+"""Our Optuna sweeper on its own: hydra-optuna-sweeper's configs and grammar, and its bugs fixed.
+
+The jobs are a small pure-Python task (tests/sweeper_app/app.py, upstream's sphere example);
+test_sweeps.py runs the sweeper with the real `experiments.train`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+APP = Path(__file__).parent / "sweeper_app" / "app.py"
+
+
+def sweep(tmp_path, *args, check=True, config=None):
+    command = [sys.executable, str(APP), "-m", f"hydra.sweep.dir={tmp_path}"]
+    if config:
+        command.append(f"--config-name={config}")
+    result = subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=300, cwd=APP.parent
+    )
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def results(tmp_path) -> dict:
+    return yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+
+
+def trials(tmp_path) -> pd.DataFrame:
+    return pd.read_csv(tmp_path / "trials.csv")
+
+
+def job_overrides(tmp_path) -> list[list[str]]:
+    return [yaml.safe_load(p.read_text()) for p in sorted(tmp_path.glob("*/.hydra/overrides.yaml"))]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("key=choice(1,2)", "CategoricalDistribution(choices=(1, 2))"),
+        ("key=choice(true, false)", "CategoricalDistribution(choices=(True, False))"),
+        ("key=choice('hello', 'world')", "CategoricalDistribution(choices=('hello', 'world'))"),
+        ("key=choice([64],[128,64])", "CategoricalDistribution(choices=('[64]', '[128,64]'))"),
+        ("key=shuffle(range(1,3))", "CategoricalDistribution(choices=(1, 2))"),
+        # Ordered and stepped, with Hydra's values: range(1,3) is 1 and 2.
+        ("key=range(1,3)", "IntDistribution(high=2, log=False, low=1, step=1)"),
+        ("key=range(0,10,step=3)", "IntDistribution(high=9, log=False, low=0, step=3)"),
+        (
+            "key=range(0.5, 5.5, step=1)",
+            "FloatDistribution(high=4.5, log=False, low=0.5, step=1.0)",
+        ),
+        ("key=interval(1, 5)", "FloatDistribution(high=5.0, log=False, low=1.0, step=None)"),
+        ("key=int(interval(1, 5))", "IntDistribution(high=5, log=False, low=1, step=1)"),
+        (
+            "key=tag(log, interval(1, 5))",
+            "FloatDistribution(high=5.0, log=True, low=1.0, step=None)",
+        ),
+        ("key=tag(log, int(interval(1, 5)))", "IntDistribution(high=5, log=True, low=1, step=1)"),
+    ],
+)
+def test_the_override_grammar_becomes_optuna_distributions(override, expected):
+    from hydra_plugins.experiments_sweeper.space import search_space
+
+    space = search_space({}, [override])
+    assert repr(space.distributions["key"]) == expected
+    assert space.fixed == []
+
+
+def test_the_command_line_wins_over_the_config_params():
+    from hydra_plugins.experiments_sweeper.space import search_space
+
+    params = {"a": "interval(0, 1)", "b": "choice(1, 2)", "c": "5", "d": "range(1, 4)"}
+    space = search_space(params, ["a=0.3", "b=choice(3, 4)", "~e", "f=1"])
+    assert set(space.distributions) == {"b", "d"}  # a fixed: out of the search
+    assert space.distributions["b"].choices == (3, 4)
+    assert space.fixed == ["~e", "c=5", "a=0.3", "f=1"]
+
+
+def test_config_params_in_upstream_form_give_upstream_results(tmp_path):
+    sweep(tmp_path)
+    found = results(tmp_path)
+    assert found["name"] == "optuna"
+    table = trials(tmp_path)
+    assert len(table) == 6 and set(table["state"]) == {"COMPLETE"}
+    assert set(table["params_x"]) <= {-2, -1, 0, 1, 2} and set(table["params_y"]) <= {-1, 0, 1}
+    best = table.loc[table["value"].idxmin()]
+    assert found["best_value"] == best["value"]
+    assert found["best_params"] == {"x": best["params_x"], "y": best["params_y"]}
+
+
+def test_a_value_fixed_on_the_command_line_is_not_searched(tmp_path):
+    sweep(tmp_path, "x=2", "hydra.sweeper.n_trials=3")
+    for overrides in job_overrides(tmp_path):
+        assert [o for o in overrides if o.startswith("x=")] == ["x=2"]
+    assert "params_x" not in trials(tmp_path)
+    assert set(results(tmp_path)["best_params"]) == {"y"}
+    assert results(tmp_path)["best_value"] >= 4  # every job ran with x=2
+
+
+def test_jobs_get_only_their_own_parameters_as_overrides(tmp_path):
+    sweep(tmp_path, "hydra.sweeper.n_trials=3", "hydra.sweep.subdir=${hydra.job.override_dirname}")
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
+    assert len(folders) == 3
+    assert all(name.startswith("x=") and ",y=" in name and "/" not in name for name in folders)
+    for overrides in job_overrides(tmp_path):
+        assert [o.split("=")[0] for o in overrides] == ["x", "y"]
+    # The trial number reaches the job through its hydra node instead.
+    hydra_cfg = yaml.safe_load(next(tmp_path.glob("*/.hydra/hydra.yaml")).read_text())
+    assert "EXPERIMENTS_OPTUNA_TRIAL" in hydra_cfg["hydra"]["job"]["env_set"]
+
+
+@pytest.mark.parametrize("returns", ["none", "text", "list"])
+def test_a_non_float_return_fails_the_trial_and_the_sweep_goes_on(tmp_path, returns):
+    result = sweep(
+        tmp_path,
+        f"returns={returns}",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.max_failure_rate=1",
+    )
+    assert "Traceback" not in result.stderr
+    assert list(trials(tmp_path)["state"]) == ["FAIL"] * 3
+    assert result.stdout.count("failed: the job returned") == 3
+    assert results(tmp_path) == {"name": "optuna"}  # written, with nothing best
+
+
+def test_failing_jobs_stop_the_sweep_in_one_line_with_the_results_kept(tmp_path):
+    result = sweep(tmp_path, "+error=true", "hydra.sweeper.max_failure_rate=0.0", check=False)
+    assert result.returncode == 1
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "stopping the sweep: 2 of 2 trials failed" in line
+    assert list(trials(tmp_path)["state"]) == ["FAIL", "FAIL"]
+    assert results(tmp_path)["name"] == "optuna"
+
+
+def test_the_grid_runs_to_its_end_and_stops_cleanly(tmp_path):
+    result = sweep(tmp_path, config="grid")  # upstream's test_grid.yaml, n_trials=20
+    assert "the grid has 8 points: n_trials is 8, not 20" in result.stdout
+    table = trials(tmp_path)
+    assert set(table["state"]) == {"COMPLETE"}
+    points = {(r.params_x, r.params_y, r.params_z) for r in table.itertuples()}
+    assert len(table) == len(points) == 8
+    assert {x for x, _, _ in points} == {-1, 1} and {y for _, y, _ in points} == {-1.0, 0.0}
+    assert results(tmp_path)["best_value"] == 1.0
+    again = sweep(tmp_path, config="grid")  # resumed: the grid is done, nothing runs
+    assert "8 of 8 trials done" in again.stdout and len(trials(tmp_path)) == 8
+
+
+def test_a_continuous_param_is_refused_by_the_grid_in_one_line(tmp_path):
+    result = sweep(tmp_path, "hydra/sweeper/sampler=grid", "x=interval(0,1)", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: hydra/sweeper/sampler=grid cannot list x" in result.stderr
+
+
+def test_two_objectives_give_the_pareto_front(tmp_path):
+    result = sweep(
+        tmp_path,
+        "returns=two",
+        "hydra.sweeper.direction=[minimize,minimize]",
+        "hydra.sweeper.n_trials=10",
+    )
+    assert "NSGAIISampler" in result.stdout  # the default for several objectives
+    assert "pruning is off" in result.stdout
+    found = results(tmp_path)
+    assert found["directions"] == ["minimize", "minimize"]
+    front = found["solutions"]
+    assert front and all(set(s) == {"params", "values"} for s in front)
+    table = trials(tmp_path)
+    complete = table[table["state"] == "COMPLETE"]
+    values = [tuple(v) for v in complete[["values_0", "values_1"]].to_numpy()]
+
+    def dominated(v):
+        return any(
+            all(o <= w for o, w in zip(other, v, strict=True)) and other != v for other in values
+        )
+
+    assert sorted(tuple(s["values"]) for s in front) == sorted(
+        set(v for v in values if not dominated(v))
+    )
+    assert set(complete[complete["pareto"]]["number"]) == set(
+        complete[[not dominated(v) for v in values]]["number"]
+    )
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "nsgaii", "cmaes"])
+def test_sampler_groups_take_their_typed_settings(tmp_path, sampler):
+    names = {"tpe": "TPE", "random": "Random", "qmc": "QMC", "nsgaii": "NSGAII", "cmaes": "CmaEs"}
+    continuous = ["x=interval(-2, 2)", "y=interval(-1, 1)"] if sampler == "cmaes" else []
+    result = sweep(
+        tmp_path,
+        f"hydra/sweeper/sampler={sampler}",
+        "hydra.sweeper.sampler.seed=7",
+        "hydra.sweeper.n_trials=3",
+        *continuous,
+    )
+    assert f"{names[sampler]}Sampler" in result.stdout
+    assert len(trials(tmp_path)) == 3
+
+
+def test_an_unknown_sampler_setting_is_refused(tmp_path):
+    result = sweep(
+        tmp_path, "hydra/sweeper/sampler=random", "+hydra.sweeper.sampler.nope=1", check=False
+    )
+    assert result.returncode == 1 and "nope" in result.stderr
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("torch") is not None, reason="PyTorch is installed"
+)
+def test_the_gp_sampler_without_pytorch_is_one_line(tmp_path):
+    result = sweep(tmp_path, "hydra/sweeper/sampler=gp", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: hydra/sweeper/sampler=gp needs PyTorch" in result.stderr
+    assert "pip install torch" in result.stderr
+
+
+def test_custom_search_space_suggests_more_params_per_trial(tmp_path):
+    sweep(
+        tmp_path,
+        "hydra.sweeper.custom_search_space=app.configure",
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.n_trials=5",
+    )
+    table = trials(tmp_path)
+    assert len(table) == 5 and set(table["state"]) == {"COMPLETE"}
+    assert ((table["params_+w"] - table["params_x"]).abs() <= 0.5).all()
+    best = results(tmp_path)["best_params"]
+    assert abs(best["+w"] - best["x"]) <= 0.5
