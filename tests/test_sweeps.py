@@ -113,7 +113,7 @@ def test_the_same_command_resumes_its_study_from_the_default_journal(tmp_path, i
 
 
 @pytest.mark.backends
-def test_aggressive_pruner_stops_trials_early(tmp_path, image_folder):
+def test_aggressive_pruner_stops_trials_early(tmp_path, image_folder, capsys):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     sweep(
         tmp_path,
@@ -137,6 +137,17 @@ def test_aggressive_pruner_stops_trials_early(tmp_path, image_folder):
         assert run.data.metrics["val_accuracy"] >= 0  # partial curves kept
         assert run.data.metrics["peak_rss_mb"] > 200  # memory recorded on every ending
     assert all(len(t.intermediate_values) < 4 for t in study(storage).trials)
+    # compare leaves pruned trials out (no test metrics), or lists them marked.
+    from experiments.compare import main as compare
+
+    store = ["--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db", "--out", str(tmp_path)]
+    assert compare(["folder", *store]) == 2
+    assert "add --pruned" in capsys.readouterr().err
+    (parent,) = {r.data.tags["mlflow.parentRunId"] for r in children}
+    assert compare(["--sweep", parent, "--pruned", *store]) == 0
+    table = pd.read_csv(tmp_path / f"comparison-sweep-{parent[:8]}.csv")
+    assert len(table) == 3 and table["pruned"].all() and set(table["state"]) == {"PRUNED"}
+    assert "no trial has completed" in capsys.readouterr().out
 
 
 def test_two_processes_share_one_study(tmp_path, image_folder):
@@ -284,7 +295,7 @@ def test_a_trial_whose_heartbeat_stopped_is_failed_and_queued_again(tmp_path):
     assert [t.state.name for t in trials if t.number == alive.number] == ["RUNNING"]
 
 
-def test_accuracy_against_cost_puts_the_pareto_front_in_mlflow(tmp_path, image_folder):
+def test_accuracy_against_cost_puts_the_pareto_front_in_mlflow(tmp_path, image_folder, capsys):
     import json
     from pathlib import Path
 
@@ -332,3 +343,15 @@ def test_accuracy_against_cost_puts_the_pareto_front_in_mlflow(tmp_path, image_f
     assert sorted(table["trial"].astype(str)) == sorted(on_front)
     assert {"val_accuracy", "train_time_s", "head.units"} <= set(table.columns)
     assert parent.data.metrics["pareto_size"] == len(front)
+    # compare, given the parent run: the trials, their states and the front.
+    from experiments.compare import main as compare
+
+    store = ["--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db", "--out", str(tmp_path)]
+    assert compare(["--sweep", parent.info.run_id, *store]) == 0
+    printed = capsys.readouterr().out
+    assert "Pareto front (val_accuracy,train_time_s; maximize,minimize): trial(s)" in printed
+    compared = pd.read_csv(tmp_path / f"comparison-sweep-{parent.info.run_id[:8]}.csv")
+    assert len(compared) == 3 and set(compared["state"]) == {"COMPLETE"}
+    assert set(compared[compared["pareto"]]["trial"].astype(str)) == on_front
+    assert compare(["--sweep", children[0].info.run_id, *store]) == 2
+    assert "is not a sweep's parent run" in capsys.readouterr().err

@@ -1,4 +1,5 @@
-"""The reference-style comparison table from MLflow: `python -m experiments.compare [EXPERIMENT]`.
+"""The reference-style comparison table from MLflow: `python -m experiments.compare [EXPERIMENT]`,
+or the trials of one sweep: `python -m experiments.compare --sweep PARENT_RUN_ID`.
 
 Prints the table, saves it as Markdown and CSV, and draws accuracy against train time per
 configuration. Runs are found with MLflow's public search API.
@@ -28,8 +29,16 @@ COLUMNS = {  # table column -> MLflow field
 }
 
 
-def comparison_table(experiments: list[str] | None, filter_string: str = ""):
-    """One row per finished training run, best test accuracy first."""
+TRIAL_COLUMNS = {  # sweep table column -> MLflow field
+    "trial": "tags.optuna_trial",
+    "state": "tags.optuna_state",
+    "pareto": "tags.pareto",
+}
+
+
+def comparison_table(experiments: list[str] | None, filter_string: str = "", pruned=False):
+    """One row per finished training run, best test accuracy first. Pruned trials are left out
+    (their partial runs have no test metrics), or kept with `pruned` and marked."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -41,21 +50,78 @@ def comparison_table(experiments: list[str] | None, filter_string: str = ""):
             f"no finished runs in experiment(s) {', '.join(names) or '(none)'}"
             f"{' matching ' + filter_string if filter_string else ''}; train some first"
         )
+    return table_of(runs, pruned)
+
+
+def sweep_table(parent_id: str, pruned=False):
+    """The trials of one sweep, given its MLflow parent run: a row per trial with its Optuna
+    state and whether it is on the Pareto front, and a line naming the best trial or the front."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        parent = MlflowClient().get_run(parent_id)
+    except MlflowException:
+        raise ExperimentError(f"--sweep {parent_id}: no such run in this store") from None
+    tags = parent.data.tags
+    if tags.get("sweep") != "true":
+        raise ExperimentError(
+            f"--sweep {parent_id}: run {parent.info.run_name!r} is not a sweep's parent run; give "
+            f"the run id of a run tagged sweep=true"
+        )
+    runs = mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        output_format="pandas",
+    )
+    if runs.empty:
+        raise ExperimentError(f"--sweep {parent_id}: the sweep has no trial runs yet")
+    table = table_of(runs, pruned)
+    for column, field in TRIAL_COLUMNS.items():
+        table[column] = runs.loc[table.index, field] if field in runs else None
+    table = table.reset_index(drop=True)
+    if "best_trial" in tags:
+        summary = f"best trial {tags['best_trial']}: {tags.get('optimized_metric', 'value')}=" + (
+            f"{parent.data.metrics['best_value']:.4g}"
+        )
+    elif "pareto" in table and (table["pareto"] == "true").any():
+        front = table[table["pareto"] == "true"]
+        summary = (
+            f"Pareto front ({tags.get('optimized_metric', '')}; "
+            f"{tags.get('optuna_directions', '')}): trial(s) {', '.join(front['trial'])}"
+        )
+    else:
+        summary = "no trial has completed"
+    return table, summary
+
+
+def table_of(runs, pruned: bool):
+    """The comparison columns of `runs` (training runs only), best test accuracy first."""
     # Training runs only: not sweep parents, not re-evaluations.
     for tag in ("tags.sweep", "tags.run_type"):
         if tag in runs:
             runs = runs[runs[tag].isna()]
+    marked = runs["tags.pruned"].eq("true") if "tags.pruned" in runs else runs["run_id"].isna()
+    if not pruned:
+        runs = runs[~marked]
+        if runs.empty and marked.any():
+            raise ExperimentError(
+                f"the {int(marked.sum())} finished run(s) found are all pruned trials, whose "
+                f"partial runs hold no test metrics; add --pruned to list them"
+            )
     missing = [field for field in COLUMNS.values() if field not in runs]
-    for field in missing:
-        runs[field] = None
+    runs = runs.assign(**{field: None for field in missing})
     table = runs[list(COLUMNS.values())].copy()
     table.columns = list(COLUMNS)
     table.insert(0, "run_name", runs["tags.mlflow.runName"])
     table.insert(1, "run_id", runs["run_id"].str[:8])
+    if pruned:
+        table["pruned"] = marked[runs.index]
     table["time_per_epoch_s"] = table["train_time_s"] / table["epochs"]
     for column in ("total_params", "trainable_params", "epochs"):
         table[column] = table[column].astype("Int64")
-    return table.sort_values("test_accuracy", ascending=False).reset_index(drop=True)
+    return table.sort_values("test_accuracy", ascending=False, na_position="last")
 
 
 def save_outputs(table, outdir: Path, stem: str) -> list[Path]:
@@ -103,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         help="default: tracking.uri ($MLFLOW_TRACKING_URI, else the project's mlruns/mlflow.db)",
     )
     parser.add_argument("--out", default=None, help="output folder (default: paths.reports_dir)")
+    parser.add_argument(
+        "--sweep", default=None, metavar="PARENT_RUN_ID", help="the trials of one sweep"
+    )
+    parser.add_argument(
+        "--pruned", action="store_true", help="keep pruned trials, marked (default: left out)"
+    )
     args = parser.parse_args(argv)
     import pandas as pd
 
@@ -111,14 +183,23 @@ def main(argv: list[str] | None = None) -> int:
     project = compose_project_config()
     try:
         tracking.open_store(args.tracking_uri or str(project.tracking.uri))
-        table = comparison_table(args.experiments, args.filter)
+        if args.sweep:
+            table, summary = sweep_table(args.sweep, args.pruned)
+        else:
+            table, summary = comparison_table(args.experiments, args.filter, args.pruned), None
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    stem = "comparison-" + ("-".join(args.experiments) or "all")
+    table = table.reset_index(drop=True)
+    if args.sweep:
+        stem = f"comparison-sweep-{args.sweep[:8]}"
+    else:
+        stem = "comparison-" + ("-".join(args.experiments) or "all")
     files = save_outputs(table, Path(args.out or project.paths.reports_dir), stem)
     with pd.option_context("display.max_columns", None, "display.width", 200):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if summary:
+        print(summary)
     print("saved: " + ", ".join(str(f) for f in files))
     return 0
 

@@ -928,7 +928,16 @@ def log_study(study, sweep_dir: Path, results: dict, plots: list[Path]) -> None:
             rows.append({"trial": trial.number, **values, **trial.params})
         client.log_table(parent, pd.DataFrame(rows), artifact_file="study/pareto_front.json")
         client.log_metric(parent, "pareto_size", len(rows))
-    client.set_tag(parent, "optuna_study", study.study_name)
+    tags = {
+        "optuna_study": study.study_name,
+        "optuna_directions": ",".join(d.name.lower() for d in study.directions),
+    }
+    if "metric" in results:
+        metric = results["metric"]
+        tags["optimized_metric"] = ",".join(metric) if isinstance(metric, list) else metric
+    if "best_value" in results:
+        tags["best_trial"] = str(study.best_trial.number)
+    client.log_batch(parent, tags=_run_tags(tags))
     for name in ("trials.csv", "optimization_results.yaml"):
         client.log_artifact(parent, str(sweep_dir / name), artifact_path="study")
     for path in plots:
