@@ -46,7 +46,7 @@ def states(storage, name="s"):
     return [t.state.name for t in trials if not t.user_attrs.get("surplus")]
 
 
-def test_search_records_a_parent_with_its_trials_and_resumes(tmp_path, image_folder):
+def test_search_records_a_parent_with_its_trials_and_resumes(tmp_path, image_folder, capsys):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     common = [
         "hparams_search=lr_head",
@@ -74,10 +74,12 @@ def test_search_records_a_parent_with_its_trials_and_resumes(tmp_path, image_fol
     assert trial_numbers == counted and len(counted) == 6
     assert all(r.data.tags["optuna_state"] == "COMPLETE" for c in children.values() for r in c)
     second = parents[1]
-    assert "best_value" in second.data.metrics and "best.optimizer.lr" in second.data.params
+    assert "best_value" in second.data.metrics and "best.head.dropout" in second.data.params
+    # optimizer.lr and head.units are fixed on the command line (tiny_overrides): not searched.
+    assert "best.optimizer.lr" not in second.data.params
     sweep_dir = second.data.tags["sweep_dir"]
     results = (tmp_path / sweep_dir / "optimization_results.yaml").read_text()
-    assert "best_params" in results and "head.units" in results
+    assert "best_params" in results and "head.dropout" in results and "head.units" not in results
     # Another command on the same study would mix incomparable trials into it: it stops.
     other = sweep(tmp_path, image_folder, *common, "trainer.seed=7", check=False)
     assert other.returncode != 0
@@ -86,8 +88,14 @@ def test_search_records_a_parent_with_its_trials_and_resumes(tmp_path, image_fol
     assert len(states(storage)) == 6
     table = pd.read_csv(f"{sweep_dir}/trials.csv")
     assert len(table) == 6 and set(table["state"]) == {"COMPLETE"}
-    assert {"params_optimizer.lr", "params_head.units", "params_head.dropout"} <= set(table)
+    assert "params_head.dropout" in table and "params_optimizer.lr" not in table
     best = study(storage).best_value
+    from experiments.compare import main as compare
+
+    store = ["--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db", "--out", str(tmp_path)]
+    assert compare(["--sweep", second.info.run_id, *store]) == 0
+    best_line = f"best trial {study(storage).best_trial.number}: val_accuracy="
+    assert best_line in capsys.readouterr().out
     assert (
         second.data.metrics["best_value"] == pytest.approx(best)
         or best >= second.data.metrics["best_value"]

@@ -136,7 +136,8 @@ def save_outputs(table, outdir: Path, stem: str) -> list[Path]:
     markdown.write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
     table.to_csv(csv, index=False)
     fig, ax = plt.subplots(figsize=(8, 5))
-    for _, row in table.iterrows():
+    plotted = table.dropna(subset=["train_time_s", "test_accuracy"])  # pruned trials have none
+    for _, row in plotted.iterrows():
         label = f"{row.task}/{row.backbone}/{row.strategy}/{row.augmentation}"
         ax.scatter(row.train_time_s, row.test_accuracy)
         ax.annotate(
