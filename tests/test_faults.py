@@ -503,6 +503,7 @@ BAD_VALUES = [
     ("task.image_size=[4,4]", "task.image_size"),
     ("task.split=[0.5,0.5,0.5]", "task.split"),
     ("resume=sometimes", "resume=sometimes is unknown"),
+    ("optimized_metric=[]", "must name a metric, or several as a list"),
 ]
 
 
