@@ -21,6 +21,7 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+# A signal waits for a write to the study's storage to end (a journal line, an RDB transaction).
 from experiments.interrupts import uninterrupted
 from experiments.sweep import STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 from hydra_plugins.experiments_sweeper import SweepError
@@ -32,8 +33,9 @@ log = logging.getLogger(__name__)
 JOURNAL_PREFIX = "journal:"
 # Asks that may be discarded as duplicates before a batch is given up.
 MAX_ASK_ATTEMPTS = 100
-# Metrics minimized when hydra.sweeper.direction is not given; any other is maximized.
-MINIMIZED = ("loss", "time", "_s", "params", "size", "rss", "error")
+# Metrics minimized when hydra.sweeper.direction is not given (names holding one of these words,
+# or seconds: `_s`); any other is maximized.
+MINIMIZED = ("loss", "time", "params", "size", "rss", "error")
 
 register()
 
