@@ -203,6 +203,12 @@ def test_sampler_groups_take_their_typed_settings(tmp_path, sampler):
     assert len(trials(tmp_path)) == 3
 
 
+def test_the_removed_motpe_sampler_says_what_to_use_instead(tmp_path):
+    result = sweep(tmp_path, "hydra/sweeper/sampler=motpe", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "removed in Optuna 4.0; use hydra/sweeper/sampler=tpe" in result.stderr
+
+
 def test_an_unknown_sampler_setting_is_refused(tmp_path):
     result = sweep(
         tmp_path, "hydra/sweeper/sampler=random", "+hydra.sweeper.sampler.nope=1", check=False

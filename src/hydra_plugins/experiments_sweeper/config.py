@@ -6,7 +6,7 @@ the sweeper's name changed. `auto`, our default, is TPE for one objective and NS
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List  # noqa: UP035 - OmegaConf reads these annotations
+from typing import Any, Dict, List, NoReturn  # noqa: UP035 - OmegaConf reads these annotations
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -106,6 +106,23 @@ class QMCSamplerConfig(SamplerConfig):
     warn_independent_sampling: bool = True
 
 
+MOTPE_REMOVED = (
+    "hydra/sweeper/sampler=motpe: the MOTPE sampler was removed in Optuna 4.0; use "
+    "hydra/sweeper/sampler=tpe (TPE handles several objectives) or nsgaii"
+)
+
+
+def raise_motpe_removed(*args: Any, **kwargs: Any) -> NoReturn:
+    raise ValueError(MOTPE_REMOVED)
+
+
+@dataclass
+class MOTPESamplerConfig(SamplerConfig):
+    """Kept so that upstream configs naming it stop with one line saying what to use instead."""
+
+    _target_: str = "hydra_plugins.experiments_sweeper.config.raise_motpe_removed"
+
+
 SAMPLERS = {
     "auto": AutoSamplerConfig,
     "tpe": TPESamplerConfig,
@@ -115,6 +132,7 @@ SAMPLERS = {
     "nsgaii": NSGAIISamplerConfig,
     "gp": GPSamplerConfig,
     "qmc": QMCSamplerConfig,
+    "motpe": MOTPESamplerConfig,
 }
 
 

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from experiments.interrupts import uninterrupted
 from experiments.sweep import STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 from hydra_plugins.experiments_sweeper import SweepError
-from hydra_plugins.experiments_sweeper.config import register
+from hydra_plugins.experiments_sweeper.config import MOTPE_REMOVED, register
 from hydra_plugins.experiments_sweeper.space import SearchSpace, search_space
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class OptunaSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
-    def sweep(self, arguments: list[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> None:
         import optuna
 
         settings = self.settings
@@ -225,7 +225,6 @@ class OptunaSweeper(Sweeper):
         finally:
             # Whatever ended the sweep, what the study holds so far is written out.
             self._write_results(study, sweep_dir, metrics)
-        return study
 
     def _sampler(self, space: SearchSpace, objectives: int):
         """The configured sampler and how many trials the study may have.
@@ -245,6 +244,8 @@ class OptunaSweeper(Sweeper):
         if target == "auto":
             chosen = optuna.samplers.NSGAIISampler if objectives > 1 else optuna.samplers.TPESampler
             return chosen(seed=node.get("seed")), n_trials
+        if target.endswith("raise_motpe_removed"):
+            raise SweepError(MOTPE_REMOVED)
         if target.endswith("GPSampler") and not _installed("torch"):
             raise SweepError(
                 "hydra/sweeper/sampler=gp needs PyTorch, which is not installed: pip install torch "
