@@ -56,7 +56,12 @@ def test_benchmark_reports_every_trial_of_a_sweep_in_one_process(tmp_path, image
             "experiments.benchmark",
             "--trials=3",
             f"--out={out}",
-            *tiny_overrides(tmp_path, image_folder),
+            # lr and head width searched: a value given on the command line would fix them
+            *(
+                o
+                for o in tiny_overrides(tmp_path, image_folder)
+                if not o.startswith(("optimizer.lr=", "head.units="))
+            ),
             "strategy=two_stage",
             "hparams_search=lr_head",
             "hydra.sweeper.pruner=null",
