@@ -171,3 +171,49 @@ def test_throughput_measures_each_backbone_against_its_inference_rate(tmp_path):
     assert run.data.tags["backend"] == rows[0]["backend"]
     assert run.data.tags["device"] == rows[0]["device"]
     assert run.data.metrics["vgg16.ratio"] == pytest.approx(rows[0]["ratio"])
+
+
+@pytest.mark.slow
+def test_memory_mode_trains_each_dataset_size_and_reports_its_peak(tmp_path):
+    """`benchmark memory`: one run per size on generated images (the smaller sizes linked into
+    the largest), with the peak memory and rates each run recorded, and the verdict."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.benchmark",
+            "memory",
+            "--sizes",
+            "90,30",
+            "--workdir",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+            "backbone=vgg16",
+            "backbone.weights=null",
+            "strategy=two_stage",
+            "augmentation=none",
+            "task.image_size=[32,32]",
+            "trainer.epochs=1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((out / "benchmark-dataset-memory.json").read_text())
+    rows = report["rows"]
+    assert [row["images"] for row in rows] == [30, 90]
+    # the folder task splits each class of 10 (30) images 50/25/25
+    assert [row["train_images"] for row in rows] == [15, 45]
+    assert all(200 < row["peak_rss_mb"] < 4000 and row["train_images_per_s"] > 0 for row in rows)
+    assert report["growth_mb"] == pytest.approx(
+        rows[1]["peak_rss_mb"] - rows[0]["peak_rss_mb"], abs=0.1
+    )
+    images = tmp_path / "work" / "images"
+    assert len(list((images / "90").rglob("*.jpg"))) == 90
+    assert len(list((images / "30").rglob("*.jpg"))) == 30
+    linked = next((images / "30").rglob("*.jpg"))
+    assert linked.stat().st_nlink == 2  # a hard link into the largest set, not a copy
+    assert "peak RSS grew" in (out / "benchmark-dataset-memory.md").read_text()

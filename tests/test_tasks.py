@@ -77,11 +77,26 @@ def test_odd_modes_are_converted_and_bad_files_skipped(tmp_path, paths, caplog):
     assert sum(len(s.labels) for s in task.splits.values()) == 8 + 13
     for split in task.splits.values():
         assert split.images.dtype == np.uint8 and split.images.shape[1:] == (16, 16, 3)
+        assert len(split.images) == len(split.labels) == len(split.sources)
+        if "class_0/gray.png" in split.sources:  # rows stay aligned past the skipped files
+            assert (split.images[split.sources.index("class_0/gray.png")] == 128).all()
 
 
 def test_decoded_images_are_cached_and_reused(tmp_path, paths, monkeypatch):
+    from experiments import arrays
+
     root = write_class_folders(tmp_path / "data", classes=2, per_class=8, size=20)
+    monkeypatch.setattr(arrays, "CHUNK_BYTES", 3 * 16 * 16 * 3)  # decoded 3 images at a time
     first = load_task(task_cfg(root), paths)
+    (cache,) = (tmp_path / "cache" / "images").iterdir()
+    assert sorted(p.name for p in cache.iterdir()) == [
+        "meta.json", "test.npy", "test_labels.npy", "train.npy", "train_labels.npy", "val.npy",
+        "val_labels.npy",
+    ]  # fmt: skip
+    for split in first.splits.values():  # read from disk, each image of its class's colour
+        assert isinstance(split.images, np.memmap)
+        dominant = split.images.reshape(len(split.images), -1, 3).mean(axis=1).argmax(axis=1)
+        np.testing.assert_array_equal(dominant, split.labels)
     monkeypatch.setattr(tasks, "decode_image", lambda *a: pytest.fail("decoded again"))
     second = load_task(task_cfg(root), paths)
     assert second.digest() == first.digest()

@@ -47,7 +47,7 @@ def test_fine_tune_unfreezes_top_blocks_but_not_batchnorm(make_config):
 @pytest.mark.backends
 def test_two_stage_reuses_cached_features(make_config, tmp_path, caplog):
     train(make_config("strategy=two_stage"))
-    files = list((tmp_path / "cache" / "features").glob("*.npz"))
+    files = list((tmp_path / "cache" / "features").glob("*/train.npy"))
     assert len(files) == 1
     mtime = files[0].stat().st_mtime_ns
     assert "not applied" not in caplog.text
@@ -61,7 +61,7 @@ def test_two_stage_reuses_cached_features(make_config, tmp_path, caplog):
     assert second.data.tags["augmentation"] == "reference"
     assert second.data.tags["augmentation_applied"] == "false"
     assert files[0].stat().st_mtime_ns == mtime
-    assert len(list((tmp_path / "cache" / "features").glob("*.npz"))) == 1
+    assert len(list((tmp_path / "cache" / "features").iterdir())) == 1
 
 
 @pytest.mark.parametrize(("classes", "outputs"), [(2, 1), (3, 3)])

@@ -1,8 +1,10 @@
-"""Benchmarks: `python -m experiments.benchmark [sweep|throughput] [options] [overrides]`.
+"""Benchmarks: `python -m experiments.benchmark [sweep|throughput|memory] [options] [overrides]`.
 
 - `sweep` (the default): memory and time of a sweep's trials in one process, below.
 - `throughput`: training speed against the frozen base's own inference rate, for each chosen
   backbone (`experiments.throughput`).
+- `memory`: peak memory of one run as the dataset grows from 2,000 to 32,000 images
+  (`experiments.memory`).
 
 Sweep memory:
 
@@ -258,7 +260,13 @@ def throughput_main(argv: list[str]) -> int:
     return 0
 
 
-MODES = {"sweep": sweep_main, "throughput": throughput_main}
+def memory_main(argv: list[str]) -> int:
+    from experiments.memory import memory_main as run
+
+    return run(argv)
+
+
+MODES = {"sweep": sweep_main, "throughput": throughput_main, "memory": memory_main}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import zipfile
@@ -20,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # A full disk, a quota, or a file-size limit: the user frees space, then resumes.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-# What reading a truncated or overwritten .npz / .h5 / .json raises.
+# What reading a truncated or overwritten .npy / .h5 / .json raises.
 CORRUPT = (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError)
 
 T = TypeVar("T")
@@ -39,8 +40,39 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with _disk_full_in_one_line(path):
+            yield tmp
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path`, renamed onto it when the block ends without error.
+
+    If another process put `path` in place meanwhile (two sweep jobs building one cache), its
+    folder is kept and ours is dropped: both were built from the same inputs.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with _disk_full_in_one_line(path):
+            yield tmp
+            try:
+                os.rename(tmp, path)
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not path.is_dir():
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _disk_full_in_one_line(path: Path) -> Iterator[None]:
+    """A disk-full error becomes one ExperimentError naming `path`."""
+    try:
+        yield
     except OSError as err:
         if err.errno in DISK_FULL:
             raise ExperimentError(
@@ -48,8 +80,6 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
                 f"or point paths.* elsewhere, then run the same command again"
             ) from None
         raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data) -> None:
@@ -64,7 +94,7 @@ def read_cache(path: Path, read: Callable[[Path], T]) -> T | None:
     disk) would fail every later run the same way: it is moved aside with one warning that names
     it, and the caller rebuilds it.
     """
-    if not path.is_file():
+    if not path.exists():
         return None
     try:
         return read(path)

@@ -18,6 +18,8 @@ import math
 import keras
 import numpy as np
 
+from experiments.arrays import release
+
 # Threads that read the next batches of a memory-mapped split while the device works, and how
 # many batches they keep ready. A split in memory needs none: a batch is one memory copy, and
 # Keras' enqueuer costs about 0.2 s an epoch to start and stop its threads. Without threads,
@@ -51,9 +53,12 @@ class Batches(keras.utils.PyDataset):
         start = index * self.batch_size
         if self._order is None:
             end = start + self.batch_size
-            return np.asarray(self.x[start:end]), self.y[start:end]
-        rows = np.sort(self._order[start : start + self.batch_size])
-        return np.asarray(self.x[rows]), self.y[rows]
+            batch = np.array(self.x[start:end]), self.y[start:end]
+        else:
+            rows = np.sort(self._order[start : start + self.batch_size])
+            batch = np.asarray(self.x[rows]), self.y[rows]
+        release(self.x)  # the rows just read no longer count as this process's memory
+        return batch
 
     def on_epoch_end(self) -> None:
         if self.shuffle:
@@ -63,3 +68,20 @@ class Batches(keras.utils.PyDataset):
 def batches(x, y=None, *, batch_size: int, shuffle: bool = False, seed: int = 0) -> Batches:
     """A `Batches` of `x` and `y` (zeros when only inputs are given, for `predict`)."""
     return Batches(x, np.zeros(len(x), np.int32) if y is None else y, batch_size, shuffle, seed)
+
+
+def predict_in_batches(model, x, *, batch_size: int, what: str, write) -> None:
+    """`model`'s outputs on `x`, batch by batch, passed to `write` as numpy arrays.
+
+    Used instead of `model.predict`, which keeps every output in memory until the end: features
+    of a dataset larger than memory go to disk as they come. A progress bar shows on a terminal.
+    """
+    from experiments.progress import progress
+
+    data = batches(x, batch_size=batch_size)
+    with progress(what, len(x)) as advance:
+        for index in range(len(data)):
+            inputs, _ = data[index]
+            write(keras.ops.convert_to_numpy(model.predict_on_batch(inputs)))
+            release(x)
+            advance(len(inputs))

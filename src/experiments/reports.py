@@ -28,7 +28,13 @@ def evaluate_split(model, split, num_classes: int, batch_size: int = 64) -> Eval
     """Loss, accuracy and per-image predictions of `model` on a split of raw uint8 images."""
     import keras
 
-    probabilities = model.predict(split.images, batch_size=batch_size, verbose=0)
+    from experiments.inputs import predict_in_batches
+
+    outputs = []
+    predict_in_batches(
+        model, split.images, batch_size=batch_size, what="evaluating", write=outputs.append
+    )
+    probabilities = np.concatenate(outputs)
     labels = split.labels
     if num_classes == 2:
         positive = probabilities[:, 0]

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.arrays import open_rows
 from experiments.backbones import unfreeze_top_blocks
 from experiments.checkpoints import RunCheckpoints
 from experiments.errors import ExperimentError
-from experiments.files import atomic_path, read_cache
+from experiments.files import atomic_dir, read_cache
 from experiments.heads import build_head, loss_for
 from experiments.tasks import SPLITS, Task
 
@@ -257,13 +258,15 @@ def feature_key(ctx: Context) -> str:
 
 
 def extract_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
-    """The base's feature maps of every split, from the disk cache ('hit') or extracted ('miss')."""
+    """The base's feature maps of every split, memory-mapped from the disk cache ('hit') or
+    extracted into it ('miss'), one `.npy` file per split written as the batches come."""
     import keras
 
+    from experiments.arrays import RowWriter
+    from experiments.inputs import predict_in_batches
+
     path = (
-        Path(ctx.cfg.paths.cache_dir)
-        / "features"
-        / f"{ctx.cfg.backbone.name}-{feature_key(ctx)}.npz"
+        Path(ctx.cfg.paths.cache_dir) / "features" / f"{ctx.cfg.backbone.name}-{feature_key(ctx)}"
     )
     cached = read_cache(path, _read_features)
     if cached is not None:
@@ -271,21 +274,24 @@ def extract_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
         return cached, "hit"
     inputs = keras.Input(ctx.task.image_shape)
     extractor = keras.Model(inputs, ctx.base(ctx.preprocess(inputs), training=False))
+    shape = extractor.output.shape[1:]
     batch = max(int(ctx.cfg.trainer.batch_size), 64)
-    features = {}
-    for s in SPLITS:
-        images = ctx.task.splits[s].images
-        # float32 on the host whatever the precision: the head trains on them as its input
-        features[s] = np.asarray(
-            extractor.predict(_dataset(images, None, batch, ctx, shuffle=False), verbose=0),
-            dtype=np.float32,
-        )
-    with atomic_path(path) as tmp:  # a concurrent sweep job never reads half a file
-        np.savez(tmp, **features)
+    with atomic_dir(path) as folder:  # a concurrent sweep job never reads half a cache
+        for s in SPLITS:
+            images = ctx.task.splits[s].images
+            # float32 on the host whatever the precision: the head trains on them as its input
+            writer = RowWriter(folder / f"{s}.npy", len(images), shape, np.float32)
+            predict_in_batches(
+                extractor,
+                images,
+                batch_size=batch,
+                what=f"extracting {s} features",
+                write=writer.append,
+            )
+            writer.close()
     log.info("features extracted to %s", path)
-    return features, "miss"
+    return _read_features(path), "miss"
 
 
 def _read_features(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as z:
-        return {s: z[s] for s in SPLITS}
+    return {s: open_rows(path / f"{s}.npy") for s in SPLITS}

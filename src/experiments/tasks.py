@@ -4,6 +4,10 @@ Images are decoded with Pillow rather than `keras.utils.image_dataset_from_direc
 that decodes every epoch, crashes mid-epoch on a truncated or non-image file, and cannot read CMYK
 JPEGs. Here every file is decoded once, converted to RGB, resized, and cached on disk as uint8
 under a key of its file list and the image size; a bad file is skipped with one warning.
+
+The cache is one folder per dataset holding one `.npy` file per split, written chunk by chunk as
+images are decoded and read memory-mapped (`experiments.arrays`): a dataset larger than memory
+trains, and resident memory does not grow with it.
 """
 
 from __future__ import annotations
@@ -21,8 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.arrays import RowWriter, chunk_rows, copy_rows, open_rows
 from experiments.errors import ExperimentError
-from experiments.files import atomic_path, read_cache
+from experiments.files import atomic_dir, read_cache
+from experiments.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +37,8 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Split:
-    """One split: uint8 images (n, h, w, 3), integer labels, and where each image came from."""
+    """One split: uint8 images (n, h, w, 3; in memory or memory-mapped), integer labels, and
+    where each image came from."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -163,11 +170,11 @@ def load_folder_task(cfg, paths, size) -> Task:
             )
     _check_classes(root, class_names, files["train"])
 
-    def decode() -> Task:
+    def decode(folder: Path) -> Task:
         splits, skipped = {}, []
         for s in SPLITS:
             candidates = [(p, class_names.index(c)) for c in class_names for p in files[s][c]]
-            images, labels, kept, bad = decode_files(candidates, size)
+            images, labels, kept, bad = decode_to_file(candidates, size, folder / f"{s}.npy", s)
             splits[s] = Split(images, labels, [_relative(p, root) for p in kept])
             skipped += bad
         return Task(cfg.name, class_names, splits, skipped)
@@ -228,16 +235,20 @@ def _task_from_class_folders(cfg, paths, root: Path, size) -> Task:
     _check_classes(root, class_names, files)
     seed = _split_seed(cfg)
 
-    def decode() -> Task:
+    def decode(folder: Path) -> Task:
         if cfg.get("per_class"):
             return _sampled_task(cfg, root, files, class_names, size, seed)
         candidates = [(p, class_names.index(c)) for c in class_names for p in files[c]]
-        images, labels, kept, skipped = decode_files(candidates, size)
+        everything = folder / "all.npy"
+        images, labels, kept, skipped = decode_to_file(candidates, size, everything, "images")
         index = split_per_class(labels, check_fractions(cfg.split), seed)
-        splits = {
-            s: Split(images[i], labels[i], [_relative(kept[j], root) for j in i])
-            for s, i in index.items()
-        }
+        splits = {}
+        for s, i in index.items():
+            copy_rows(images, i, folder / f"{s}.npy")
+            sources = [_relative(kept[j], root) for j in i]
+            splits[s] = Split(open_rows(folder / f"{s}.npy", len(i)), labels[i], sources)
+        del images
+        everything.unlink()
         return Task(cfg.name, class_names, splits, skipped)
 
     key = (
@@ -306,14 +317,43 @@ def split_per_class(labels: np.ndarray, fractions: Sequence[float], seed: int) -
 
 
 def decode_files(candidates: list[tuple[Path, int]], size: tuple[int, int]):
-    """Decode (path, label) pairs in parallel: images, labels, kept paths, skipped paths."""
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        decoded = list(pool.map(lambda c: decode_image(c[0], size), candidates))
-    kept = [(c, img) for c, img in zip(candidates, decoded, strict=True) if img is not None]
-    skipped = [str(c[0]) for c, img in zip(candidates, decoded, strict=True) if img is None]
-    images = np.stack([img for _, img in kept]) if kept else np.zeros((0, *size, 3), np.uint8)
-    labels = np.array([c[1] for c, _ in kept], dtype=np.int32)
-    return images, labels, [c[0] for c, _ in kept], skipped
+    """Decode (path, label) pairs in memory: images, labels, kept paths, skipped paths."""
+    chunks = []
+    labels, kept, skipped = _decode(candidates, size, chunks.append, "decoding")
+    images = np.concatenate(chunks) if kept else np.zeros((0, *size, 3), np.uint8)
+    return images, labels, kept, skipped
+
+
+def decode_to_file(candidates: list[tuple[Path, int]], size: tuple[int, int], path: Path, name):
+    """Decode (path, label) pairs into a `.npy` file at `path`, chunk by chunk: the images
+    memory-mapped, labels, kept paths, skipped paths."""
+    writer = RowWriter(path, len(candidates), (*size, 3), np.uint8)
+    labels, kept, skipped = _decode(candidates, size, writer.append, f"decoding {name}")
+    return open_rows(path, writer.close()), labels, kept, skipped
+
+
+def _decode(candidates, size, write: Callable[[np.ndarray], None], what: str):
+    """Decode in parallel chunks, passing each chunk's images to `write`: labels, kept, skipped."""
+    labels, kept, skipped = [], [], []
+    step = min(chunk_rows((*size, 3), np.uint8), 1024)
+    with (
+        ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool,
+        progress(what, len(candidates)) as advance,
+    ):
+        for start in range(0, len(candidates), step):
+            chunk = candidates[start : start + step]
+            decoded = list(pool.map(lambda c: decode_image(c[0], size), chunk))
+            good = [img for img in decoded if img is not None]
+            if good:
+                write(np.stack(good))
+            for (path, label), img in zip(chunk, decoded, strict=True):
+                if img is None:
+                    skipped.append(str(path))
+                else:
+                    labels.append(label)
+                    kept.append(path)
+            advance(len(chunk))
+    return np.array(labels, dtype=np.int32), kept, skipped
 
 
 def decode_image(path: Path, size: tuple[int, int]) -> np.ndarray | None:
@@ -371,32 +411,42 @@ def _listing(files: dict) -> list:
     return out
 
 
-def _cached(paths, key, decode: Callable[[], Task]) -> Task:
-    """The decoded task from paths.cache_dir/images, decoding and storing it on a miss."""
+def _cached(paths, key, decode: Callable[[Path], Task]) -> Task:
+    """The decoded task from paths.cache_dir/images/<key digest>/, decoding it on a miss.
+
+    `decode(folder)` may write a split's images straight into `folder/<split>.npy` (a dataset
+    larger than memory) or return them in memory; either way the task returned reads them
+    memory-mapped from the cache.
+    """
     digest = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:20]
-    path = Path(paths.cache_dir) / "images" / f"{digest}.npz"
+    path = Path(paths.cache_dir) / "images" / digest
     cached = read_cache(path, _read_task)
     if cached is not None:
         log.info("decoded images reused from %s", path)
         return cached
-    task = decode()
-    meta = {
-        "name": task.name,
-        "class_names": task.class_names,
-        "skipped": task.skipped,
-        "sources": {s: task.splits[s].sources for s in SPLITS},
-    }
-    arrays = {f"{s}_images": task.splits[s].images for s in SPLITS}
-    arrays |= {f"{s}_labels": task.splits[s].labels for s in SPLITS}
-    with atomic_path(path) as tmp:  # a concurrent job never reads half a file
-        np.savez(tmp, meta=json.dumps(meta), **arrays)
-    return task
+    with atomic_dir(path) as folder:  # a concurrent job never reads half a cache
+        task = decode(folder)
+        meta = {
+            "name": task.name,
+            "class_names": task.class_names,
+            "skipped": task.skipped,
+            "sources": {s: task.splits[s].sources for s in SPLITS},
+        }
+        for s in SPLITS:
+            if not (folder / f"{s}.npy").exists():
+                np.save(folder / f"{s}.npy", task.splits[s].images)
+            np.save(folder / f"{s}_labels.npy", task.splits[s].labels)
+        del task  # the maps into `folder`, which is about to move
+        (folder / "meta.json").write_text(json.dumps(meta))
+    return _read_task(path)
 
 
 def _read_task(path: Path) -> Task:
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        splits = {s: Split(z[f"{s}_images"], z[f"{s}_labels"], meta["sources"][s]) for s in SPLITS}
+    meta = json.loads((path / "meta.json").read_text())
+    splits = {}
+    for s in SPLITS:
+        labels = np.load(path / f"{s}_labels.npy", allow_pickle=False)
+        splits[s] = Split(open_rows(path / f"{s}.npy", len(labels)), labels, meta["sources"][s])
     return Task(meta["name"], meta["class_names"], splits, meta["skipped"])
 
 
