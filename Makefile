@@ -3,9 +3,17 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 5000
+# make server: the team's MLflow server (a PostgreSQL store, artifacts served from a folder).
+DB ?=
+ARTIFACTS ?= $(CURDIR)/mlflow-artifacts
+WORKERS ?= 4
+# make dashboard: Optuna's dashboard on a study's storage (a journal file or a database URL).
+STORAGE ?=
+DASHBOARD_PORT ?= 8080
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-jax test-fast lint format ui compare benchmark runs clean clean-records
+.PHONY: help install train test test-jax test-fast lint format ui server dashboard compare benchmark runs clean \
+	clean-records
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -14,8 +22,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-install: $(BIN)/python ## Create .venv and install the package with the dev, offline and jax extras
-	$(BIN)/pip install -e ".[dev,offline,jax]"
+install: $(BIN)/python ## Create .venv and install the package with the dev, offline, jax and scale extras
+	$(BIN)/pip install -e ".[dev,offline,jax,scale]"
 
 train: ## Run the offline quickstart (digits on a pretrained VGG16); ARGS="..." adds overrides
 	$(BIN)/python -m experiments.train experiment=quickstart $(ARGS)
@@ -42,6 +50,18 @@ ui: ## Start the MLflow UI on the default store, bound to 127.0.0.1
 	@echo "MLflow UI: http://$(HOST):$(PORT)"
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlruns/mlflow.db" \
 		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host $(HOST) --port $(PORT)
+
+server: ## The team's MLflow server: DB=postgresql://USER:PASSWORD@DBHOST/mlflow [ARTIFACTS=dir HOST= PORT=]
+	@test -n "$(DB)" || { echo "error: set DB to the server's PostgreSQL database, e.g. make server DB=postgresql://mlflow:PASSWORD@localhost:5432/mlflow (README, Scaling out)" >&2; exit 2; }
+	@mkdir -p "$(ARTIFACTS)"
+	@echo "MLflow server: http://$(HOST):$(PORT) (store $(DB), artifacts in $(ARTIFACTS))"
+	$(BIN)/mlflow server --backend-store-uri "$(DB)" --serve-artifacts \
+		--artifacts-destination "$(ARTIFACTS)" --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+dashboard: ## Optuna's dashboard on a study: STORAGE=multirun/<study>/optuna.journal or a database URL
+	@test -n "$(STORAGE)" || { echo "error: set STORAGE to a study's journal file or database URL, e.g. make dashboard STORAGE=multirun/<study>/optuna.journal (the sweep's log names it)" >&2; exit 2; }
+	@echo "Optuna dashboard: http://$(HOST):$(DASHBOARD_PORT)"
+	$(BIN)/optuna-dashboard "$(patsubst journal:%,%,$(STORAGE))" --host $(HOST) --port $(DASHBOARD_PORT)
 
 compare: ## Print and save the comparison table of an experiment: EXP=flowers
 	$(BIN)/python -m experiments.compare $(EXP)

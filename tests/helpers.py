@@ -32,40 +32,41 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """A real `mlflow server` on 127.0.0.1 with a sqlite store and served (proxied) artifacts in
-    `root`; it can be killed and started again on the same port and store."""
+    """A real `mlflow server` on 127.0.0.1 with served (proxied) artifacts in `root`, and a
+    sqlite store there or the database `store`; it can be killed and started again on the same
+    port and store. `make=True` starts it the way users do, with `make server`."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, store: str | None = None, make: bool = False):
         self.root = root
+        self.store = store or f"sqlite:///{root}/server.db"
+        self.make = make
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = None
 
+    def command(self) -> list[str]:
+        import sys
+
+        artifacts = self.root / "server-artifacts"
+        if self.make:
+            makefile = Path(__file__).resolve().parents[1] / "Makefile"
+            return [
+                "make", "-s", "-f", str(makefile), "server", f"VENV={sys.prefix}",
+                f"DB={self.store}", f"ARTIFACTS={artifacts}", f"PORT={self.port}", "WORKERS=2",
+            ]  # fmt: skip
+        return [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+            "--port", str(self.port), "--backend-store-uri", self.store,
+            "--artifacts-destination", str(artifacts), "--workers", "1",
+        ]  # fmt: skip
+
     def start(self, timeout: float = 120) -> MlflowServer:
         import subprocess
-        import sys
         import time
         import urllib.request
 
         self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--backend-store-uri",
-                f"sqlite:///{self.root}/server.db",
-                "--artifacts-destination",
-                str(self.root / "server-artifacts"),
-                "--workers",
-                "1",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -122,3 +123,92 @@ def env_without(tmp_path: Path, *packages: str) -> dict[str, str]:
     )
     path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path}
+
+
+class PostgresServer:
+    """A real PostgreSQL server from Debian's packages (`initdb`, `pg_ctl`) in a temporary
+    folder, on 127.0.0.1 and a free port, with trust authentication; `stop` removes it all.
+
+    PostgreSQL refuses to run as root: as root, the server runs as the `postgres` user that
+    Debian's package creates, in a folder outside pytest's root-only temporary tree.
+    """
+
+    def __init__(self):
+        import tempfile
+
+        self.bindir = self._bindir()
+        self.root = Path(tempfile.mkdtemp(prefix="experiments-pg-"))
+        self.data = self.root / "data"
+        self.port = free_port()
+        self._user = None
+
+    @staticmethod
+    def _bindir() -> Path:
+        import shutil
+
+        found = shutil.which("pg_ctl")
+        if found:
+            return Path(found).resolve().parent
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not versions:
+            raise RuntimeError(
+                "PostgreSQL's server programs (initdb, pg_ctl) are not installed: "
+                "apt-get install postgresql (.ci/run does)"
+            )
+        return versions[-1].parent
+
+    def _run(self, program: str, *args: str) -> None:
+        import os
+        import subprocess
+
+        def as_user():
+            if self._user is not None:
+                os.setgid(self._user.pw_gid)
+                os.setuid(self._user.pw_uid)
+
+        result = subprocess.run(
+            [str(self.bindir / program), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            preexec_fn=as_user,
+            cwd=self.root,
+            env={**os.environ, "LC_ALL": "C.UTF-8"},
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{program} failed: {result.stdout[-1500:]}{result.stderr[-1500:]}")
+
+    def start(self) -> PostgresServer:
+        import os
+        import pwd
+
+        if os.geteuid() == 0:
+            self._user = pwd.getpwnam("postgres")
+            os.chown(self.root, self._user.pw_uid, self._user.pw_gid)
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.root} -c max_connections=200 -F"
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "start",
+        )
+        return self
+
+    def database(self, name: str) -> str:
+        """A new, empty database; its URL."""
+        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", name)
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{name}"
+
+    def stop(self) -> None:
+        import shutil
+
+        try:
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)

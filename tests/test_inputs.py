@@ -40,7 +40,7 @@ def _resident_mb() -> float:
 
 
 def test_reading_a_mapped_split_keeps_resident_memory_flat(tmp_path, monkeypatch):
-    from experiments import arrays, inputs
+    from experiments import inputs
     from experiments.arrays import RowWriter, open_rows
 
     rows, shape = 2048, (128, 128, 3)  # 96 MB of images, written and read in batches

@@ -1,8 +1,10 @@
-"""SIGTERM and SIGINT end a run the same way: at a step boundary, checkpointed, KILLED, one line.
+"""SIGTERM, SIGINT and SIGUSR2 end a run the same way: at a step boundary, checkpointed, KILLED,
+one line.
 
 `timeout`, SLURM, Kubernetes and `docker stop` send SIGTERM, whose default action ends Python at
 once with nothing saved; Ctrl-C sends SIGINT, whose KeyboardInterrupt can land anywhere, e.g.
-half-way through writing a checkpoint. Both are handled here instead:
+half-way through writing a checkpoint; SLURM warns of preemption and of the time limit with
+SIGUSR2 (submitit's `signal_delay_s`). All are handled here instead:
 
 - inside `model.fit` the handler only sets a flag, and `callbacks.StopOnSignal` raises
   `Interrupted` at the next batch boundary, so the last epoch's backup is intact and the run
@@ -14,6 +16,8 @@ half-way through writing a checkpoint. Both are handled here instead:
   are renamed into place when complete), so the handler raises `Interrupted` at once.
 
 The entry point turns `Interrupted` into one line and exit status 128 + signal (130, 143).
+Inside a launcher's job that handles the signal itself (hydra-submitit-launcher requeues a job
+on SIGUSR2), the run is closed first, then the launcher's handler is called (`pass_on`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 
-HANDLED = (signal.SIGTERM, signal.SIGINT)
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
 
 class Interrupted(BaseException):  # noqa: N818 - named like KeyboardInterrupt, which it replaces
@@ -43,7 +47,7 @@ class Interrupted(BaseException):  # noqa: N818 - named like KeyboardInterrupt, 
         return signal.Signals(self.signum).name
 
 
-_state = {"pending": None, "deferring": 0, "received": None}
+_state = {"pending": None, "deferring": 0, "received": None, "outer": {}}
 
 
 def _handle(signum, frame) -> None:
@@ -61,11 +65,27 @@ def handle_signals() -> Iterator[None]:
         yield  # signal handlers can only be set from the main thread
         return
     previous = {s: signal.signal(s, _handle) for s in HANDLED}
+    outer = _state["outer"]
+    if not outer:  # the handlers in place before ours, for pass_on
+        outer.update({s: h for s, h in previous.items() if h is not _handle})
     try:
         yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if all(h is not _handle for h in previous.values()):
+            outer.clear()
+
+
+def pass_on(signum: int) -> None:
+    """Call the Python handler that `signum` had before ours, if any, once the run is closed.
+
+    submitit's handler for SIGUSR2 saves the job and requeues it (the same command resumes the
+    run from its checkpoint); Python's own SIGINT handler and the default actions are left out.
+    """
+    handler = _state["outer"].get(signum)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, None)
 
 
 def received() -> int | None:

@@ -13,6 +13,15 @@ STUDY_ENV = "EXPERIMENTS_OPTUNA_STUDY"
 TRIAL_ENV = "EXPERIMENTS_OPTUNA_TRIAL"
 
 
+def defining_overrides(overrides) -> list[str]:
+    """A sweep's overrides that define its jobs, sorted: all but where a machine writes
+    (`paths.*`), where it records (`tracking.*`) and how it resumes (`resume=`), which differ
+    between the machines that share one study and between a run and its resumption."""
+    return sorted(
+        o for o in overrides if not o.lstrip("+~").startswith(("paths.", "tracking.", "resume="))
+    )
+
+
 def this_trial() -> tuple[str, str, int] | None:
     """(storage, study, trial number) when this job runs an Optuna trial, else None."""
     if TRIAL_ENV not in os.environ:

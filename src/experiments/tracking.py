@@ -190,6 +190,10 @@ def start_run(
         parent = os.environ.get(PARENT_RUN_ENV) or None
         if parent:  # children live in their parent's experiment, or the UI cannot nest them
             experiment_id = MlflowClient().get_run(parent).info.experiment_id
+            if sweep := os.environ.get(SWEEP_IDENTITY_ENV):
+                # Workers that started together may each have opened a parent: all use one.
+                parent = sweep_parent(MlflowClient(), experiment_id, sweep) or parent
+                os.environ[PARENT_RUN_ENV] = parent
         resumed = resumable_run(experiment_id, identity, resume) if identity else None
         tags = tags | process_tags() | ({"identity": identity} if identity else {})
         if sweep := os.environ.get(SWEEP_IDENTITY_ENV):
@@ -718,7 +722,7 @@ def log_task(task) -> None:
             }
         )
         dataset = mlflow.data.from_pandas(frame, source=task.name, name=f"{task.name}-{split}")
-        mlflow.log_input(dataset, context=split)
+        _log_input(dataset, split)
     counts = task.counts()
     mlflow.log_dict(
         {"class_names": task.class_names, "counts": counts, "skipped_files": task.skipped},
@@ -797,10 +801,24 @@ def sweep_identity(overrides: list[str]) -> str:
     """A digest of a multirun's overrides, minus where it writes and how it resumes."""
     import hashlib
 
-    kept = sorted(
-        o for o in overrides if not o.lstrip("+~").startswith(("paths.", "tracking.", "resume="))
+    from experiments.sweep import defining_overrides
+
+    return hashlib.sha256(json.dumps(defining_overrides(overrides)).encode()).hexdigest()[:24]
+
+
+def sweep_parent(client, experiment_id: str, identity: str) -> str | None:
+    """The parent run that all workers of a sweep share: of the RUNNING parents of this sweep
+    identity, the first opened (then the smallest id), so that every worker picks the same."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.sweep_identity = '{identity}' and tags.sweep = 'true' "
+            "and attributes.status = 'RUNNING'"
+        ),
     )
-    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:24]
+    if not runs:
+        return None
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
 
 
 class MlflowSweepCallback(Callback):
@@ -838,6 +856,12 @@ class MlflowSweepCallback(Callback):
             client.update_run(self.run_id, status="RUNNING")
             client.log_batch(self.run_id, tags=_run_tags(process_tags() | {"resumed": "true"}))
             log.info("continuing the interrupted sweep's parent run %s", self.run_id)
+        elif earlier and earlier[0].info.status == "RUNNING":
+            # The same command on another machine (or beside this one) works on a shared study:
+            # one parent for all its workers. A parent left RUNNING by a dead process on this
+            # host was closed KILLED when the store was opened, and is continued above.
+            self.run_id = earlier[0].info.run_id
+            log.info("joining the sweep's parent run %s, which another process runs", self.run_id)
         else:
             run = client.create_run(
                 experiment_id,
@@ -852,7 +876,13 @@ class MlflowSweepCallback(Callback):
                 },
             )
             self.run_id = run.info.run_id
-            log.info("MLflow parent run %s for this sweep", self.run_id)
+            chosen = sweep_parent(client, experiment_id, identity)
+            if chosen and chosen != self.run_id:  # another worker opened one at the same moment
+                client.delete_run(self.run_id)
+                self.run_id = chosen
+                log.info("joining the sweep's parent run %s, opened by another process", chosen)
+            else:
+                log.info("MLflow parent run %s for this sweep", self.run_id)
         os.environ[PARENT_RUN_ENV] = self.run_id
         os.environ[SWEEP_IDENTITY_ENV] = identity
         # A sweep that dies before on_multirun_end still closes its parent run.
@@ -872,13 +902,19 @@ class MlflowSweepCallback(Callback):
 
         if status is None:
             status = "KILLED" if interrupts.received() else "FAILED"
+        # The one its jobs chose, if workers that started together opened several (start_run).
+        self.run_id = os.environ.get(PARENT_RUN_ENV) or self.run_id
         client = MlflowClient()
         children = client.search_runs(
             [client.get_run(self.run_id).info.experiment_id],
             filter_string=f"tags.mlflow.parentRunId = '{self.run_id}'",
         )
         client.set_tag(self.run_id, "jobs", str(len(children)))
-        client.set_terminated(self.run_id, status)
+        if any(c.info.status == "RUNNING" for c in children):
+            # Another worker of a shared study is still running a trial: it closes the parent.
+            log.info("parent run %s left RUNNING for the other workers of this sweep", self.run_id)
+        else:
+            client.set_terminated(self.run_id, status)
         if status == "FINISHED" and not children:
             # Nothing ran (e.g. a complete study resumed): the run the study did run holds it all.
             client.delete_run(self.run_id)
@@ -904,6 +940,50 @@ def tag_trial_runs(study_name: str, tags: dict[int, dict[str, str]]) -> None:
         number = int(run.data.tags.get("optuna_trial", -1))
         if number in tags:
             client.log_batch(run.info.run_id, tags=_run_tags(tags[number]))
+
+
+def _log_input(dataset, context: str, attempts: int = 3) -> None:
+    """`mlflow.log_input`, tried again when another worker logged the same dataset at the same
+    moment: the server's get-or-create of a dataset is not atomic, and the loser of that race
+    gets a unique-key violation (an MLflow server on PostgreSQL with several workers)."""
+    import time
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as err:
+            if attempt == attempts - 1 or "unique" not in str(err).lower():
+                raise
+            time.sleep(0.5 * (attempt + 1))
+
+
+@uninterrupted
+def end_stale_trial_runs(study_name: str, numbers: list[int]) -> None:
+    """End KILLED the RUNNING runs of trials whose process Optuna found gone (its heartbeat
+    stopped, maybe on another host, where no stale-run check of ours can see it)."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent or not numbers:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_run(parent).info.experiment_id
+    for number in numbers:
+        found = client.search_runs(
+            [experiment],
+            filter_string=(
+                f"tags.optuna_study = '{study_name}' and tags.optuna_trial = '{number}' "
+                "and attributes.status = 'RUNNING'"
+            ),
+        )
+        for run in found:
+            client.set_tag(run.info.run_id, "stopped_by", "stale_trial")
+            client.set_terminated(run.info.run_id, "KILLED")
+            log.info("closed run %s of stale trial %d as KILLED", run.info.run_id, number)
 
 
 def log_study(study, sweep_dir: Path, results: dict, plots: list[Path]) -> None:

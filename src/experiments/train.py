@@ -268,12 +268,15 @@ def run_cli(task_function, cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from experiments import interrupts
     from experiments.files import DISK_FULL
     from experiments.interrupts import Interrupted
 
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        return task_function(cfg)
+        # Here too, not only in main(): a launcher such as submitit calls this in its own process.
+        with interrupts.handle_signals():
+            return task_function(cfg)
     except ExperimentError as err:
         if multirun:
             raise  # the sweeper records the failure and goes on
@@ -290,6 +293,7 @@ def run_cli(task_function, cfg: DictConfig):
         sys.exit(2)
     except Interrupted as err:
         if multirun:
+            interrupts.pass_on(err.signum)  # submitit: requeue this job, which resumes the run
             raise  # ends the whole sweep: see main()
         print(f"interrupted by {err.name}: {resume_hint(cfg)}", file=sys.stderr)
         sys.exit(err.exit_code)

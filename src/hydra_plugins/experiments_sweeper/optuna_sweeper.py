@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # A signal waits for a write to the study's storage to end (a journal line, an RDB transaction).
 from experiments.interrupts import uninterrupted
-from experiments.sweep import STORAGE_ENV, STUDY_ENV, TRIAL_ENV
+from experiments.sweep import STORAGE_ENV, STUDY_ENV, TRIAL_ENV, defining_overrides
 from hydra_plugins.experiments_sweeper import SweepError
 from hydra_plugins.experiments_sweeper.config import MOTPE_REMOVED, register
 from hydra_plugins.experiments_sweeper.space import SearchSpace, search_space
@@ -59,13 +59,31 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period=N
 
         return JournalStorage(JournalFileBackend(url[len(JOURNAL_PREFIX) :]))
     if heartbeat_interval is None:
-        return url
-    return optuna.storages.RDBStorage(
+        return _rdb_storage(url)
+    return _rdb_storage(
         url,
         heartbeat_interval=int(heartbeat_interval),
         grace_period=int(grace_period) if grace_period else None,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
     )
+
+
+def _rdb_storage(url: str, **settings):
+    """Optuna's RDBStorage, created again when a worker starting beside it created the tables
+    first: on an empty PostgreSQL database, workers that start together race to create them
+    and all but one fail with a duplicate type or table."""
+    import time
+
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, **settings)
+        except (IntegrityError, ProgrammingError):
+            if attempt == 4:
+                raise
+            time.sleep(1 + attempt)
 
 
 def owner_attrs() -> dict[str, Any]:
@@ -133,11 +151,16 @@ def take_over_stale_trials(study) -> list[int]:
     after = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
     taken = sorted(t.number for t in after if t.number not in before)
     if taken:
+        from experiments.tracking import end_stale_trial_runs
+
         log.warning(
             "trial(s) %s were left RUNNING by processes that are gone: each runs again with the "
             "same params and resumes from its checkpoint",
             taken,
         )
+        # A process on another host left its run RUNNING too: closed KILLED, so the retry's job
+        # resumes it (a checkpoint folder on a shared disk holds its epochs).
+        end_stale_trial_runs(study.study_name, taken)
     return taken
 
 
@@ -205,6 +228,8 @@ class OptunaSweeper(Sweeper):
                 take_over_stale_trials(study)
                 trials = self._ask(study, space, int(settings.n_jobs), n_trials)
                 if not trials:
+                    if wait_for_other_workers(study, storage):
+                        continue  # one of theirs died: its retry is queued for us
                     break
                 overrides = [
                     [
@@ -286,9 +311,10 @@ class OptunaSweeper(Sweeper):
 
         A stored study records both; a command that differs (another `trainer.epochs`, another
         range) would mix incomparable trials into it, so it stops instead, saying how to go on.
+        Where each machine writes and records may differ: they share the study.
         """
         identity = {
-            "overrides": sorted(space.fixed),
+            "overrides": defining_overrides(space.fixed),
             "search_space": {k: repr(v) for k, v in sorted(space.distributions.items())},
         }
         stored = study.user_attrs.get("identity")
@@ -561,6 +587,38 @@ def _installed(package: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(package) is not None
+
+
+def wait_for_other_workers(study, storage) -> bool:
+    """On an RDB storage with heartbeats, wait while other processes still run trials of the
+    study; True as soon as one of them is found dead (its trial then waits to be run again).
+
+    Without this, the last worker to run out of new trials would leave, and a trial whose
+    worker died near the end would stay RUNNING until someone ran the command again.
+    """
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    if not isinstance(storage, optuna.storages.RDBStorage) or not storage.get_heartbeat_interval():
+        return False
+    announced = False
+    while True:
+        others = [
+            t.number
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if not t.user_attrs.get("surplus")
+        ]
+        if not others:
+            return False
+        if not announced:
+            log.info("waiting for trial(s) %s of other workers to end or go stale", others)
+            announced = True
+        time.sleep(storage.get_heartbeat_interval())
+        take_over_stale_trials(study)
+        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return True
 
 
 @contextlib.contextmanager
