@@ -234,7 +234,7 @@ def test_submitit_local_requeues_a_preempted_job_which_resumes_its_run(tmp_path,
     assert "this job is preempted" in logs
 
 
-def test_make_dashboard_serves_a_sweeps_journal(tmp_path):
+def test_make_dashboard_serves_a_sweeps_journal_and_both_targets_say_what_is_missing(tmp_path):
     import optuna
 
     from hydra_plugins.experiments_sweeper.optuna_sweeper import open_storage
@@ -277,3 +277,7 @@ def test_make_dashboard_serves_a_sweeps_journal(tmp_path):
         ["make", "-s", "-f", str(makefile), "dashboard"], capture_output=True, text=True
     )
     assert missing.returncode == 2 and missing.stderr.startswith("error: set STORAGE")
+    no_db = subprocess.run(
+        ["make", "-s", "-f", str(makefile), "server"], capture_output=True, text=True
+    )
+    assert no_db.returncode == 2 and no_db.stderr.startswith("error: set DB to the server's")

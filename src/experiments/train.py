@@ -276,7 +276,12 @@ def run_cli(task_function, cfg: DictConfig):
     try:
         # Here too, not only in main(): a launcher such as submitit calls this in its own process.
         with interrupts.handle_signals():
-            return task_function(cfg)
+            try:
+                return task_function(cfg)
+            except Interrupted as err:
+                if multirun:  # submitit: requeue this job, whose run then resumes
+                    interrupts.pass_on(err.signum)
+                raise
     except ExperimentError as err:
         if multirun:
             raise  # the sweeper records the failure and goes on
@@ -293,7 +298,6 @@ def run_cli(task_function, cfg: DictConfig):
         sys.exit(2)
     except Interrupted as err:
         if multirun:
-            interrupts.pass_on(err.signum)  # submitit: requeue this job, which resumes the run
             raise  # ends the whole sweep: see main()
         print(f"interrupted by {err.name}: {resume_hint(cfg)}", file=sys.stderr)
         sys.exit(err.exit_code)
