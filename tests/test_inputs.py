@@ -86,5 +86,5 @@ def test_predict_in_batches_streams_outputs_with_one_log_line(caplog):
     assert [len(p) for p in parts] == [4, 4, 2]
     np.testing.assert_array_equal(np.concatenate(parts), x.reshape(10, 12))
     # No terminal under pytest: no bar, one line with the count and the rate.
-    (line,) = [r.getMessage() for r in caplog.records]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "experiments.progress"]
     assert line.startswith("extracting train features: 10 images in ") and "images/s" in line
