@@ -250,16 +250,22 @@ def test_interrupted_runs_end_failed_or_killed(error, status, make_config, tmp_p
 
 
 def test_params_are_logged_in_batches_within_mlflow_limits(tmp_path):
-    import mlflow
     from omegaconf import OmegaConf
 
+    from experiments import tracking
     from experiments.tracking import log_config
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    store = OmegaConf.create(
+        {
+            "uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "experiment": "params",
+            "outbox_dir": str(tmp_path / "outbox"),
+        }
+    )
     cfg = OmegaConf.create({"many": {f"k{i}": i for i in range(250)}, "long": "x" * 9000})
-    with mlflow.start_run() as run:
+    with tracking.start_run(store, "params", {}) as run:
         log_config(cfg, ["a=1"])
-    params = mlflow.get_run(run.info.run_id).data.params
+    params = tracking.find_run(run.run_id).params
     assert len(params) == 251 and len(params["long"]) == 6000
 
 

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments.tracking import sqlite_uri
+
 DEFAULT_OVERRIDES = ["hparams_search=lr_head", "experiment=quickstart"]
 
 
@@ -66,7 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_sweep(overrides: list[str], trials: int, workdir: Path) -> tuple[str, float]:
     """Run the sweep in a subprocess on a store in `workdir`; its tracking URI and wall time."""
-    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    uri = sqlite_uri(workdir)
     command = [
         sys.executable,
         "-m",
@@ -89,28 +91,26 @@ def run_sweep(overrides: list[str], trials: int, workdir: Path) -> tuple[str, fl
 
 def collect(uri: str) -> list[dict]:
     """One row per trial, in trial order, from the sweep's child runs."""
-    from mlflow.tracking import MlflowClient
+    from experiments import tracking
+    from experiments.tracking import tags as T
 
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name("benchmark")
-    runs = client.search_runs([experiment.experiment_id], "tags.optuna_trial != ''")
+    runs = tracking.run_rows(f"tags.{T.OPTUNA_TRIAL} != ''", experiment="benchmark", uri=uri)
     # The searched keys: the parent run records the best value of each as `best.<key>`.
-    (parent,) = client.search_runs([experiment.experiment_id], "tags.sweep = 'true'")
-    searched = sorted(k.removeprefix("best.") for k in parent.data.params if k.startswith("best."))
+    (parent,) = tracking.run_rows(f"tags.{T.SWEEP} = 'true'", experiment="benchmark", uri=uri)
+    searched = sorted(k.removeprefix("best.") for k in parent.params if k.startswith("best."))
     rows = []
     for run in runs:
-        metrics = run.data.metrics
-        if "peak_rss_mb" not in metrics:  # a run that crashed before it could record it
+        if "peak_rss_mb" not in run.metrics:  # a run that crashed before it could record it
             continue
         rows.append(
             {
-                "trial": int(run.data.tags["optuna_trial"]),
-                "state": run.data.tags.get("optuna_state", ""),
-                "peak_rss_mb": round(metrics["peak_rss_mb"], 1),
-                "rss_mb": round(metrics["rss_mb"], 1),
-                "epochs": len(client.get_metric_history(run.info.run_id, "loss")),
-                "duration_s": round((run.info.end_time - run.info.start_time) / 1000, 1),
-                **{key: run.data.params.get(key, "") for key in searched},
+                "trial": int(run.tags[T.OPTUNA_TRIAL]),
+                "state": run.tags.get(T.OPTUNA_STATE, ""),
+                "peak_rss_mb": round(run.metrics["peak_rss_mb"], 1),
+                "rss_mb": round(run.metrics["rss_mb"], 1),
+                "epochs": len(tracking.metric_history(run.run_id, "loss", uri=uri)),
+                "duration_s": round(run.duration_s, 1),
+                **{key: run.params.get(key, "") for key in searched},
             }
         )
     return sorted(rows, key=lambda row: row["trial"])

@@ -2,7 +2,7 @@
 or the trials of one sweep: `python -m experiments.compare --sweep PARENT_RUN_ID`.
 
 Prints the table, saves it as Markdown and CSV, and draws accuracy against train time per
-configuration. Runs are found with MLflow's public search API.
+configuration. Runs are read through `experiments.tracking`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from pathlib import Path
 
 from experiments import compose_project_config
 from experiments.errors import ExperimentError
+from experiments.tracking import tags as T
 
 COLUMNS = {  # table column -> MLflow field
-    "task": "tags.task",
-    "backbone": "tags.backbone",
-    "strategy": "tags.strategy",
-    "augmentation": "tags.augmentation",
+    "task": f"tags.{T.TASK}",
+    "backbone": f"tags.{T.BACKBONE}",
+    "strategy": f"tags.{T.STRATEGY}",
+    "augmentation": f"tags.{T.AUGMENTATION}",
     "val_accuracy": "metrics.best_val_accuracy",
     "test_accuracy": "metrics.test_accuracy",
     "total_params": "metrics.total_params",
@@ -30,21 +31,20 @@ COLUMNS = {  # table column -> MLflow field
 
 
 TRIAL_COLUMNS = {  # sweep table column -> MLflow field
-    "trial": "tags.optuna_trial",
-    "state": "tags.optuna_state",
-    "pareto": "tags.pareto",
+    "trial": f"tags.{T.OPTUNA_TRIAL}",
+    "state": f"tags.{T.OPTUNA_STATE}",
+    "pareto": f"tags.{T.PARETO}",
 }
 
 
 def comparison_table(experiments: list[str] | None, filter_string: str = "", pruned=False):
     """One row per finished training run, best test accuracy first. Pruned trials are left out
     (their partial runs have no test metrics), or kept with `pruned` and marked."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
+    from experiments import tracking
 
-    names = experiments or [e.name for e in MlflowClient().search_experiments()]
+    names = experiments or list(tracking.experiments().values())
     wanted = " and ".join(f for f in ("attributes.status = 'FINISHED'", filter_string) if f)
-    runs = mlflow.search_runs(experiment_names=names, filter_string=wanted, output_format="pandas")
+    runs = tracking.runs_table(wanted, experiment_names=names)
     if runs.empty:
         raise ExperimentError(
             f"no finished runs in experiment(s) {', '.join(names) or '(none)'}"
@@ -56,24 +56,19 @@ def comparison_table(experiments: list[str] | None, filter_string: str = "", pru
 def sweep_table(parent_id: str, pruned=False):
     """The trials of one sweep, given its MLflow parent run: a row per trial with its Optuna
     state and whether it is on the Pareto front, and a line naming the best trial or the front."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from experiments import tracking
 
-    try:
-        parent = MlflowClient().get_run(parent_id)
-    except MlflowException:
-        raise ExperimentError(f"--sweep {parent_id}: no such run in this store") from None
-    tags = parent.data.tags
-    if tags.get("sweep") != "true":
+    parent = tracking.find_run(parent_id)
+    if parent is None:
+        raise ExperimentError(f"--sweep {parent_id}: no such run in this store")
+    tags = parent.tags
+    if tags.get(T.SWEEP) != "true":
         raise ExperimentError(
-            f"--sweep {parent_id}: run {parent.info.run_name!r} is not a sweep's parent run; give "
+            f"--sweep {parent_id}: run {parent.name!r} is not a sweep's parent run; give "
             f"the run id of a run tagged sweep=true"
         )
-    runs = mlflow.search_runs(
-        experiment_ids=[parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-        output_format="pandas",
+    runs = tracking.runs_table(
+        f"tags.{T.PARENT_RUN} = '{parent_id}'", experiment_ids=[parent.experiment_id]
     )
     if runs.empty:
         raise ExperimentError(f"--sweep {parent_id}: the sweep has no trial runs yet")
@@ -81,15 +76,15 @@ def sweep_table(parent_id: str, pruned=False):
     for column, field in TRIAL_COLUMNS.items():
         table[column] = runs.loc[table.index, field] if field in runs else None
     table = table.reset_index(drop=True)
-    if "best_trial" in tags:
-        summary = f"best trial {tags['best_trial']}: {tags.get('optimized_metric', 'value')}=" + (
-            f"{parent.data.metrics['best_value']:.4g}"
+    if T.BEST_TRIAL in tags:
+        summary = f"best trial {tags[T.BEST_TRIAL]}: {tags.get(T.OPTIMIZED_METRIC, 'value')}=" + (
+            f"{parent.metrics['best_value']:.4g}"
         )
     elif "pareto" in table and (table["pareto"] == "true").any():
         front = table[table["pareto"] == "true"]
         summary = (
-            f"Pareto front ({tags.get('optimized_metric', '')}; "
-            f"{tags.get('optuna_directions', '')}): trial(s) {', '.join(front['trial'])}"
+            f"Pareto front ({tags.get(T.OPTIMIZED_METRIC, '')}; "
+            f"{tags.get(T.OPTUNA_DIRECTIONS, '')}): trial(s) {', '.join(front['trial'])}"
         )
     else:
         summary = "no trial has completed"
@@ -99,10 +94,11 @@ def sweep_table(parent_id: str, pruned=False):
 def table_of(runs, pruned: bool):
     """The comparison columns of `runs` (training runs only), best test accuracy first."""
     # Training runs only: not sweep parents, not re-evaluations.
-    for tag in ("tags.sweep", "tags.run_type"):
+    for tag in (f"tags.{T.SWEEP}", f"tags.{T.RUN_TYPE}"):
         if tag in runs:
             runs = runs[runs[tag].isna()]
-    marked = runs["tags.pruned"].eq("true") if "tags.pruned" in runs else runs["run_id"].isna()
+    pruned_field = f"tags.{T.PRUNED}"
+    marked = runs[pruned_field].eq("true") if pruned_field in runs else runs["run_id"].isna()
     if not pruned:
         runs = runs[~marked]
         if runs.empty and marked.any():
@@ -114,7 +110,7 @@ def table_of(runs, pruned: bool):
     runs = runs.assign(**{field: None for field in missing})
     table = runs[list(COLUMNS.values())].copy()
     table.columns = list(COLUMNS)
-    table.insert(0, "run_name", runs["tags.mlflow.runName"])
+    table.insert(0, "run_name", runs[f"tags.{T.RUN_NAME}"])
     table.insert(1, "run_id", runs["run_id"].str[:8])
     if pruned:
         table["pruned"] = marked[runs.index]
@@ -167,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tracking-uri",
         default=None,
-        help="default: tracking.uri ($MLFLOW_TRACKING_URI, else the project's mlruns/mlflow.db)",
+        help="default: tracking.uri ($MLFLOW_TRACKING_URI, else the project's store in mlruns/)",
     )
     parser.add_argument("--out", default=None, help="output folder (default: paths.reports_dir)")
     parser.add_argument(

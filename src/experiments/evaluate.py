@@ -13,70 +13,35 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import config_dir
+from experiments.cli import cli_with_signals, output_dir, run_cli
 from experiments.errors import ExperimentError
-from experiments.train import cli_with_signals, output_dir, run_cli
 
 log = logging.getLogger("experiments.evaluate")
 
 
 def evaluate(cfg: DictConfig) -> float:
     """Evaluate `cfg.model` on `cfg.split` of the task; the accuracy."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     from experiments import tracking
     from experiments.backend import use_backend
+    from experiments.reports import evaluate_split, write_reports
     from experiments.tasks import SPLITS, load_task
 
     use_backend(cfg.backend)  # before MLflow loads the model with Keras
     if cfg.split not in SPLITS:
         raise ExperimentError(f"split={cfg.split} is unknown; use one of {', '.join(SPLITS)}")
     tracking.open_store(str(cfg.tracking.uri))
-    match = re.match(r"runs:/([0-9a-f]+)/", str(cfg.model))
-    try:
-        source = MlflowClient().get_run(match.group(1)) if match else None
-    except MlflowException:
-        raise ExperimentError(
-            f"model={cfg.model}: no run {match.group(1)} in {cfg.tracking.uri}; copy the run id "
-            f"from the MLflow UI or from python -m experiments.compare"
-        ) from None
-    try:
-        model = mlflow.keras.load_model(str(cfg.model))
-    except Exception as err:
-        raise ExperimentError(
-            f"cannot load model={cfg.model} ({str(err).splitlines()[0][:300]}); give a logged "
-            f"model URI such as runs:/<run_id>/model"
-        ) from None
+    source = source_run(cfg)
+    model = load_model(str(cfg.model))
     # The images must have the size the model was built for, whatever the task file says.
     task_cfg = OmegaConf.merge(
         cfg.get("task") or source_task(source), {"image_size": list(model.input_shape[1:3])}
     )
     task = load_task(task_cfg, cfg.paths)
-    experiment = cfg.tracking.experiment or (
-        MlflowClient().get_experiment(source.info.experiment_id).name if source else task_cfg.name
-    )
+    experiment = cfg.tracking.experiment or (source.experiment if source else task_cfg.name)
     tracking_cfg = OmegaConf.merge(cfg.tracking, {"experiment": experiment})
-
-    from experiments.reports import evaluate_split, write_reports
-
-    tags = {
-        "run_type": "evaluate",
-        "task": task.name,
-        "split": cfg.split,
-        "source_model": str(cfg.model),
-    }
-    if source is not None:
-        tags |= {
-            "source_run_id": source.info.run_id,
-            **{
-                k: source.data.tags[k]
-                for k in ("backbone", "strategy", "augmentation")
-                if k in source.data.tags
-            },
-        }
     workdir = output_dir(cfg.paths.output_dir, task.name)
-    with tracking.start_run(tracking_cfg, f"evaluate-{task.name}-{cfg.split}", tags):
+    name = f"evaluate-{task.name}-{cfg.split}"
+    with tracking.start_run(tracking_cfg, name, evaluation_tags(cfg, task, source)):
         tracking.log_task(task)
         result = evaluate_split(model, task.splits[cfg.split], task.num_classes, cfg.batch_size)
         tracking.log_metrics(
@@ -101,13 +66,60 @@ def evaluate(cfg: DictConfig) -> float:
     return result.accuracy
 
 
+def source_run(cfg: DictConfig):
+    """The run that logged `cfg.model` when it is a `runs:/` URI, else None."""
+    from experiments import tracking
+
+    match = re.match(r"runs:/([0-9a-f]+)/", str(cfg.model))
+    if not match:
+        return None
+    source = tracking.find_run(match.group(1))
+    if source is None:
+        raise ExperimentError(
+            f"model={cfg.model}: no run {match.group(1)} in {cfg.tracking.uri}; copy the run id "
+            f"from the MLflow UI or from python -m experiments.compare"
+        )
+    return source
+
+
+def load_model(uri: str):
+    """The logged Keras model at `uri`; a bad URI is one line."""
+    from experiments import tracking
+
+    try:
+        return tracking.load_model(uri)
+    except Exception as err:
+        raise ExperimentError(
+            f"cannot load model={uri} ({str(err).splitlines()[0][:300]}); give a logged "
+            f"model URI such as runs:/<run_id>/model"
+        ) from None
+
+
+def evaluation_tags(cfg: DictConfig, task, source) -> dict[str, str]:
+    """What the evaluation run is: its split and model, and what the source run was."""
+    from experiments.tracking import tags as T
+
+    tags = {
+        T.RUN_TYPE: "evaluate",
+        T.TASK: task.name,
+        "split": cfg.split,
+        "source_model": str(cfg.model),
+    }
+    if source is not None:
+        tags["source_run_id"] = source.run_id
+        for key in (T.BACKBONE, T.STRATEGY, T.AUGMENTATION):
+            if key in source.tags:
+                tags[key] = source.tags[key]
+    return tags
+
+
 def source_task(source) -> DictConfig:
     """The task config recorded with the source run."""
     if source is None:
         raise ExperimentError("no task given and model= is not a runs:/ URI; add task=<name>")
-    import mlflow
+    from experiments import tracking
 
-    text = mlflow.artifacts.load_text(f"runs:/{source.info.run_id}/config/config.yaml")
+    text = tracking.load_text(f"runs:/{source.run_id}/config/config.yaml")
     return OmegaConf.create(text).task
 
 

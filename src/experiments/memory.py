@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments.tracking import sqlite_uri
+
 SIZES = (2000, 8000, 32000)
 # A two-stage MobileNetV2 at 96 px on random weights: the setting whose peak grew by 1,955 MB
 # from 2,000 to 16,000 images when every split and its features were held in memory.
@@ -117,7 +119,7 @@ def train_once(folder: Path, overrides: list[str], workdir: Path, name: str) -> 
         "task=folder",
         f"task.path={folder}",
         *overrides,
-        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+        f"tracking.uri={sqlite_uri(workdir)}",
         f"tracking.artifact_dir={workdir / 'artifacts'}",
         "tracking.experiment=benchmark-memory",
         f"tracking.run_name={name}",
@@ -133,19 +135,20 @@ def train_once(folder: Path, overrides: list[str], workdir: Path, name: str) -> 
 
 def collect(workdir: Path) -> dict[str, dict]:
     """Each run's peak memory, train split size and training rate, by run name."""
-    from mlflow.tracking import MlflowClient
+    from experiments import tracking
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("benchmark-memory")
     out = {}
     # Oldest first, so that a size measured again in a kept --workdir reports its newest run.
-    for run in client.search_runs([experiment.experiment_id], order_by=["start_time ASC"]):
-        metrics = run.data.metrics
-        out[run.data.tags.get("mlflow.runName", run.info.run_id)] = {
-            "train_images": int(metrics["n_train"]),
-            "peak_rss_mb": round(metrics["peak_rss_mb"], 1),
-            "train_images_per_s": round(metrics["train_images_per_s"], 1),
-            "train_time_s": round(metrics["train_time_s"], 1),
+    for run in tracking.run_rows(
+        experiment="benchmark-memory",
+        order_by=["start_time ASC"],
+        uri=sqlite_uri(workdir),
+    ):
+        out[run.name] = {
+            "train_images": int(run.metrics["n_train"]),
+            "peak_rss_mb": round(run.metrics["peak_rss_mb"], 1),
+            "train_images_per_s": round(run.metrics["train_images_per_s"], 1),
+            "train_time_s": round(run.metrics["train_time_s"], 1),
         }
     return out
 

@@ -9,7 +9,6 @@ not take (the outbox) and says what it sent.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,35 +20,31 @@ ACTIONS = ("list", "sync")
 
 def unfinished_runs(checkpoint_dir: Path) -> list[dict]:
     """One row per unfinished training or sweep run in the store, newest first."""
-    from mlflow.tracking import MlflowClient
-
+    from experiments import tracking
     from experiments.checkpoints import RunCheckpoints
+    from experiments.tracking import tags as T
 
-    client = MlflowClient()
-    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
-    if not experiments:
-        return []
-    wanted = "attributes.status != 'FINISHED'"  # MLflow's filters have no OR
     rows = []
-    for run in client.search_runs(
-        list(experiments), filter_string=wanted, order_by=["attributes.start_time DESC"]
+    for run in tracking.run_rows(
+        "attributes.status != 'FINISHED'",  # MLflow's filters have no OR
+        order_by=["attributes.start_time DESC"],
     ):
-        tags = run.data.tags
-        if tags.get("run_type") == "evaluate":
+        tags = run.tags
+        if tags.get(T.RUN_TYPE) == "evaluate":
             continue
-        state = RunCheckpoints(checkpoint_dir / run.info.run_id)
-        resumable = run.info.status != "RUNNING" and bool(tags.get("identity") or tags.get("sweep"))
-        why = tags.get("stopped_by") or tags.get("killed_reason") or tags.get("error") or ""
+        state = RunCheckpoints(checkpoint_dir / run.run_id)
+        resumable = run.status != "RUNNING" and bool(tags.get(T.IDENTITY) or tags.get(T.SWEEP))
+        why = tags.get(T.STOPPED_BY) or tags.get(T.KILLED_REASON) or tags.get(T.ERROR) or ""
         rows.append(
             {
-                "run_id": run.info.run_id,
-                "experiment": experiments[run.info.experiment_id],
-                "name": run.info.run_name,
-                "status": run.info.status,
+                "run_id": run.run_id,
+                "experiment": run.experiment,
+                "name": run.name,
+                "status": run.status,
                 "why": why.splitlines()[0][:120] if why else "",
                 "epochs_saved": state.completed_epochs(),
                 "resumable": resumable,
-                "resume_with": resume_command(tags, run.info.run_id) if resumable else "",
+                "resume_with": resume_command(tags, run.run_id) if resumable else "",
             }
         )
     return rows
@@ -57,33 +52,16 @@ def unfinished_runs(checkpoint_dir: Path) -> list[dict]:
 
 def resume_command(tags: dict, run_id: str) -> str:
     """The command that continues a run: its own command (auto-resume), or with its id."""
-    command = tags.get("command", "").split()
-    if tags.get("sweep") == "true":
-        overrides = tags.get("sweep_overrides", "")
+    from experiments.tracking import tags as T
+
+    if tags.get(T.SWEEP) == "true":
+        overrides = tags.get(T.SWEEP_OVERRIDES, "")
         return f"python -m experiments.train -m {overrides}".strip()
+    command = tags.get(T.COMMAND, "").split()
     if command:
         args = [a for a in command[1:] if not a.startswith("resume=")]
         return " ".join(["python -m experiments.train", *args, f"resume={run_id}"])
     return f"python -m experiments.train <its overrides> resume={run_id}"
-
-
-def sync_outboxes(outbox_dir: Path) -> list[tuple[str, int, str]]:
-    """Send every outbox under `outbox_dir`: (run id, calls sent, error or '') per run."""
-    from experiments import tracking
-
-    results = []
-    for folder in sorted(p for p in outbox_dir.glob("*") if (p / "calls.jsonl").is_file()):
-        meta = json.loads((folder / "meta.json").read_text())
-        import mlflow
-
-        mlflow.set_tracking_uri(meta["uri"])
-        try:
-            sent = tracking.flush_outbox(folder)
-        except Exception as err:  # the server is still lost, or refused a call
-            results.append((meta["run_id"], 0, str(err).splitlines()[0][:200]))
-            continue
-        results.append((meta["run_id"], sent, ""))
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     project = compose_project_config(args.overrides)
     if args.action == "sync":
-        results = sync_outboxes(Path(str(project.tracking.outbox_dir)))
+        results = tracking.sync_outboxes(Path(str(project.tracking.outbox_dir)))
         if not results:
             print(f"nothing to send: {project.tracking.outbox_dir} holds no kept records")
         for run_id, sent, error in results:

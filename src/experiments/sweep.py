@@ -40,7 +40,7 @@ def trial_callbacks(cfg) -> list:
     from hydra.utils import instantiate
     from optuna_integration import KerasPruningCallback
 
-    from hydra_plugins.experiments_sweeper.optuna_sweeper import open_storage
+    from experiments.studies import open_storage
 
     storage, name, number = trial_of_job
     # The job decides whether to prune, so it needs the sweeper's pruner, not Optuna's default.
@@ -64,5 +64,7 @@ def trial_tags() -> dict[str, str]:
     trial_of_job = this_trial()
     if trial_of_job is None:
         return {}
+    from experiments.tracking import tags as T
+
     _, name, number = trial_of_job
-    return {"optuna_study": name, "optuna_trial": str(number)}
+    return {T.OPTUNA_STUDY: name, T.OPTUNA_TRIAL: str(number)}

@@ -175,7 +175,7 @@ def record(cfg, rows: list[dict], out: Path) -> str:
     from experiments.backend import device_tags
 
     tracking_cfg = OmegaConf.merge(cfg.tracking, {"experiment": "benchmark"})
-    tags = device_tags() | {"run_type": "benchmark", "benchmark": "throughput"}
+    tags = device_tags() | {tracking.tags.RUN_TYPE: "benchmark", "benchmark": "throughput"}
     with tracking.start_run(tracking_cfg, "throughput", tags) as run:
         for row in rows:
             tracking.log_metrics(

@@ -11,7 +11,6 @@ its epochs to that trial through the storage (experiments.sweep).
 import contextlib
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # A signal waits for a write to the study's storage to end (a journal line, an RDB transaction).
 from experiments.interrupts import uninterrupted
+from experiments.processes import TRIAL_KEYS, Owner, this_process
+from experiments.studies import JOURNAL_PREFIX, open_storage
 from experiments.sweep import STORAGE_ENV, STUDY_ENV, TRIAL_ENV, defining_overrides
+from experiments.tracking import tags as T
 from hydra_plugins.experiments_sweeper import SweepError
 from hydra_plugins.experiments_sweeper.config import MOTPE_REMOVED, register
 from hydra_plugins.experiments_sweeper.space import SearchSpace, search_space
 
 log = logging.getLogger(__name__)
 
-JOURNAL_PREFIX = "journal:"
 # Asks that may be discarded as duplicates before a batch is given up.
 MAX_ASK_ATTEMPTS = 100
 # Metrics minimized when hydra.sweeper.direction is not given (names holding one of these words,
@@ -38,80 +39,6 @@ MAX_ASK_ATTEMPTS = 100
 MINIMIZED = ("loss", "time", "params", "size", "rss", "error")
 
 register()
-
-
-def open_storage(url: str, heartbeat_interval: int | None = None, grace_period=None):
-    """An Optuna storage from a URL, or from `journal:<path>` for a journal file.
-
-    With `heartbeat_interval`, an RDB storage fails the trials of processes that stopped
-    beating and queues each again with the same params (Optuna's retry callback).
-    """
-    import warnings
-
-    import optuna
-
-    # Heartbeats and their retry callback have been "experimental" since Optuna 2.8 (2021).
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-    if url.startswith(JOURNAL_PREFIX):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        return JournalStorage(JournalFileBackend(url[len(JOURNAL_PREFIX) :]))
-    if heartbeat_interval is None:
-        return _rdb_storage(url)
-    return _rdb_storage(
-        url,
-        heartbeat_interval=int(heartbeat_interval),
-        grace_period=int(grace_period) if grace_period else None,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
-    )
-
-
-def _rdb_storage(url: str, **settings):
-    """Optuna's RDBStorage, created again when a worker starting beside it created the tables
-    first: on an empty PostgreSQL database, workers that start together race to create them
-    and all but one fail with a duplicate type or table."""
-    import time
-
-    import optuna
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
-
-    for attempt in range(5):
-        try:
-            return optuna.storages.RDBStorage(url, **settings)
-        except (IntegrityError, ProgrammingError):
-            if attempt == 4:
-                raise
-            time.sleep(1 + attempt)
-
-
-def owner_attrs() -> dict[str, Any]:
-    """Which process on which host runs a trial: its trial is taken over once it is gone."""
-    import socket
-
-    import psutil
-
-    return {
-        "owner_host": socket.gethostname(),
-        "owner_pid": os.getpid(),
-        "owner_started": round(psutil.Process().create_time(), 2),
-    }
-
-
-def owner_alive(attrs: dict[str, Any]) -> bool:
-    """False when the trial's owner ran on this host and is gone (a reused pid is not it)."""
-    import socket
-
-    import psutil
-
-    if attrs.get("owner_host") != socket.gethostname() or "owner_pid" not in attrs:
-        return True  # another host's process: only a heartbeat (RDB) can tell
-    try:
-        started = psutil.Process(int(attrs["owner_pid"])).create_time()
-    except psutil.Error:
-        return False
-    return abs(started - float(attrs.get("owner_started", started))) < 1.0
 
 
 def retried_numbers(trials) -> set[int]:
@@ -139,7 +66,8 @@ def take_over_stale_trials(study) -> list[int]:
     storage = study._storage  # Optuna's own handle: the call below has no Study-level form
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get("surplus") or owner_alive(trial.user_attrs):
+        owner = Owner.from_dict(trial.user_attrs, TRIAL_KEYS)
+        if trial.user_attrs.get("surplus") or owner is None or owner.alive():
             continue
         # Not study.tell(): this raises when another process failed the trial first, so
         # exactly one process queues its retry.
@@ -181,8 +109,6 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        import optuna
-
         settings = self.settings
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -196,6 +122,28 @@ class OptunaSweeper(Sweeper):
         directions = study_directions(settings.direction, metrics)
         sampler, n_trials = self._sampler(space, len(directions))
         storage_url = settings.storage or f"{JOURNAL_PREFIX}{sweep_dir / 'optuna.journal'}"
+        study, storage = self._open_study(storage_url, space, sampler, directions, metrics)
+        log.info(
+            "study %s (%s %s, %s) in %s: %d of %d trials done",
+            study.study_name,
+            "/".join(directions),
+            "/".join(metrics or ["the returned value"]),
+            type(sampler).__name__,
+            storage_url,
+            self._counted(study),
+            n_trials,
+        )
+        try:
+            self._run_trials(study, storage, space, n_trials, storage_url)
+        finally:
+            # Whatever ended the sweep, what the study holds so far is written out.
+            self._write_results(study, sweep_dir, metrics)
+
+    def _open_study(self, storage_url: str, space: SearchSpace, sampler, directions, metrics):
+        """(the study, its storage): created, or loaded to be resumed when it is the same."""
+        import optuna
+
+        settings = self.settings
         storage = open_storage(storage_url, settings.heartbeat_interval, settings.grace_period)
         study = uninterrupted(optuna.create_study)(
             study_name=settings.study_name,
@@ -208,48 +156,35 @@ class OptunaSweeper(Sweeper):
         self._check_same_study(study, space, storage_url)
         if len(directions) > 1 and metrics and study.metric_names is None:
             uninterrupted(study.set_metric_names)(metrics)
-        log.info(
-            "study %s (%s %s, %s) in %s: %d of %d trials done",
-            study.study_name,
-            "/".join(directions),
-            "/".join(metrics or ["the returned value"]),
-            type(sampler).__name__,
-            storage_url,
-            self._counted(study),
-            n_trials,
-        )
-        plumbing = {
-            STORAGE_ENV: storage_url,
-            STUDY_ENV: study.study_name,
-        }
+        return study, storage
+
+    def _run_trials(self, study, storage, space: SearchSpace, n_trials: int, storage_url: str):
+        """Ask, launch and tell batches of `n_jobs` trials until the study has `n_trials`."""
+        plumbing = {STORAGE_ENV: storage_url, STUDY_ENV: study.study_name}
         job_index = 0
-        try:
-            while True:
-                take_over_stale_trials(study)
-                trials = self._ask(study, space, int(settings.n_jobs), n_trials)
-                if not trials:
-                    if wait_for_other_workers(study, storage):
-                        continue  # one of theirs died: its retry is queued for us
-                    break
-                overrides = [
-                    [
-                        *space.fixed,
-                        *(f"{key}={value}" for key, value in trial.params.items()),
-                        *hydra_env({**plumbing, TRIAL_ENV: trial.number}),
-                    ]
-                    for trial in trials
+        while True:
+            take_over_stale_trials(study)
+            trials = self._ask(study, space, int(self.settings.n_jobs), n_trials)
+            if not trials:
+                if wait_for_other_workers(study, storage):
+                    continue  # one of theirs died: its retry is queued for us
+                break
+            overrides = [
+                [
+                    *space.fixed,
+                    *(f"{key}={value}" for key, value in trial.params.items()),
+                    *hydra_env({**plumbing, TRIAL_ENV: trial.number}),
                 ]
-                with heartbeats(storage, trials):
-                    returns = self.launcher.launch(overrides, initial_job_idx=job_index)
-                job_index += len(returns)
-                for trial, ret in zip(trials, returns, strict=True):
-                    self._tell(study, trial, ret)
-                    release_frames(ret)
-                del returns, ret  # before the next batch runs, not after
-                self._check_failures(study)
-        finally:
-            # Whatever ended the sweep, what the study holds so far is written out.
-            self._write_results(study, sweep_dir, metrics)
+                for trial in trials
+            ]
+            with heartbeats(storage, trials):
+                returns = self.launcher.launch(overrides, initial_job_idx=job_index)
+            job_index += len(returns)
+            for trial, ret in zip(trials, returns, strict=True):
+                self._tell(study, trial, ret)
+                release_frames(ret)
+            del returns, ret  # before the next batch runs, not after
+            self._check_failures(study)
 
     def _sampler(self, space: SearchSpace, objectives: int):
         """The configured sampler and how many trials the study may have.
@@ -354,7 +289,7 @@ class OptunaSweeper(Sweeper):
             trial = study.ask(fixed_distributions=space.distributions)
             if extend is not None:
                 extend(self.config, trial)
-            for key, value in owner_attrs().items():
+            for key, value in this_process().to_dict(TRIAL_KEYS).items():
                 trial.set_user_attr(key, value)
             trials = study.get_trials(deepcopy=False)
             retried = retried_numbers(trials)
@@ -409,7 +344,7 @@ class OptunaSweeper(Sweeper):
             log.warning("trial %d failed: %r", trial.number, ret._return_value)
             tell(study, trial, state=TrialState.FAIL)
             state = "FAIL"
-        tag_trial_runs(study.study_name, {trial.number: {"optuna_state": state}})
+        tag_trial_runs(study.study_name, {trial.number: {T.OPTUNA_STATE: state}})
 
     def _check_failures(self, study) -> None:
         from optuna.trial import TrialState
@@ -445,7 +380,7 @@ class OptunaSweeper(Sweeper):
         if "solutions" in results:
             front = {t.number for t in study.best_trials}
             frame["pareto"] = frame["number"].isin(front)
-            tags = {n: {"pareto": str(n in front).lower()} for n in frame["number"]}
+            tags = {n: {T.PARETO: str(n in front).lower()} for n in frame["number"]}
             tag_trial_runs(study.study_name, tags)
         frame.to_csv(sweep_dir / "trials.csv", index=False)
         OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")

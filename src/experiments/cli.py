@@ -1,0 +1,120 @@
+"""The command-line harness of the Hydra entry points (`experiments.train`, `experiments.evaluate`):
+signals, user errors as one line, and the job's output folder.
+
+A user error prints one `error:` line and exits 2; a signal prints what was kept and how to
+resume, and exits 128 + its number. In a multirun the sweeper and the launcher handle both.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from experiments.errors import ExperimentError
+
+
+def run_cli(task_function, cfg: DictConfig):
+    """Call `task_function(cfg)`. In a single run a user error prints one line and exits 2, and
+    a signal prints how to resume and exits 128 + its number; a multirun handles both itself."""
+    from experiments import interrupts
+    from experiments.files import DISK_FULL
+    from experiments.interrupts import Interrupted
+
+    multirun = in_multirun()
+    try:
+        # Here too, not only in main(): a launcher such as submitit calls this in its own process.
+        with interrupts.handle_signals():
+            try:
+                return task_function(cfg)
+            except Interrupted as err:
+                if multirun:  # submitit: requeue this job, whose run then resumes
+                    interrupts.pass_on(err.signum)
+                raise
+    except ExperimentError as err:
+        if multirun:
+            raise  # the sweeper records the failure and goes on
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:
+        if err.errno not in DISK_FULL or multirun:
+            raise
+        print(
+            f"error: no space left writing {err.filename or 'a file'} ({os.strerror(err.errno)}); "
+            f"free space there, then run the same command again to resume",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    except Interrupted as err:
+        if multirun:
+            raise  # ends the whole sweep: see cli_with_signals()
+        print(f"interrupted by {err.name}: {resume_hint(cfg)}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+def cli_with_signals(entry) -> None:
+    """Run a Hydra entry point with SIGTERM and SIGINT handled; a multirun stopped by one
+    prints how to complete it and exits 128 + its number."""
+    from experiments.interrupts import Interrupted, handle_signals
+
+    with handle_signals():
+        try:
+            entry()
+        except Interrupted as err:
+            print(
+                f"interrupted by {err.name}: run the same command again to complete the sweep "
+                f"(finished jobs are skipped, the interrupted one resumes; resume=never runs all)",
+                file=sys.stderr,
+            )
+            sys.exit(err.exit_code)
+
+
+def resume_hint(cfg: DictConfig) -> str:
+    """One line: what an interrupted run kept and how to continue it."""
+    from experiments import tracking
+    from experiments.checkpoints import RunCheckpoints
+
+    run_id = tracking.last_run_id()
+    if run_id is None:
+        return "no run was started yet; run the same command again"
+    if tracking.run_status(run_id) == "FINISHED":
+        return f"run {run_id} had just FINISHED; nothing is lost"
+    state = RunCheckpoints(Path(str(cfg.paths.checkpoint_dir)) / run_id)
+    return (
+        f"run {run_id} ended KILLED with {state.completed_epochs()} complete epoch(s) saved in "
+        f"{state.root}; run the same command again to resume it (resume=never starts afresh)"
+    )
+
+
+def in_multirun() -> bool:
+    """Whether Hydra runs this job as one of a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def output_dir(root: str, name: str) -> Path:
+    """Hydra's output directory for this job, or a fresh one under `root`/`name`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        runtime = HydraConfig.get().runtime
+        if runtime.get("output_dir"):
+            return Path(runtime.output_dir)
+    parent = Path(root) / str(name)
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y-%m-%d_%H-%M-%S-"), dir=parent))
+
+
+def task_overrides() -> list[str]:
+    """The command-line overrides of this job, when Hydra launched it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return list(HydraConfig.get().overrides.task)
+    return []

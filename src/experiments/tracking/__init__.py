@@ -1,0 +1,125 @@
+"""The tracking group: the only code that talks to MLflow.
+
+Runs with params, tags, data lineage, metrics, artifacts and models; the sweep's parent run and
+its study; and reading the store back. One module per concern:
+
+| module | holds |
+| --- | --- |
+| `store` | the URI, opening and checking the store, closing runs that dead processes left RUNNING |
+| `outbox` | records waiting for a lost server, and sending them |
+| `runs` | the active run: start, resume, metrics, tags, artifacts, its end |
+| `records` | what a run records about itself: config, tags, data lineage, the model |
+| `sweeps` | the parent run of a multirun, the Optuna study's record |
+| `queries` | reading the store: runs as rows or a table, histories, models |
+| `tags` | the names of every tag the project writes or reads |
+
+MLflow is imported inside the functions, so composing a config never pays for it.
+"""
+
+from experiments.processes import memory_metrics
+from experiments.tracking import tags
+from experiments.tracking.outbox import Outbox, flush_outbox, sync_outboxes
+from experiments.tracking.queries import (
+    RunRow,
+    experiments,
+    find_run,
+    load_model,
+    load_text,
+    metric_history,
+    run_rows,
+    runs_table,
+)
+from experiments.tracking.records import (
+    flatten,
+    git_state,
+    log_config,
+    log_model,
+    log_task,
+    run_tags,
+    serving_requirements,
+)
+from experiments.tracking.runs import (
+    ActiveRun,
+    backfill_metrics,
+    last_run_id,
+    log_artifact,
+    log_memory,
+    log_metrics,
+    log_params,
+    log_text,
+    recorded,
+    resumable_run,
+    run_status,
+    set_tags,
+    start_run,
+)
+from experiments.tracking.store import (
+    HTTP_DEFAULTS,
+    artifact_root,
+    check_reachable,
+    close_stale_runs,
+    open_store,
+    set_tracking,
+    sqlite_uri,
+)
+from experiments.tracking.sweeps import (
+    PARENT_RUN_ENV,
+    SWEEP_IDENTITY_ENV,
+    MlflowSweepCallback,
+    end_stale_trial_runs,
+    finished_sweep_job,
+    log_study,
+    sweep_identity,
+    tag_trial_runs,
+)
+
+__all__ = [
+    "HTTP_DEFAULTS",
+    "PARENT_RUN_ENV",
+    "SWEEP_IDENTITY_ENV",
+    "ActiveRun",
+    "MlflowSweepCallback",
+    "Outbox",
+    "RunRow",
+    "artifact_root",
+    "backfill_metrics",
+    "check_reachable",
+    "close_stale_runs",
+    "end_stale_trial_runs",
+    "experiments",
+    "find_run",
+    "finished_sweep_job",
+    "flatten",
+    "flush_outbox",
+    "git_state",
+    "last_run_id",
+    "load_model",
+    "load_text",
+    "log_artifact",
+    "log_config",
+    "log_memory",
+    "log_metrics",
+    "log_model",
+    "log_params",
+    "log_study",
+    "log_task",
+    "log_text",
+    "memory_metrics",
+    "metric_history",
+    "open_store",
+    "recorded",
+    "resumable_run",
+    "run_rows",
+    "run_status",
+    "run_tags",
+    "runs_table",
+    "serving_requirements",
+    "set_tags",
+    "set_tracking",
+    "start_run",
+    "sweep_identity",
+    "sqlite_uri",
+    "sync_outboxes",
+    "tag_trial_runs",
+    "tags",
+]

@@ -1,0 +1,121 @@
+"""Reading the store: runs as rows or as a table, a metric's history, a logged model or text.
+
+`compare`, `runs`, `evaluate` and the benchmarks read what they need through these; with `uri`
+a function reads that store, else the one this process points at (`store.open_store`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from experiments.tracking.store import client
+
+
+@dataclass
+class RunRow:
+    """One MLflow run as plain values."""
+
+    run_id: str
+    experiment_id: str
+    experiment: str
+    name: str
+    status: str
+    start_time: int | None
+    end_time: int | None
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float | None:
+        if self.start_time is None or self.end_time is None:
+            return None
+        return (self.end_time - self.start_time) / 1000
+
+
+def experiments(uri: str | None = None) -> dict[str, str]:
+    """The store's experiments: id -> name."""
+    return {e.experiment_id: e.name for e in client(uri).search_experiments()}
+
+
+def run_rows(
+    filter_string: str = "",
+    experiment: str | None = None,
+    order_by: list[str] | None = None,
+    uri: str | None = None,
+) -> list[RunRow]:
+    """The runs matching `filter_string`, in `experiment` (a name) or in every experiment."""
+    mlflow_client = client(uri)
+    names = experiments(uri)
+    ids = [i for i, name in names.items() if experiment is None or name == experiment]
+    if not ids:
+        return []
+    runs = mlflow_client.search_runs(
+        ids, filter_string=filter_string, order_by=order_by, max_results=50000
+    )
+    return [_row(run, names) for run in runs]
+
+
+def find_run(run_id: str, uri: str | None = None) -> RunRow | None:
+    """The run `run_id`, or None when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client(uri).get_run(run_id)
+    except MlflowException:
+        return None
+    return _row(run, experiments(uri))
+
+
+def runs_table(
+    filter_string: str = "",
+    experiment_names: list[str] | None = None,
+    experiment_ids: list[str] | None = None,
+):
+    """The matching runs as a pandas DataFrame, one row each, with MLflow's columns
+    (`run_id`, `status`, `tags.<name>`, `params.<name>`, `metrics.<name>`)."""
+    import mlflow
+
+    if experiment_ids is None:
+        experiment_names = experiment_names or list(experiments().values())
+    return mlflow.search_runs(
+        experiment_names=experiment_names if experiment_ids is None else None,
+        experiment_ids=experiment_ids,
+        filter_string=filter_string,
+        output_format="pandas",
+    )
+
+
+def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of a metric, in logging order."""
+    return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
+
+
+def load_model(model_uri: str):
+    """The Keras model logged at `model_uri` (e.g. `runs:/<id>/model`)."""
+    import mlflow.keras
+
+    return mlflow.keras.load_model(model_uri)
+
+
+def load_text(artifact_uri: str) -> str:
+    """The text of a logged artifact (e.g. `runs:/<id>/config/config.yaml`)."""
+    import mlflow.artifacts
+
+    return mlflow.artifacts.load_text(artifact_uri)
+
+
+def _row(run, names: dict[str, str]) -> RunRow:
+    info, data = run.info, run.data
+    return RunRow(
+        run_id=info.run_id,
+        experiment_id=info.experiment_id,
+        experiment=names.get(info.experiment_id, info.experiment_id),
+        name=info.run_name,
+        status=info.status,
+        start_time=info.start_time,
+        end_time=info.end_time,
+        tags=dict(data.tags),
+        params=dict(data.params),
+        metrics=dict(data.metrics),
+    )

@@ -1,0 +1,185 @@
+"""What a run records about itself: its config, where it ran, its data lineage and its model."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.interrupts import uninterrupted
+from experiments.tracking import tags as T
+from experiments.tracking.runs import (
+    active_run,
+    log_artifact,
+    log_datasets,
+    log_metrics,
+    log_params,
+    log_text,
+    logged_params,
+    set_tags,
+)
+from experiments.tracking.store import unreachable
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted keys to string values for every leaf of a nested dict or list."""
+    if isinstance(node, dict) and node:
+        out = {}
+        for key, value in node.items():
+            out |= flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix.rstrip("."): str(node)[: T.MAX_VALUE_CHARS]}
+
+
+@uninterrupted
+def log_config(cfg: DictConfig, overrides: list[str]) -> None:
+    """Every resolved config leaf as a param, plus the config and overrides as YAML artifacts."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    # A resumed run keeps the params it has: MLflow refuses a new value (e.g. `resume`), and
+    # where it writes may differ from the first command's.
+    logged = logged_params(active_run().run_id)
+    log_params({k: v for k, v in flatten(container).items() if k not in logged})
+    log_text(OmegaConf.to_yaml(container), "config/config.yaml")
+    # Last: a run resumed after a kill finds this file only if its config is whole.
+    log_text(OmegaConf.to_yaml(list(overrides)), "config/overrides.yaml")
+
+
+def run_tags(cfg: DictConfig, output_dir: str) -> dict[str, str]:
+    """The tags that say what a run was and where it ran."""
+    commit, dirty = git_state(cfg.paths.root_dir)
+    tags = {
+        T.TASK: cfg.task.name,
+        T.BACKBONE: cfg.backbone.name,
+        T.STRATEGY: cfg.strategy.name,
+        T.AUGMENTATION: cfg.augmentation.name,
+        "hydra_output_dir": output_dir,
+        "python_version": platform.python_version(),
+        T.COMMAND: " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[: T.MAX_VALUE_CHARS],
+    }
+    if commit:
+        tags |= {"git_commit": commit, "mlflow.source.git.commit": commit, "git_dirty": str(dirty)}
+    return tags
+
+
+def git_state(root: str) -> tuple[str | None, bool]:
+    """The checkout's commit and whether its tree has uncommitted changes."""
+    try:
+        commit = _git(root, "rev-parse", "HEAD").strip()
+        dirty = bool(_git(root, "status", "--porcelain").strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+    return commit, dirty
+
+
+def _git(root: str, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", root, *args], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
+
+
+@uninterrupted
+def log_task(task) -> None:
+    """Data lineage: an MLflow dataset input per split, class names and counts per class."""
+    import mlflow.data
+    import pandas as pd
+
+    from experiments.tasks import SPLITS
+
+    # MLflow hints that integer columns cannot hold NaN: labels never do.
+    warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+    datasets = {}
+    for split in SPLITS:
+        data = task.splits[split]
+        frame = pd.DataFrame(
+            {
+                "source": data.sources,
+                "label": data.labels,
+                "class": [task.class_names[i] for i in data.labels],
+            }
+        )
+        datasets[split] = mlflow.data.from_pandas(
+            frame, source=task.name, name=f"{task.name}-{split}"
+        )
+    log_datasets(datasets)
+    counts = task.counts()
+    classes = {"class_names": task.class_names, "counts": counts, "skipped_files": task.skipped}
+    log_text(_json(classes), "data/classes.json")
+    log_metrics({f"n_{s}": sum(counts[s].values()) for s in SPLITS})
+    # Last: a run resumed after a kill finds this tag only if its lineage is whole.
+    set_tags({T.CLASS_NAMES: ", ".join(task.class_names)})
+
+
+def _json(value) -> str:
+    import json
+
+    return json.dumps(value, indent=2)
+
+
+# The packages a logged model needs besides MLflow (which adds itself): per Keras backend, the
+# import names whose installed distributions are pinned.
+SERVING_MODULES = {
+    "tensorflow": ("keras", "numpy", "tensorflow"),
+    "jax": ("keras", "numpy", "jax", "jaxlib"),
+    "torch": ("keras", "numpy", "torch"),
+}
+
+
+def serving_requirements(backend: str) -> list[str]:
+    """Pinned pip requirements of a Keras model served on `backend`.
+
+    Given these, MLflow skips inferring them, which loads the model again in a subprocess and
+    costs ~10 s a run. They are what that inference finds: Keras, NumPy and the backend.
+    """
+    from importlib.metadata import packages_distributions, version
+
+    distributions = packages_distributions()
+    pins = []
+    for module in SERVING_MODULES[backend]:
+        for name in distributions.get(module, [module])[:1]:  # e.g. tensorflow-cpu
+            pins.append(f"{name}=={version(name)}")
+    return pins
+
+
+@uninterrupted
+def log_model(model, image_shape, num_classes: int) -> None:
+    """Log the Keras model with a uint8-image signature (no input example: mlflow#16183).
+
+    While the tracking server is lost the model is saved in MLflow's format into the outbox and
+    sent later as the run's `model/` artifacts, which `runs:/<id>/model` loads the same way.
+    """
+    import tempfile
+
+    import keras
+    import mlflow
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    outputs = 1 if num_classes == 2 else num_classes
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape), "image")]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, outputs), "probabilities")]),
+    )
+    model_spec = {
+        "signature": signature,
+        "pip_requirements": serving_requirements(keras.backend.backend()),
+    }
+    outbox = active_run().outbox
+    if not outbox.is_down() and not outbox.pending():
+        try:
+            mlflow.keras.log_model(model, name="model", **model_spec)
+            return
+        except Exception as err:
+            if not outbox.remote or not unreachable(err):
+                raise
+            outbox.went_down(err)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "model"
+        mlflow.keras.save_model(model, str(saved), **model_spec)
+        log_artifact(saved, "model")

@@ -1,0 +1,192 @@
+"""The MLflow store: its URI, opening and checking it, and closing the runs dead processes left
+RUNNING there."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import nullcontext
+from pathlib import Path
+
+from experiments.errors import ExperimentError
+from experiments.interrupts import uninterrupted
+from experiments.processes import RUN_KEYS, Owner
+from experiments.tracking import tags as T
+
+log = logging.getLogger("experiments.tracking")
+
+LOCAL_SCHEMES = ("sqlite:", "file:", "/")
+# MLflow's HTTP client retries a failed call for minutes by default; a lost server must cost
+# seconds, since every call is then kept in the outbox instead. The user's own settings win.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith(LOCAL_SCHEMES)
+
+
+def sqlite_uri(folder: Path) -> str:
+    """The URI of an sqlite store in `folder`, as `tracking.uri` names the project's."""
+    return f"sqlite:///{Path(folder) / 'mlflow.db'}"
+
+
+def client(uri: str | None = None):
+    """An MLflow client of `uri`, or of the store this process points at."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri) if uri else MlflowClient()
+
+
+@uninterrupted
+def set_tracking(tracking) -> str:
+    """Point MLflow at `tracking.uri` and return the id of `tracking.experiment`, creating it."""
+    uri = str(tracking.uri)
+    guard = nullcontext()
+    if uri.startswith("sqlite:///"):
+        from filelock import FileLock
+
+        database = Path(uri[len("sqlite:///") :])
+        database.parent.mkdir(parents=True, exist_ok=True)
+        # MLflow creates and migrates a new sqlite store without a lock, so processes opening one
+        # new store together (a sweep shared by several processes) race on its tables.
+        guard = FileLock(f"{database}.lock")
+    with guard:
+        point_at(uri)
+        experiment_id = _experiment_id(client(), tracking, uri, is_local(uri))
+    close_stale_runs(client())
+    return experiment_id
+
+
+@uninterrupted
+def open_store(uri: str) -> None:
+    """Point MLflow at `uri` and close the runs that dead processes left RUNNING there."""
+    from mlflow.exceptions import MlflowException
+
+    point_at(uri)
+    try:
+        close_stale_runs(client())
+    except MlflowException as err:
+        raise ExperimentError(unreachable_message(uri, err)) from None
+
+
+def check_reachable(tracking) -> None:
+    """A tracking server that does not answer stops the run now, in seconds, before any data is
+    loaded; a local store needs no check."""
+    import urllib.error
+    import urllib.request
+
+    uri = str(tracking.uri)
+    if is_local(uri) or not uri.startswith(("http://", "https://")):
+        return
+    timeout = float(
+        os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
+    )
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answers; a proxy may not route /health
+    except (OSError, ValueError) as err:
+        raise ExperimentError(unreachable_message(uri, err)) from None
+
+
+def point_at(uri: str) -> None:
+    import mlflow
+
+    if not is_local(uri):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    mlflow.set_tracking_uri(uri)
+
+
+def unreachable_message(uri: str, err: BaseException) -> str:
+    return (
+        f"cannot reach the MLflow store tracking.uri={uri} ({str(err).splitlines()[0][:300]}); "
+        f"start the server or fix tracking.uri / MLFLOW_TRACKING_URI"
+    )
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether `err` says the tracking server could not be reached (not a refused request)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, (requests.RequestException, ConnectionError, TimeoutError)):
+        return True
+    text = str(err)
+    return isinstance(err, MlflowException) and (
+        "Max retries exceeded" in text
+        or "Connection" in text
+        or "timed out" in text
+        or "API request to" in text
+    )
+
+
+def artifact_root(tracking) -> Path | None:
+    """Where a new experiment keeps artifacts: `tracking.artifact_dir`, else beside an sqlite
+    database (`sqlite:////x/mlflow.db` -> `/x/artifacts`), else MLflow's default."""
+    if tracking.get("artifact_dir"):
+        return Path(str(tracking.artifact_dir))
+    uri = str(tracking.uri)
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///") :]).parent / "artifacts"
+    return None
+
+
+def _experiment_id(mlflow_client, tracking, uri: str, local: bool) -> str:
+    from mlflow.exceptions import MlflowException
+
+    name = str(tracking.experiment)
+    try:
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is None:
+            root = artifact_root(tracking) if local else None
+            location = root.resolve().as_uri() if root else None
+            try:
+                return mlflow_client.create_experiment(name, artifact_location=location)
+            except MlflowException:  # created meanwhile by a concurrent job
+                experiment = mlflow_client.get_experiment_by_name(name)
+    except MlflowException as err:
+        raise ExperimentError(unreachable_message(uri, err)) from None
+    if experiment.lifecycle_stage == "deleted":
+        raise ExperimentError(
+            f"MLflow experiment {name!r} is deleted; restore it in the UI "
+            f"(mlflow experiments restore) or set tracking.experiment to another name"
+        )
+    return experiment.experiment_id
+
+
+@uninterrupted
+def close_stale_runs(mlflow_client) -> list[str]:
+    """Close as KILLED every run left RUNNING on this host by a process that no longer exists."""
+    import socket
+
+    host = socket.gethostname()
+    experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+    if not experiments:
+        return []
+    stale = []
+    for run in mlflow_client.search_runs(
+        experiments, filter_string=f"attributes.status = 'RUNNING' and tags.{T.HOST} = '{host}'"
+    ):
+        owner = Owner.from_dict(run.data.tags, RUN_KEYS)
+        if owner is None or not owner.alive():
+            stale.append(run)
+    for run in stale:
+        pid = run.data.tags.get(T.PID, "?")
+        mlflow_client.set_tag(
+            run.info.run_id,
+            T.KILLED_REASON,
+            f"process {pid} on {host} ended without closing the run (kill -9, out of memory, "
+            f"reboot); closed by process {os.getpid()}",
+        )
+        mlflow_client.set_terminated(run.info.run_id, "KILLED")
+        log.warning(
+            "run %s was left RUNNING by process %s, which no longer exists: closed as KILLED",
+            run.info.run_id,
+            pid,
+        )
+    return [run.info.run_id for run in stale]

@@ -1,0 +1,265 @@
+"""The parent run of a multirun, and the Optuna study's record on it and on its trials' runs."""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from experiments.interrupts import uninterrupted
+from experiments.processes import RUN_KEYS, this_process
+from experiments.tracking import tags as T
+from experiments.tracking.queries import RunRow, run_rows
+from experiments.tracking.store import client, set_tracking
+
+log = logging.getLogger("experiments.tracking")
+
+# A multirun's parent run id, set by MlflowSweepCallback for the jobs it launches.
+PARENT_RUN_ENV = "EXPERIMENTS_MLFLOW_PARENT_RUN_ID"
+# The sweep a job belongs to (a digest of the multirun's overrides), set by MlflowSweepCallback.
+SWEEP_IDENTITY_ENV = "EXPERIMENTS_SWEEP_IDENTITY"
+
+
+def sweep_identity(overrides: list[str]) -> str:
+    """A digest of a multirun's overrides, minus where it writes and how it resumes."""
+    from experiments.sweep import defining_overrides
+
+    return hashlib.sha256(json.dumps(defining_overrides(overrides)).encode()).hexdigest()[:24]
+
+
+def sweep_parent(mlflow_client, experiment_id: str, identity: str) -> str | None:
+    """The parent run that all workers of a sweep share: of the RUNNING parents of this sweep
+    identity, the first opened (then the smallest id), so that every worker picks the same."""
+    runs = mlflow_client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.{T.SWEEP_IDENTITY} = '{identity}' and tags.{T.SWEEP} = 'true' "
+            "and attributes.status = 'RUNNING'"
+        ),
+    )
+    if not runs:
+        return None
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id
+
+
+def parent_of_job() -> tuple[str | None, str | None]:
+    """(the experiment id, the parent run id) a job of a multirun nests under, or (None, None).
+
+    Workers that started together may each have opened a parent: all use the one
+    `sweep_parent` picks.
+    """
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    if not parent:
+        return None, None
+    mlflow_client = client()
+    experiment_id = mlflow_client.get_run(parent).info.experiment_id
+    if sweep := os.environ.get(SWEEP_IDENTITY_ENV):
+        parent = sweep_parent(mlflow_client, experiment_id, sweep) or parent
+        os.environ[PARENT_RUN_ENV] = parent
+    return experiment_id, parent
+
+
+def sweep_tags() -> dict[str, str]:
+    """The tag naming the sweep this job belongs to, if any."""
+    sweep = os.environ.get(SWEEP_IDENTITY_ENV)
+    return {T.SWEEP_IDENTITY: sweep} if sweep else {}
+
+
+def finished_sweep_job(identity: str) -> RunRow | None:
+    """The FINISHED run of this config in a sweep of the same overrides, or None."""
+    sweep = os.environ.get(SWEEP_IDENTITY_ENV)
+    if not sweep:
+        return None
+    runs = run_rows(
+        f"tags.{T.IDENTITY} = '{identity}' and tags.{T.SWEEP_IDENTITY} = '{sweep}' "
+        f"and attributes.status = 'FINISHED'"
+    )
+    return runs[0] if runs else None
+
+
+class MlflowSweepCallback(Callback):
+    """Opens one MLflow parent run per multirun; every job of the sweep nests under it.
+
+    The same multirun command run again after an interruption continues its parent run (with
+    `resume=auto`), and its jobs skip what already finished and resume what was interrupted.
+    """
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+
+    @uninterrupted
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        experiment_id = set_tracking(config.tracking)
+        hydra_cfg = config.hydra
+        overrides = list(hydra_cfg.overrides.task)
+        identity = sweep_identity(overrides)
+        mlflow_client = client()
+        earlier = (
+            mlflow_client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.{T.SWEEP_IDENTITY} = '{identity}' and tags.{T.SWEEP} = 'true'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if str(config.get("resume", "auto")) != "never"
+            else []
+        )
+        if earlier and earlier[0].info.status in ("KILLED", "FAILED"):
+            self.run_id = earlier[0].info.run_id
+            mlflow_client.update_run(self.run_id, status="RUNNING")
+            owner = this_process().to_dict(RUN_KEYS)
+            mlflow_client.log_batch(self.run_id, tags=T.as_run_tags(owner | {T.RESUMED: "true"}))
+            log.info("continuing the interrupted sweep's parent run %s", self.run_id)
+        elif earlier and earlier[0].info.status == "RUNNING":
+            # The same command on another machine (or beside this one) works on a shared study:
+            # one parent for all its workers. A parent left RUNNING by a dead process on this
+            # host was closed KILLED when the store was opened, and is continued above.
+            self.run_id = earlier[0].info.run_id
+            log.info("joining the sweep's parent run %s, which another process runs", self.run_id)
+        else:
+            self.run_id = self._open(mlflow_client, experiment_id, hydra_cfg, overrides, identity)
+        os.environ[PARENT_RUN_ENV] = self.run_id
+        os.environ[SWEEP_IDENTITY_ENV] = identity
+        # A sweep that dies before on_multirun_end still closes its parent run.
+        atexit.register(self.close, None)
+
+    @staticmethod
+    def _open(mlflow_client, experiment_id: str, hydra_cfg, overrides, identity: str) -> str:
+        """A new parent run, or the one another worker opened at the same moment."""
+        sweeper = hydra_cfg.sweeper.get("_target_", "basic").rsplit(".", 1)[-1]
+        tags = {
+            T.SWEEP: "true",
+            T.SWEEP_DIR: str(hydra_cfg.sweep.dir),
+            T.SWEEP_OVERRIDES: " ".join(overrides)[: T.MAX_VALUE_CHARS],
+            T.SWEEP_IDENTITY: identity,
+            T.SWEEPER: sweeper,
+            **{k: str(v) for k, v in this_process().to_dict(RUN_KEYS).items()},
+        }
+        run = mlflow_client.create_run(
+            experiment_id, run_name=f"sweep-{Path(hydra_cfg.sweep.dir).name}", tags=tags
+        )
+        chosen = sweep_parent(mlflow_client, experiment_id, identity)
+        if chosen and chosen != run.info.run_id:
+            mlflow_client.delete_run(run.info.run_id)
+            log.info("joining the sweep's parent run %s, opened by another process", chosen)
+            return chosen
+        log.info("MLflow parent run %s for this sweep", run.info.run_id)
+        return run.info.run_id
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.close("FINISHED")
+
+    @uninterrupted
+    def close(self, status: str | None) -> None:
+        """End the parent run: `status`, or at exit KILLED after a signal and FAILED otherwise."""
+        if self.run_id is None:
+            return
+        from experiments import interrupts
+
+        if status is None:
+            status = "KILLED" if interrupts.received() else "FAILED"
+        # The one its jobs chose, if workers that started together opened several (start_run).
+        self.run_id = os.environ.get(PARENT_RUN_ENV) or self.run_id
+        mlflow_client = client()
+        children = mlflow_client.search_runs(
+            [mlflow_client.get_run(self.run_id).info.experiment_id],
+            filter_string=f"tags.{T.PARENT_RUN} = '{self.run_id}'",
+        )
+        mlflow_client.set_tag(self.run_id, T.JOBS, str(len(children)))
+        if any(c.info.status == "RUNNING" for c in children):
+            # Another worker of a shared study is still running a trial: it closes the parent.
+            log.info("parent run %s left RUNNING for the other workers of this sweep", self.run_id)
+        else:
+            mlflow_client.set_terminated(self.run_id, status)
+        if status == "FINISHED" and not children:
+            # Nothing ran (e.g. a complete study resumed): the run the study did run holds it all.
+            mlflow_client.delete_run(self.run_id)
+            log.info("no job ran; deleted the empty parent run %s", self.run_id)
+        os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEEP_IDENTITY_ENV, None)
+        self.run_id = None
+
+
+def _study_runs(study_name: str, extra_filter: str = ""):
+    """(client, the runs of a study's trials in the sweep's experiment), or (None, [])."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent:
+        return None, []
+    mlflow_client = client()
+    experiment = mlflow_client.get_run(parent).info.experiment_id
+    wanted = f"tags.{T.OPTUNA_STUDY} = '{study_name}'" + (
+        f" and {extra_filter}" if extra_filter else ""
+    )
+    return mlflow_client, mlflow_client.search_runs(
+        [experiment], filter_string=wanted, max_results=50000
+    )
+
+
+def tag_trial_runs(study_name: str, tags: dict[int, dict[str, str]]) -> None:
+    """Tag the MLflow runs of a study's trials, by trial number, in the sweep's experiment."""
+    if not tags:
+        return
+    mlflow_client, runs = _study_runs(study_name)
+    for run in runs:
+        number = int(run.data.tags.get(T.OPTUNA_TRIAL, -1))
+        if number in tags:
+            mlflow_client.log_batch(run.info.run_id, tags=T.as_run_tags(tags[number]))
+
+
+@uninterrupted
+def end_stale_trial_runs(study_name: str, numbers: list[int]) -> None:
+    """End KILLED the RUNNING runs of trials whose process Optuna found gone (its heartbeat
+    stopped, maybe on another host, where no stale-run check of ours can see it)."""
+    if not numbers:
+        return
+    mlflow_client, runs = _study_runs(study_name, "attributes.status = 'RUNNING'")
+    for run in runs:
+        number = int(run.data.tags.get(T.OPTUNA_TRIAL, -1))
+        if number in numbers:
+            mlflow_client.set_tag(run.info.run_id, T.STOPPED_BY, "stale_trial")
+            mlflow_client.set_terminated(run.info.run_id, "KILLED")
+            log.info("closed run %s of stale trial %d as KILLED", run.info.run_id, number)
+
+
+def log_study(study, sweep_dir: Path, results: dict, plots: list[Path]) -> None:
+    """A study on the sweep's parent run: its best params and value or its Pareto front (as a
+    table), the trials table, the results file and Optuna's plots, under `study/`."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent:
+        return
+    import pandas as pd
+
+    mlflow_client = client()
+    if "best_value" in results:
+        mlflow_client.log_metric(parent, "best_value", float(results["best_value"]))
+        for key, value in results["best_params"].items():
+            mlflow_client.log_param(parent, f"best.{key}", str(value))
+    if "solutions" in results:
+        names = results["metric"] if isinstance(results.get("metric"), list) else None
+        rows = []
+        for trial in study.best_trials:
+            values = dict(zip(names or range(len(trial.values)), trial.values, strict=True))
+            rows.append({"trial": trial.number, **values, **trial.params})
+        mlflow_client.log_table(parent, pd.DataFrame(rows), artifact_file="study/pareto_front.json")
+        mlflow_client.log_metric(parent, "pareto_size", len(rows))
+    tags = {
+        T.OPTUNA_STUDY: study.study_name,
+        T.OPTUNA_DIRECTIONS: ",".join(d.name.lower() for d in study.directions),
+    }
+    if "metric" in results:
+        metric = results["metric"]
+        tags[T.OPTIMIZED_METRIC] = ",".join(metric) if isinstance(metric, list) else metric
+    if "best_value" in results:
+        tags[T.BEST_TRIAL] = str(study.best_trial.number)
+    mlflow_client.log_batch(parent, tags=T.as_run_tags(tags))
+    for name in ("trials.csv", "optimization_results.yaml"):
+        mlflow_client.log_artifact(parent, str(sweep_dir / name), artifact_path="study")
+    for path in plots:
+        mlflow_client.log_artifact(parent, str(path), artifact_path="study")

@@ -1,0 +1,61 @@
+"""The names of the tags the project writes on MLflow runs and reads back.
+
+One place, so that the code that writes a tag and the code that reads it (resume, the stale-run
+check, `experiments.runs`, `experiments.compare`, the sweeper) cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from experiments.processes import RUN_KEYS
+
+# MLflow caps a param or tag value at 6,000 characters; longer ones are cut there.
+MAX_VALUE_CHARS = 6000
+
+# What a run is
+IDENTITY = "identity"  # a digest of the resolved config minus where it writes: resume finds it
+RUN_TYPE = "run_type"  # "evaluate" or "benchmark": not a training run
+TASK = "task"
+BACKBONE = "backbone"
+STRATEGY = "strategy"
+AUGMENTATION = "augmentation"
+AUGMENTATION_APPLIED = "augmentation_applied"  # false for two_stage, which trains without it
+FEATURE_CACHE = "feature_cache"  # two_stage: hit or miss
+CLASS_NAMES = "class_names"  # set last with the data lineage: a resumed run checks it is whole
+COMMAND = "command"
+RUN_NAME = "mlflow.runName"
+PARENT_RUN = "mlflow.parentRunId"
+
+# Who runs it: a run left RUNNING by a process that is gone is closed KILLED
+HOST, PID, PID_STARTED = RUN_KEYS
+
+# How it ended
+RESUMED = "resumed"
+STOPPED_BY = "stopped_by"  # the signal, or stale_trial
+KILLED_REASON = "killed_reason"  # closed by another process: its owner was gone
+ERROR = "error"
+PRUNED = "pruned"
+RETURNED_VALUE = "returned_value"  # what the job returned to its sweeper (JSON)
+
+# Sweeps: the parent run of a multirun and its jobs
+SWEEP = "sweep"  # "true" on a multirun's parent run
+SWEEP_IDENTITY = "sweep_identity"  # a digest of the multirun's defining overrides
+SWEEP_DIR = "sweep_dir"
+SWEEP_OVERRIDES = "sweep_overrides"
+SWEEPER = "sweeper"
+JOBS = "jobs"
+
+# Optuna: a trial's run, and the study on its parent run
+OPTUNA_STUDY = "optuna_study"
+OPTUNA_TRIAL = "optuna_trial"
+OPTUNA_STATE = "optuna_state"
+OPTUNA_DIRECTIONS = "optuna_directions"
+OPTIMIZED_METRIC = "optimized_metric"
+BEST_TRIAL = "best_trial"
+PARETO = "pareto"
+
+
+def as_run_tags(tags: dict[str, object]) -> list:
+    """MLflow RunTag entities of `tags`, each value cut to MLflow's limit."""
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, str(v)[:MAX_VALUE_CHARS]) for k, v in tags.items()]
