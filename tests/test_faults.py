@@ -427,7 +427,10 @@ def test_a_server_down_at_start_is_one_line_within_15_s(tmp_path, image_folder):
     assert not (tmp_path / "cache").exists()  # stopped before loading any data
 
 
-@pytest.mark.parametrize("comes_back", ["during_training", "after_the_run"])
+@pytest.mark.parametrize(
+    "comes_back",
+    ["during_training", "after_the_run", "then_a_command_opens_the_store", "after_a_stale_check"],
+)
 def test_a_server_lost_mid_run_costs_nothing(comes_back, tmp_path, image_folder):
     from helpers import MlflowServer
 
@@ -448,22 +451,41 @@ def test_a_server_lost_mid_run_costs_nothing(comes_back, tmp_path, image_folder)
         assert "Traceback" not in stderr
         print(f"server lost after epoch {lost_after}; training ended {ended:.1f} s later")
         outbox = tmp_path / "outbox"
-        if comes_back == "after_the_run":
+        runs_command = [sys.executable, "-m", "experiments.runs", f"paths.root_dir={tmp_path}"]
+        if comes_back != "during_training":
             assert list(outbox.glob("*/calls.jsonl"))  # kept on local disk
             server.start()
+        if comes_back == "after_a_stale_check":
+            # A check that could not see the outbox (another host, an older version) closed it.
+            client, (run,) = server_runs(server.url)
+            client.set_tag(run.info.run_id, "killed_reason", "process ended without closing")
+            client.set_terminated(run.info.run_id, "KILLED")
+        if comes_back in ("after_the_run", "after_a_stale_check"):
             sync = subprocess.run(
-                [sys.executable, "-m", "experiments.runs", "sync", f"paths.root_dir={tmp_path}"],
+                [*runs_command[:3], "sync", *runs_command[3:]],
                 capture_output=True,
                 text=True,
                 timeout=300,
             )
             assert sync.returncode == 0, sync.stderr[-2000:]
             assert "records sent" in sync.stdout
+        if comes_back == "then_a_command_opens_the_store":
+            # It sends what the outbox holds before it looks for runs of dead processes.
+            listing = subprocess.run(
+                [*runs_command, f"tracking.uri={server.url}"],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert listing.returncode == 0, listing.stderr[-2000:]
+            assert "closed as KILLED" not in listing.stderr
+            assert "no unfinished runs" in listing.stdout, listing.stdout
         assert not list(outbox.glob("*/calls.jsonl"))  # all sent
 
         client, runs = server_runs(server.url)
         (run,) = runs
         assert run.info.status == "FINISHED"
+        assert "killed_reason" not in run.data.tags
         assert logged_epochs(client, run.info.run_id) == list(range(SERVER_EPOCHS))
         assert {"test_accuracy", "peak_rss_mb", "model_size_mb"} <= set(run.data.metrics)
         import mlflow

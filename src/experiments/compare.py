@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
 
     project = compose_project_config()
     try:
-        tracking.open_store(args.tracking_uri or str(project.tracking.uri))
+        tracking.open_store(
+            args.tracking_uri or str(project.tracking.uri), project.tracking.outbox_dir
+        )
         if args.sweep:
             table, summary = sweep_table(args.sweep, args.pruned)
         else:

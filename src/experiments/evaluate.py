@@ -29,7 +29,7 @@ def evaluate(cfg: DictConfig) -> float:
     use_backend(cfg.backend)  # before MLflow loads the model with Keras
     if cfg.split not in SPLITS:
         raise ExperimentError(f"split={cfg.split} is unknown; use one of {', '.join(SPLITS)}")
-    tracking.open_store(str(cfg.tracking.uri))
+    tracking.open_store(str(cfg.tracking.uri), cfg.tracking.get("outbox_dir"))
     source = source_run(cfg)
     model = load_model(str(cfg.model))
     # The images must have the size the model was built for, whatever the task file says.

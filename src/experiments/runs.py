@@ -1,9 +1,10 @@
 """Unfinished runs and what can be resumed: `python -m experiments.runs [list|sync]`.
 
-`list` (the default) closes as KILLED the runs that dead processes on this host left RUNNING,
+`list` (the default) first sends what outboxes kept for the store, then closes as KILLED the runs
+that dead processes on this host left RUNNING (not those whose records still wait in an outbox),
 then prints every run that did not finish: its status, why it ended, the epochs saved for resuming
-it, and the command that resumes it. `sync` sends the records that a lost tracking server could
-not take (the outbox) and says what it sent.
+it, and the command that resumes it; and the outboxes still waiting for a server. `sync` sends
+the records that a lost tracking server could not take (the outbox) and says what it sent.
 """
 
 from __future__ import annotations
@@ -86,23 +87,46 @@ def main(argv: list[str] | None = None) -> int:
         for run_id, sent, error in results:
             print(f"run {run_id}: " + (f"not sent ({error})" if error else f"{sent} records sent"))
         return 1 if any(error for *_, error in results) else 0
+    outbox_dir = Path(str(project.tracking.outbox_dir))
     try:
-        tracking.open_store(str(project.tracking.uri))
+        tracking.open_store(str(project.tracking.uri), outbox_dir)
         rows = unfinished_runs(Path(str(project.paths.checkpoint_dir)))
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
+        print_waiting(outbox_dir)
         return 2
-    if not rows:
+    waiting = tracking.pending_outboxes(outbox_dir)
+    if not rows and not waiting:
         print("no unfinished runs")
         return 0
     for row in rows:
+        why = row["why"]
+        if row["run_id"] in waiting:
+            why = f"waiting to be sent: {waiting[row['run_id']]} records in {outbox_dir}"
         print(
             f"{row['run_id']}  {row['status']:<8} {row['experiment']}/{row['name']}  "
-            f"epochs saved: {row['epochs_saved']}  {row['why']}"
+            f"epochs saved: {row['epochs_saved']}  {why}"
         )
-        if row["resume_with"]:
+        if row["resume_with"] and row["run_id"] not in waiting:
             print(f"    resume: {row['resume_with']}")
+    print_waiting(outbox_dir)
     return 0
+
+
+def print_waiting(outbox_dir: Path) -> None:
+    """The outboxes whose records wait for a tracking server, and how to send them."""
+    from experiments import tracking
+
+    waiting = tracking.pending_outboxes(outbox_dir)
+    if not waiting:
+        return
+    print(f"waiting to be sent ({outbox_dir}):")
+    for run_id, count in waiting.items():
+        print(f"    run {run_id}: {count} records")
+    print(
+        "    they are sent by the next command that opens their store, or now with: "
+        "python -m experiments.runs sync"
+    )
 
 
 if __name__ == "__main__":

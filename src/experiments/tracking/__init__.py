@@ -5,7 +5,8 @@ its study; and reading the store back. One module per concern:
 
 | module | holds |
 | --- | --- |
-| `store` | the URI, opening and checking the store, closing runs that dead processes left RUNNING |
+| `client` | the MLflow client of a URI; what a lost server looks like |
+| `store` | opening and checking the store: pending outboxes sent, runs of dead processes closed |
 | `outbox` | records waiting for a lost server, and sending them |
 | `runs` | the active run: start, resume, metrics, tags, artifacts, its end |
 | `records` | what a run records about itself: config, tags, data lineage, the model |
@@ -18,7 +19,8 @@ MLflow is imported inside the functions, so composing a config never pays for it
 
 from experiments.processes import memory_metrics
 from experiments.tracking import tags
-from experiments.tracking.outbox import Outbox, flush_outbox, sync_outboxes
+from experiments.tracking.client import HTTP_DEFAULTS, sqlite_uri
+from experiments.tracking.outbox import Outbox, flush_outbox, pending_outboxes, sync_outboxes
 from experiments.tracking.queries import (
     RunRow,
     experiments,
@@ -54,13 +56,11 @@ from experiments.tracking.runs import (
     start_run,
 )
 from experiments.tracking.store import (
-    HTTP_DEFAULTS,
     artifact_root,
     check_reachable,
     close_stale_runs,
     open_store,
     set_tracking,
-    sqlite_uri,
 )
 from experiments.tracking.sweeps import (
     PARENT_RUN_ENV,
@@ -107,6 +107,7 @@ __all__ = [
     "memory_metrics",
     "metric_history",
     "open_store",
+    "pending_outboxes",
     "recorded",
     "resumable_run",
     "run_rows",

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 from experiments.interrupts import uninterrupted
+from experiments.processes import RUN_KEYS, Owner, this_process
 from experiments.tracking import tags as T
-from experiments.tracking.store import client, is_local, point_at, unreachable
+from experiments.tracking.client import client, is_local, point_at, unreachable
 
 log = logging.getLogger("experiments.tracking")
 
@@ -26,6 +27,8 @@ log = logging.getLogger("experiments.tracking")
 RETRY_AFTER_S = 10.0
 MAX_PARAMS_PER_CALL = 100
 DATASET_CONTEXT = "mlflow.data.context"
+# The `stopped_by` of a trial's run closed because its process stopped beating (tracking.sweeps).
+STALE_TRIAL = "stale_trial"
 
 
 class Outbox:
@@ -84,7 +87,8 @@ class Outbox:
 
     def keep(self, op: str, payload: dict, files: list[Path]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "meta.json").write_text(json.dumps({"uri": self.uri, "run_id": self.run_id}))
+        meta = {"uri": self.uri, "run_id": self.run_id, "owner": this_process().to_dict(RUN_KEYS)}
+        (self.dir / "meta.json").write_text(json.dumps(meta))
         kept = []
         for path in files:
             target = self.dir / "files" / f"{time.time_ns()}" / path.name
@@ -184,7 +188,9 @@ def _log_inputs(mlflow_client, run_id: str, datasets: list[dict], attempts: int 
 def flush_outbox(folder: Path) -> int:
     """Send the calls kept in an outbox `folder` that were not sent yet; the number sent.
 
-    Progress is recorded after each call, so an interrupted flush resumes where it stopped.
+    Progress is recorded after each call, so an interrupted flush resumes where it stopped. A run
+    whose end it sends loses the tags of a stale-run check that closed it meanwhile (an older
+    version, or another host that could not see this outbox): they are contradicted.
     """
     calls_path = folder / "calls.jsonl"
     if not calls_path.is_file():
@@ -197,20 +203,58 @@ def flush_outbox(folder: Path) -> int:
         call = calls[index]
         send(meta["run_id"], call["op"], call["payload"], call["files"])
         sent_path.write_text(str(index + 1))
+    if any(call["op"] == "end" for call in calls):
+        clear_stale_tags(meta["run_id"])
     shutil.rmtree(folder)
     return len(calls) - done
 
 
-def sync_outboxes(outbox_dir: Path) -> list[tuple[str, int, str]]:
-    """Send every outbox under `outbox_dir`: (run id, calls sent, error or '') per run."""
-    results = []
-    for folder in sorted(p for p in Path(outbox_dir).glob("*") if (p / "calls.jsonl").is_file()):
+def clear_stale_tags(run_id: str) -> None:
+    """Delete the tags by which a stale-run check said the run's process died."""
+    mlflow_client = client()
+    tags = mlflow_client.get_run(run_id).data.tags
+    if T.KILLED_REASON in tags:
+        mlflow_client.delete_tag(run_id, T.KILLED_REASON)
+    if tags.get(T.STOPPED_BY) == STALE_TRIAL:
+        mlflow_client.delete_tag(run_id, T.STOPPED_BY)
+
+
+def pending_outboxes(outbox_dir: Path, uri: str | None = None) -> dict[str, int]:
+    """Runs whose records wait in an outbox under `outbox_dir` (for the store `uri`, or any):
+    run id -> records not sent yet."""
+    waiting = {}
+    for folder in sorted(Path(outbox_dir).glob("*")):
+        calls_path = folder / "calls.jsonl"
+        if not calls_path.is_file():
+            continue
         meta = json.loads((folder / "meta.json").read_text())
+        if uri is not None and meta["uri"] != uri:
+            continue
+        sent_path = folder / "sent"
+        sent = int(sent_path.read_text()) if sent_path.is_file() else 0
+        waiting[meta["run_id"]] = len(calls_path.read_text().splitlines()) - sent
+    return waiting
+
+
+def sync_outboxes(outbox_dir: Path, uri: str | None = None) -> list[tuple[str, int, str]]:
+    """Send every outbox under `outbox_dir` (those kept for the store `uri`, or all): (run id,
+    calls sent, error or '') per run."""
+    results = []
+    for run_id in pending_outboxes(outbox_dir, uri):
+        folder = Path(outbox_dir) / run_id
+        meta = json.loads((folder / "meta.json").read_text())
+        owner = Owner.from_dict(meta.get("owner", {}), RUN_KEYS)
+        if owner and owner.pid != os.getpid() and owner.on_this_host() and owner.alive():
+            # Its run is still going and sends them itself: two senders would send twice.
+            results.append((run_id, 0, f"process {owner.pid}, whose run it is, sends them"))
+            continue
         point_at(meta["uri"])
         try:
             sent = flush_outbox(folder)
         except Exception as err:  # the server is still lost, or refused a call
-            results.append((meta["run_id"], 0, str(err).splitlines()[0][:200]))
+            results.append((run_id, 0, str(err).splitlines()[0][:200]))
             continue
-        results.append((meta["run_id"], sent, ""))
+        results.append((run_id, sent, ""))
+    if uri is not None:
+        point_at(uri)
     return results

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from experiments.tracking.store import client
+from experiments.tracking.client import client
 
 
 @dataclass

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.interrupts import uninterrupted
 from experiments.tracking import tags as T
+from experiments.tracking.client import unreachable
 from experiments.tracking.runs import (
     active_run,
     log_artifact,
@@ -23,7 +24,6 @@ from experiments.tracking.runs import (
     logged_params,
     set_tags,
 )
-from experiments.tracking.store import unreachable
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, str]:

@@ -19,8 +19,9 @@ from experiments.errors import ExperimentError
 from experiments.interrupts import deferred, raise_if_pending, uninterrupted
 from experiments.processes import RUN_KEYS, memory_metrics, this_process
 from experiments.tracking import tags as T
+from experiments.tracking.client import client
 from experiments.tracking.outbox import Outbox
-from experiments.tracking.store import client, set_tracking
+from experiments.tracking.store import set_tracking
 from experiments.tracking.sweeps import parent_of_job, sweep_tags
 
 log = logging.getLogger("experiments.tracking")

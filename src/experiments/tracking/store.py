@@ -12,38 +12,22 @@ from experiments.errors import ExperimentError
 from experiments.interrupts import uninterrupted
 from experiments.processes import RUN_KEYS, Owner
 from experiments.tracking import tags as T
+from experiments.tracking.client import (
+    HTTP_DEFAULTS,
+    client,
+    is_local,
+    point_at,
+    unreachable_message,
+)
+from experiments.tracking.outbox import pending_outboxes, sync_outboxes
 
 log = logging.getLogger("experiments.tracking")
-
-LOCAL_SCHEMES = ("sqlite:", "file:", "/")
-# MLflow's HTTP client retries a failed call for minutes by default; a lost server must cost
-# seconds, since every call is then kept in the outbox instead. The user's own settings win.
-HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
-}
-
-
-def is_local(uri: str) -> bool:
-    return uri.startswith(LOCAL_SCHEMES)
-
-
-def sqlite_uri(folder: Path) -> str:
-    """The URI of an sqlite store in `folder`, as `tracking.uri` names the project's."""
-    return f"sqlite:///{Path(folder) / 'mlflow.db'}"
-
-
-def client(uri: str | None = None):
-    """An MLflow client of `uri`, or of the store this process points at."""
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri) if uri else MlflowClient()
 
 
 @uninterrupted
 def set_tracking(tracking) -> str:
-    """Point MLflow at `tracking.uri` and return the id of `tracking.experiment`, creating it."""
+    """Point MLflow at `tracking.uri` and return the id of `tracking.experiment`, creating it;
+    records kept for this store by a lost server are sent first, then stale runs closed."""
     uri = str(tracking.uri)
     guard = nullcontext()
     if uri.startswith("sqlite:///"):
@@ -57,20 +41,34 @@ def set_tracking(tracking) -> str:
     with guard:
         point_at(uri)
         experiment_id = _experiment_id(client(), tracking, uri, is_local(uri))
-    close_stale_runs(client())
+    _settle(uri, tracking.get("outbox_dir"))
     return experiment_id
 
 
 @uninterrupted
-def open_store(uri: str) -> None:
-    """Point MLflow at `uri` and close the runs that dead processes left RUNNING there."""
+def open_store(uri: str, outbox_dir: str | Path | None = None) -> None:
+    """Point MLflow at `uri`, send what its outboxes under `outbox_dir` kept for it, and close
+    the runs that dead processes left RUNNING there."""
     from mlflow.exceptions import MlflowException
 
     point_at(uri)
     try:
-        close_stale_runs(client())
+        _settle(uri, outbox_dir)
     except MlflowException as err:
         raise ExperimentError(unreachable_message(uri, err)) from None
+
+
+def _settle(uri: str, outbox_dir: str | Path | None) -> None:
+    """Send the records a lost server could not take, then close the runs left RUNNING by dead
+    processes, except those whose records still wait in an outbox: they are not dead, only
+    unsent, and closing them KILLED would contradict what their outbox holds."""
+    waiting: dict[str, int] = {}
+    if outbox_dir:
+        for run_id, _, error in sync_outboxes(Path(str(outbox_dir)), uri):
+            if error:
+                log.info("records of run %s are still waiting to be sent: %s", run_id, error)
+        waiting = pending_outboxes(Path(str(outbox_dir)))
+    close_stale_runs(client(), waiting)
 
 
 def check_reachable(tracking) -> None:
@@ -91,38 +89,6 @@ def check_reachable(tracking) -> None:
         return  # it answers; a proxy may not route /health
     except (OSError, ValueError) as err:
         raise ExperimentError(unreachable_message(uri, err)) from None
-
-
-def point_at(uri: str) -> None:
-    import mlflow
-
-    if not is_local(uri):
-        for key, value in HTTP_DEFAULTS.items():
-            os.environ.setdefault(key, value)
-    mlflow.set_tracking_uri(uri)
-
-
-def unreachable_message(uri: str, err: BaseException) -> str:
-    return (
-        f"cannot reach the MLflow store tracking.uri={uri} ({str(err).splitlines()[0][:300]}); "
-        f"start the server or fix tracking.uri / MLFLOW_TRACKING_URI"
-    )
-
-
-def unreachable(err: BaseException) -> bool:
-    """Whether `err` says the tracking server could not be reached (not a refused request)."""
-    import requests
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(err, (requests.RequestException, ConnectionError, TimeoutError)):
-        return True
-    text = str(err)
-    return isinstance(err, MlflowException) and (
-        "Max retries exceeded" in text
-        or "Connection" in text
-        or "timed out" in text
-        or "API request to" in text
-    )
 
 
 def artifact_root(tracking) -> Path | None:
@@ -160,8 +126,9 @@ def _experiment_id(mlflow_client, tracking, uri: str, local: bool) -> str:
 
 
 @uninterrupted
-def close_stale_runs(mlflow_client) -> list[str]:
-    """Close as KILLED every run left RUNNING on this host by a process that no longer exists."""
+def close_stale_runs(mlflow_client, waiting: dict[str, int] | None = None) -> list[str]:
+    """Close as KILLED every run left RUNNING on this host by a process that no longer exists,
+    except the runs in `waiting` (run id -> records kept in its outbox), which a sync closes."""
     import socket
 
     host = socket.gethostname()
@@ -173,7 +140,7 @@ def close_stale_runs(mlflow_client) -> list[str]:
         experiments, filter_string=f"attributes.status = 'RUNNING' and tags.{T.HOST} = '{host}'"
     ):
         owner = Owner.from_dict(run.data.tags, RUN_KEYS)
-        if owner is None or not owner.alive():
+        if (owner is None or not owner.alive()) and run.info.run_id not in (waiting or {}):
             stale.append(run)
     for run in stale:
         pid = run.data.tags.get(T.PID, "?")

@@ -16,8 +16,10 @@ from omegaconf import DictConfig
 from experiments.interrupts import uninterrupted
 from experiments.processes import RUN_KEYS, this_process
 from experiments.tracking import tags as T
+from experiments.tracking.client import client
+from experiments.tracking.outbox import STALE_TRIAL
 from experiments.tracking.queries import RunRow, run_rows
-from experiments.tracking.store import client, set_tracking
+from experiments.tracking.store import set_tracking
 
 log = logging.getLogger("experiments.tracking")
 
@@ -223,7 +225,7 @@ def end_stale_trial_runs(study_name: str, numbers: list[int]) -> None:
     for run in runs:
         number = int(run.data.tags.get(T.OPTUNA_TRIAL, -1))
         if number in numbers:
-            mlflow_client.set_tag(run.info.run_id, T.STOPPED_BY, "stale_trial")
+            mlflow_client.set_tag(run.info.run_id, T.STOPPED_BY, STALE_TRIAL)
             mlflow_client.set_terminated(run.info.run_id, "KILLED")
             log.info("closed run %s of stale trial %d as KILLED", run.info.run_id, number)
 

@@ -1,0 +1,66 @@
+"""The MLflow client of a store, and what a lost tracking server looks like.
+
+Below `store` and `outbox`, which both use it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+LOCAL_SCHEMES = ("sqlite:", "file:", "/")
+# MLflow's HTTP client retries a failed call for minutes by default; a lost server must cost
+# seconds, since every call is then kept in the outbox instead. The user's own settings win.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith(LOCAL_SCHEMES)
+
+
+def sqlite_uri(folder: Path) -> str:
+    """The URI of an sqlite store in `folder`, as `tracking.uri` names the project's."""
+    return f"sqlite:///{Path(folder) / 'mlflow.db'}"
+
+
+def client(uri: str | None = None):
+    """An MLflow client of `uri`, or of the store this process points at."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri) if uri else MlflowClient()
+
+
+def point_at(uri: str) -> None:
+    import mlflow
+
+    if not is_local(uri):
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    mlflow.set_tracking_uri(uri)
+
+
+def unreachable_message(uri: str, err: BaseException) -> str:
+    return (
+        f"cannot reach the MLflow store tracking.uri={uri} ({str(err).splitlines()[0][:300]}); "
+        f"start the server or fix tracking.uri / MLFLOW_TRACKING_URI"
+    )
+
+
+def unreachable(err: BaseException) -> bool:
+    """Whether `err` says the tracking server could not be reached (not a refused request)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, (requests.RequestException, ConnectionError, TimeoutError)):
+        return True
+    text = str(err)
+    return isinstance(err, MlflowException) and (
+        "Max retries exceeded" in text
+        or "Connection" in text
+        or "timed out" in text
+        or "API request to" in text
+    )
