@@ -82,6 +82,140 @@ def test_odd_modes_are_converted_and_bad_files_skipped(tmp_path, paths, caplog):
             assert (split.images[split.sources.index("class_0/gray.png")] == 128).all()
 
 
+# What a camera meant, from what the file stores (EXIF 2.3, tag 0x0112): the transforms that
+# turn the stored rows and columns upright, written from the standard rather than from Pillow.
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],  # mirrored left-right
+    3: lambda a: a[::-1, ::-1],  # turned 180
+    4: lambda a: a[::-1],  # mirrored top-bottom
+    5: lambda a: a.transpose(1, 0, 2),  # mirrored along the main diagonal
+    6: lambda a: np.rot90(a, -1),  # turned 90 degrees clockwise to be upright
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # mirrored along the other diagonal
+    8: lambda a: np.rot90(a, 1),  # turned 90 degrees counterclockwise to be upright
+}
+
+
+def quadrants(height: int, width: int) -> np.ndarray:
+    """An image whose four quadrants have four colours, so that any turn or mirror shows."""
+    image = np.zeros((height, width, 3), np.uint8)
+    h, w = height // 2, width // 2
+    image[:h, :w], image[:h, w:] = (230, 30, 30), (30, 230, 30)
+    image[h:, :w], image[h:, w:] = (30, 30, 230), (230, 230, 30)
+    return image
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(orientation, tmp_path):
+    """A phone's JPEG stores the sensor's rows and says how to turn them: read it upright."""
+    from PIL import Image
+
+    from experiments.tasks import decode_image
+
+    upright = quadrants(48, 32)  # portrait, as the camera meant it
+    stored = {  # what the file holds: the inverse of each transform
+        1: upright,
+        2: upright[:, ::-1],
+        3: upright[::-1, ::-1],
+        4: upright[::-1],
+        5: upright.transpose(1, 0, 2),
+        6: np.rot90(upright, 1),
+        7: upright[::-1, ::-1].transpose(1, 0, 2),
+        8: np.rot90(upright, -1),
+    }[orientation]
+    assert np.array_equal(UPRIGHT[orientation](stored), upright)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"orientation-{orientation}.jpg"
+    Image.fromarray(np.ascontiguousarray(stored)).save(path, quality=95, exif=exif)
+    decoded = decode_image(path, (48, 32))
+    assert decoded.image.shape == (48, 32, 3)
+    error = np.abs(decoded.image.astype(int) - upright.astype(int))
+    assert np.median(error) < 8, f"orientation {orientation} decoded wrongly"
+    assert decoded.turned == (orientation != 1)
+
+
+def test_turned_images_are_counted_with_the_task(tmp_path, paths):
+    from PIL import Image
+
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=8, size=20)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(quadrants(20, 20)).save(root / "class_1" / "phone.jpg", exif=exif)
+    task = load_task(task_cfg(root), paths)
+    assert [p.rsplit("/", 1)[-1] for p in task.turned] == ["phone.jpg"]
+    assert load_task(task_cfg(root), paths).turned == task.turned  # kept with the cache
+
+
+def ramp(dtype, top) -> np.ndarray:
+    """A horizontal ramp from 0 to `top`, 16 rows of 256 columns."""
+    return np.tile(np.linspace(0, top, 256), (16, 1)).astype(dtype)
+
+
+@pytest.mark.parametrize(
+    ("mode", "suffix", "values", "expected"),
+    [
+        # 16-bit grayscale (PNG, TIFF): 0-65535 is scaled into 0-255, not clipped to white.
+        ("I;16", "png", ramp(np.uint16, 65535), ramp(np.float64, 255)),
+        # 32-bit integer samples holding 16-bit data, as Pillow opens many 16-bit files.
+        ("I", "tif", ramp(np.int32, 65535), ramp(np.float64, 255)),
+        # Float samples in 0-1.
+        ("F", "tif", ramp(np.float32, 1.0), ramp(np.float64, 255)),
+    ],
+)
+def test_deep_images_are_scaled_into_0_255(mode, suffix, values, expected, tmp_path):
+    from PIL import Image
+
+    from experiments.tasks import decode_image
+
+    path = tmp_path / f"deep.{suffix}"
+    Image.fromarray(values, mode=mode if mode != "I;16" else None).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode.startswith(mode.split(";")[0])
+    decoded = decode_image(path, values.shape).image
+    assert np.abs(decoded[..., 0] - expected).max() <= 1
+    assert (decoded[..., 0] == decoded[..., 1]).all() and (decoded[..., 1] == decoded[..., 2]).all()
+    assert abs(decoded.mean() - 127.5) < 1  # clipped, it was 254.5
+
+
+@pytest.mark.parametrize(
+    ("mode", "values"),
+    [("I", ramp(np.int32, 200000)), ("F", ramp(np.float32, 1000.0))],
+)
+def test_deep_images_out_of_range_are_refused_with_one_warning(mode, values, tmp_path, caplog):
+    from PIL import Image
+
+    from experiments.tasks import decode_image
+
+    path = tmp_path / "deep.tif"
+    Image.fromarray(values, mode=mode).save(path)
+    with caplog.at_level(logging.WARNING, logger="experiments.tasks"):
+        assert decode_image(path, (16, 16)) is None
+    (record,) = caplog.records
+    assert str(path) in record.message and "outside" in record.message
+
+
+def test_modes_with_alpha_palette_and_cmyk_decode_to_their_colours(tmp_path):
+    from PIL import Image
+
+    from experiments.tasks import decode_image
+
+    gray = ramp(np.uint8, 255)
+    alpha = np.full_like(gray, 7)
+    la = Image.merge("LA", [Image.fromarray(gray), Image.fromarray(alpha)])
+    la.save(tmp_path / "la.png")
+    rgb = quadrants(16, 256)
+    palette = Image.fromarray(rgb).quantize(colors=4)
+    palette.info["transparency"] = 0
+    palette.save(tmp_path / "palette.png", transparency=0)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.tif")
+    size = (16, 256)
+    la_decoded = decode_image(tmp_path / "la.png", size).image
+    assert np.array_equal(la_decoded, np.repeat(gray[..., None], 3, axis=2))  # alpha dropped
+    assert np.array_equal(decode_image(tmp_path / "palette.png", size).image, rgb)
+    assert np.array_equal(decode_image(tmp_path / "cmyk.tif", size).image, rgb)
+
+
 def test_decoded_images_are_cached_and_reused(tmp_path, paths, monkeypatch):
     from experiments import arrays
 

@@ -35,6 +35,7 @@ FINAL_METRICS = [
     "trainable_params",
     "model_size_mb",
     "skipped_files",
+    "turned_files",
     "peak_rss_mb",
     "rss_mb",
 ]

@@ -49,6 +49,7 @@ def evaluate(cfg: DictConfig) -> float:
                 f"{cfg.split}_loss": result.loss,
                 f"{cfg.split}_accuracy": result.accuracy,
                 "skipped_files": len(task.skipped),
+                "turned_files": len(task.turned),
             }
         )
         for path in write_reports(

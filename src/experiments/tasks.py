@@ -52,12 +52,14 @@ class Split:
 
 @dataclass
 class Task:
-    """A dataset ready for training: class names, three splits and the files that were skipped."""
+    """A dataset ready for training: class names, three splits, the files that were skipped and
+    those turned upright by their EXIF orientation."""
 
     name: str
     class_names: list[str]
     splits: dict[str, Split]
     skipped: list[str] = field(default_factory=list)
+    turned: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -100,11 +102,12 @@ def load_task(cfg, paths) -> Task:
                 f"task.split / task.per_class so that every split gets some"
             )
     log.info(
-        "task %s: %d classes, %s images, %d skipped",
+        "task %s: %d classes, %s images, %d skipped, %d turned upright (EXIF orientation)",
         task.name,
         task.num_classes,
         "/".join(str(len(task.splits[s].labels)) for s in SPLITS),
         len(task.skipped),
+        len(task.turned),
     )
     return task
 
@@ -171,13 +174,13 @@ def load_folder_task(cfg, paths, size) -> Task:
     _check_classes(root, class_names, files["train"])
 
     def decode(folder: Path) -> Task:
-        splits, skipped = {}, []
+        splits, notes = {}, Notes()
         for s in SPLITS:
             candidates = [(p, class_names.index(c)) for c in class_names for p in files[s][c]]
-            images, labels, kept, bad = decode_to_file(candidates, size, folder / f"{s}.npy", s)
+            images, labels, kept, met = decode_to_file(candidates, size, folder / f"{s}.npy", s)
             splits[s] = Split(images, labels, [_relative(p, root) for p in kept])
-            skipped += bad
-        return Task(cfg.name, class_names, splits, skipped)
+            notes += met
+        return Task(cfg.name, class_names, splits, notes.skipped, notes.turned)
 
     return _cached(paths, ("split-folders", str(root.resolve()), _listing(files), size), decode)
 
@@ -240,7 +243,7 @@ def _task_from_class_folders(cfg, paths, root: Path, size) -> Task:
             return _sampled_task(cfg, root, files, class_names, size, seed)
         candidates = [(p, class_names.index(c)) for c in class_names for p in files[c]]
         everything = folder / "all.npy"
-        images, labels, kept, skipped = decode_to_file(candidates, size, everything, "images")
+        images, labels, kept, notes = decode_to_file(candidates, size, everything, "images")
         index = split_per_class(labels, check_fractions(cfg.split), seed)
         splits = {}
         for s, i in index.items():
@@ -249,7 +252,7 @@ def _task_from_class_folders(cfg, paths, root: Path, size) -> Task:
             splits[s] = Split(open_rows(folder / f"{s}.npy", len(i)), labels[i], sources)
         del images
         everything.unlink()
-        return Task(cfg.name, class_names, splits, skipped)
+        return Task(cfg.name, class_names, splits, notes.skipped, notes.turned)
 
     key = (
         "class-folders",
@@ -270,7 +273,7 @@ def _sampled_task(cfg, root, files, class_names, size, seed) -> Task:
         raise ExperimentError(f"task.per_class={list(cfg.per_class)} must be three positive counts")
     rng = np.random.default_rng(seed)
     parts = {s: ([], [], []) for s in SPLITS}
-    skipped: list[str] = []
+    notes = Notes()
     for label, name in enumerate(class_names):
         order = [files[name][i] for i in rng.permutation(len(files[name]))]
         images, kept, start = [], [], 0
@@ -278,10 +281,10 @@ def _sampled_task(cfg, root, files, class_names, size, seed) -> Task:
         while len(kept) < sum(quotas) and start < len(order):
             chunk = order[start : start + sum(quotas) - len(kept)]
             start += len(chunk)
-            imgs, _, ok, bad = decode_files([(p, label) for p in chunk], size)
+            imgs, _, ok, met = decode_files([(p, label) for p in chunk], size)
             images.append(imgs)
             kept += ok
-            skipped += bad
+            notes += met
         if len(kept) < sum(quotas):
             raise ExperimentError(
                 f"class {name!r} in {root} has {len(kept)} decodable images but task.per_class "
@@ -296,7 +299,7 @@ def _sampled_task(cfg, root, files, class_names, size, seed) -> Task:
     splits = {
         s: Split(np.concatenate(i), np.concatenate(y), src) for s, (i, y, src) in parts.items()
     }
-    return Task(cfg.name, class_names, splits, skipped)
+    return Task(cfg.name, class_names, splits, notes.skipped, notes.turned)
 
 
 def split_per_class(labels: np.ndarray, fractions: Sequence[float], seed: int) -> dict:
@@ -316,25 +319,39 @@ def split_per_class(labels: np.ndarray, fractions: Sequence[float], seed: int) -
     return {s: np.sort(np.concatenate(v)).astype(np.int64) for s, v in out.items()}
 
 
+@dataclass
+class Notes:
+    """What decoding met: files skipped (not decodable, or values out of range) and files turned
+    upright by their EXIF orientation."""
+
+    skipped: list[str] = field(default_factory=list)
+    turned: list[str] = field(default_factory=list)
+
+    def __iadd__(self, other: Notes) -> Notes:
+        self.skipped += other.skipped
+        self.turned += other.turned
+        return self
+
+
 def decode_files(candidates: list[tuple[Path, int]], size: tuple[int, int]):
-    """Decode (path, label) pairs in memory: images, labels, kept paths, skipped paths."""
+    """Decode (path, label) pairs in memory: images, labels, kept paths, notes."""
     chunks = []
-    labels, kept, skipped = _decode(candidates, size, chunks.append, "decoding")
+    labels, kept, notes = _decode(candidates, size, chunks.append, "decoding")
     images = np.concatenate(chunks) if kept else np.zeros((0, *size, 3), np.uint8)
-    return images, labels, kept, skipped
+    return images, labels, kept, notes
 
 
 def decode_to_file(candidates: list[tuple[Path, int]], size: tuple[int, int], path: Path, name):
     """Decode (path, label) pairs into a `.npy` file at `path`, chunk by chunk: the images
-    memory-mapped, labels, kept paths, skipped paths."""
+    memory-mapped, labels, kept paths, notes."""
     writer = RowWriter(path, len(candidates), (*size, 3), np.uint8)
-    labels, kept, skipped = _decode(candidates, size, writer.append, f"decoding {name}")
-    return open_rows(path, writer.close()), labels, kept, skipped
+    labels, kept, notes = _decode(candidates, size, writer.append, f"decoding {name}")
+    return open_rows(path, writer.close()), labels, kept, notes
 
 
 def _decode(candidates, size, write: Callable[[np.ndarray], None], what: str):
-    """Decode in parallel chunks, passing each chunk's images to `write`: labels, kept, skipped."""
-    labels, kept, skipped = [], [], []
+    """Decode in parallel chunks, passing each chunk's images to `write`: labels, kept, notes."""
+    labels, kept, notes = [], [], Notes()
     step = min(chunk_rows((*size, 3), np.uint8), 1024)
     with (
         ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool,
@@ -343,32 +360,88 @@ def _decode(candidates, size, write: Callable[[np.ndarray], None], what: str):
         for start in range(0, len(candidates), step):
             chunk = candidates[start : start + step]
             decoded = list(pool.map(lambda c: decode_image(c[0], size), chunk))
-            good = [img for img in decoded if img is not None]
+            good = [d.image for d in decoded if d is not None]
             if good:
                 write(np.stack(good))
-            for (path, label), img in zip(chunk, decoded, strict=True):
-                if img is None:
-                    skipped.append(str(path))
-                else:
-                    labels.append(label)
-                    kept.append(path)
+            for (path, label), d in zip(chunk, decoded, strict=True):
+                if d is None:
+                    notes.skipped.append(str(path))
+                    continue
+                labels.append(label)
+                kept.append(path)
+                if d.turned:
+                    notes.turned.append(str(path))
             advance(len(chunk))
-    return np.array(labels, dtype=np.int32), kept, skipped
+    return np.array(labels, dtype=np.int32), kept, notes
 
 
-def decode_image(path: Path, size: tuple[int, int]) -> np.ndarray | None:
-    """An RGB uint8 array of `size` (h, w), or None with a warning if the file is not an image."""
-    from PIL import Image
+@dataclass
+class Decoded:
+    image: np.ndarray  # (h, w, 3) uint8
+    turned: bool  # turned upright by its EXIF orientation
+
+
+class OutOfRange(ValueError):
+    """An image whose values cannot be mapped to 0-255 without guessing."""
+
+
+def decode_image(path: Path, size: tuple[int, int]) -> Decoded | None:
+    """The image as the camera meant it, RGB uint8 of `size` (h, w); None with one warning if the
+    file is not a decodable image or its values are out of range.
+
+    Its EXIF orientation is applied (Pillow does not by itself), and 16-bit, 32-bit and float
+    images are scaled into 0-255 (converting them to RGB would clip them).
+    """
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as image:
-            # convert() decodes fully, so truncated files fail here, not mid-epoch; it also maps
-            # grayscale, palette, RGBA and CMYK to RGB.
-            rgb = image.convert("RGB").resize((size[1], size[0]), Image.BILINEAR)
-            return np.asarray(rgb, dtype=np.uint8)
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+            # Decoding fully here makes truncated files fail now, not mid-epoch.
+            upright = ImageOps.exif_transpose(image)
+            rgb = as_rgb(upright).resize((size[1], size[0]), Image.BILINEAR)
+            return Decoded(np.asarray(rgb, dtype=np.uint8), orientation not in (None, 1))
+    except OutOfRange as err:
+        log.warning("skipping %s: %s; save it as 8-bit or 16-bit instead", path, err)
+        return None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         log.warning("skipping %s: not a decodable image (%s)", path, _first_line(err))
         return None
+
+
+EXIF_ORIENTATION = 0x0112
+# Integer modes hold 16-bit samples (PNG, TIFF): 0-65535 maps to 0-255.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def as_rgb(image):
+    """An RGB Pillow image of `image`: grayscale, palette (transparency too), RGBA, LA and CMYK
+    as Pillow converts them (alpha dropped, as Keras' and TensorFlow's loaders do); 16-bit and
+    32-bit integer samples scaled from 0-65535, float samples from 0-1."""
+    from PIL import Image
+
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise OutOfRange(
+                f"its 32-bit samples run from {values.min():.0f} to {values.max():.0f}, "
+                f"outside 0-65535"
+            )
+        gray = np.round(values / 257.0).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and not (
+            np.isfinite(values).all() and 0 <= values.min() <= values.max() <= 1
+        ):
+            raise OutOfRange(
+                f"its float samples run from {np.nanmin(values):.4g} to {np.nanmax(values):.4g}, "
+                f"outside 0-1"
+            )
+        return Image.fromarray(np.round(values * 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # Pillow warns when converting such a palette straight
+    return image.convert("RGB")
 
 
 def _class_files(root: Path) -> dict[str, list[Path]]:
@@ -411,6 +484,11 @@ def _listing(files: dict) -> list:
     return out
 
 
+# How images are decoded: a change makes earlier caches stale (2: EXIF orientation applied, 16-bit
+# and float images scaled instead of clipped).
+DECODING = 2
+
+
 def _cached(paths, key, decode: Callable[[Path], Task]) -> Task:
     """The decoded task from paths.cache_dir/images/<key digest>/, decoding it on a miss.
 
@@ -418,7 +496,8 @@ def _cached(paths, key, decode: Callable[[Path], Task]) -> Task:
     larger than memory) or return them in memory; either way the task returned reads them
     memory-mapped from the cache.
     """
-    digest = hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()[:20]
+    versioned = [DECODING, key]
+    digest = hashlib.sha256(json.dumps(versioned, default=str).encode()).hexdigest()[:20]
     path = Path(paths.cache_dir) / "images" / digest
     cached = read_cache(path, _read_task)
     if cached is not None:
@@ -430,6 +509,7 @@ def _cached(paths, key, decode: Callable[[Path], Task]) -> Task:
             "name": task.name,
             "class_names": task.class_names,
             "skipped": task.skipped,
+            "turned": task.turned,
             "sources": {s: task.splits[s].sources for s in SPLITS},
         }
         for s in SPLITS:
@@ -447,7 +527,7 @@ def _read_task(path: Path) -> Task:
     for s in SPLITS:
         labels = np.load(path / f"{s}_labels.npy", allow_pickle=False)
         splits[s] = Split(open_rows(path / f"{s}.npy", len(labels)), labels, meta["sources"][s])
-    return Task(meta["name"], meta["class_names"], splits, meta["skipped"])
+    return Task(meta["name"], meta["class_names"], splits, meta["skipped"], meta.get("turned", []))
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -120,7 +120,7 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
 
     tags = tracking.tags
     test = evaluate_split(trained.model, task.splits["test"], task.num_classes)
-    metrics = summary_metrics(trained, test, train_time, len(task.skipped))
+    metrics = summary_metrics(trained, test, train_time, task)
     # The model that is saved and logged: Keras' own layers only, so that it loads with Keras
     # alone; augmentation is the identity at inference
     serving = without_augmentation(trained.model)
@@ -219,7 +219,7 @@ def _drop_custom_gradients() -> None:
             del registry[name]
 
 
-def summary_metrics(trained, test, train_time: float, skipped: int) -> dict:
+def summary_metrics(trained, test, train_time: float, task) -> dict:
     """The reference's comparison columns for one run."""
     import numpy as np
 
@@ -236,7 +236,8 @@ def summary_metrics(trained, test, train_time: float, skipped: int) -> dict:
         "train_time_s": train_time,
         "total_params": total,
         "trainable_params": trainable,
-        "skipped_files": skipped,
+        "skipped_files": len(task.skipped),
+        "turned_files": len(task.turned),  # turned upright by their EXIF orientation
     }
 
 

@@ -108,7 +108,12 @@ def log_task(task) -> None:
         )
     log_datasets(datasets)
     counts = task.counts()
-    classes = {"class_names": task.class_names, "counts": counts, "skipped_files": task.skipped}
+    classes = {
+        "class_names": task.class_names,
+        "counts": counts,
+        "skipped_files": task.skipped,
+        "turned_files": task.turned,  # turned upright by their EXIF orientation
+    }
     log_text(_json(classes), "data/classes.json")
     log_metrics({f"n_{s}": sum(counts[s].values()) for s in SPLITS})
     # Last: a run resumed after a kill finds this tag only if its lineage is whole.
