@@ -238,3 +238,59 @@ def test_custom_search_space_suggests_more_params_per_trial(tmp_path):
     assert ((table["params_+w"] - table["params_x"]).abs() <= 0.5).all()
     best = results(tmp_path)["best_params"]
     assert abs(best["+w"] - best["x"]) <= 0.5
+
+
+def test_workers_sharing_a_seeded_sampler_draw_differently_and_no_duplicate_fails(tmp_path):
+    """Two workers start together on one RDB study with one sampler seed: each draws with its
+    own seed (recorded), a duplicate ask is PRUNED as surplus, never FAIL, and Optuna's warning
+    on every ask from a heartbeat storage is silenced (an error here under -W)."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    command = [
+        sys.executable,
+        "-W",
+        "error:Heartbeat of storage",
+        str(APP),
+        "-m",
+        f"hydra.sweeper.storage={storage}",
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=7",
+        "hydra.sweeper.n_trials=6",
+        "hydra.sweeper.heartbeat_interval=1",
+    ]
+    workers = [
+        subprocess.Popen(
+            [*command, f"hydra.sweep.dir={tmp_path / f'worker{i}'}"],
+            cwd=APP.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        output, _ = worker.communicate(timeout=300)
+        assert worker.returncode == 0, output[-3000:]
+        assert "Heartbeat of storage" not in output
+    study = optuna.load_study(study_name="sphere", storage=storage)
+    counted = [t for t in study.trials if not t.user_attrs.get("surplus")]
+    assert [t.state.name for t in counted] == ["COMPLETE"] * 6
+    assert not [t for t in study.trials if t.state.name == "FAIL"]
+    for surplus in (t for t in study.trials if t.user_attrs.get("surplus")):
+        assert surplus.state.name == "PRUNED"
+    assert len(study.user_attrs["workers"]) == 2
+    seeds = {t.user_attrs["sampler_seed"] for t in study.trials}
+    assert seeds == {7, 8}
+    firsts = [
+        min(t.number for t in study.trials if t.user_attrs["sampler_seed"] == s) for s in (7, 8)
+    ]
+    assert study.trials[firsts[0]].params != study.trials[firsts[1]].params
+
+
+def test_a_sweep_with_nothing_to_search_runs_the_fixed_config_n_trials_times(tmp_path):
+    result = sweep(tmp_path, "hydra.sweeper.params=null", "hydra.sweeper.n_trials=3")
+    assert "nothing to search: it runs the same configuration 3 times" in result.stdout
+    table = trials(tmp_path)
+    assert list(table["state"]) == ["COMPLETE"] * 3
+    assert list(table["value"]) == [2.0] * 3  # x=1, y=1 as the config sets them

@@ -41,6 +41,40 @@ MINIMIZED = ("loss", "time", "params", "size", "rss", "error")
 register()
 
 
+def ask(study, distributions: dict):
+    """study.ask, without the warning Optuna gives on every ask from a storage with heartbeats:
+    outside study.optimize it cannot record them itself, and this sweeper does (heartbeats())."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
+        )
+        return study.ask(fixed_distributions=distributions)
+
+
+@uninterrupted
+def join_workers(study, attempts: int = 50) -> int:
+    """This process's number among the workers of `study`, 0 for the first.
+
+    The study's `workers` user attr lists them. Optuna has no atomic update of an attr, so two
+    workers joining at once may overwrite each other's entry: each writes, reads back, and
+    writes again until it finds itself listed.
+    """
+    import random
+    import time
+
+    me = this_process()
+    name = f"{me.host}:{me.pid}:{me.started:.2f}"
+    for _ in range(attempts):
+        workers = list(study.user_attrs.get("workers", []))
+        if name in workers:
+            return workers.index(name)
+        study.set_user_attr("workers", [*workers, name])
+        time.sleep(random.uniform(0.05, 0.2))  # let a racing write land before reading back
+    return len(study.user_attrs.get("workers", []))
+
+
 def retried_numbers(trials) -> set[int]:
     """Numbers of the trials that were failed as stale and queued again with the same params:
     they do not count toward n_trials, their retry does."""
@@ -97,6 +131,7 @@ class OptunaSweeper(Sweeper):
 
     def __init__(self, **settings: Any) -> None:
         self.settings = OmegaConf.create(settings)
+        self.sampler_seed: int | None = None
         self.config: DictConfig = None
         self.launcher = None
 
@@ -114,15 +149,19 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         space = search_space(settings.params, arguments)
         if not space.distributions and not settings.custom_search_space:
-            raise SweepError(
-                "the Optuna sweeper has nothing to search: set hydra.sweeper.params "
-                "(e.g. hparams_search=lr_head) or pass a sweep on the command line"
+            log.warning(
+                "the Optuna sweeper has nothing to search: it runs the same configuration "
+                "%d times (n_trials); set hydra.sweeper.params (e.g. hparams_search=lr_head) or "
+                "pass a sweep on the command line to search",
+                int(settings.n_trials),
             )
         metrics = metric_names(self.config)
         directions = study_directions(settings.direction, metrics)
         sampler, n_trials = self._sampler(space, len(directions))
         storage_url = settings.storage or f"{JOURNAL_PREFIX}{sweep_dir / 'optuna.journal'}"
         study, storage = self._open_study(storage_url, space, sampler, directions, metrics)
+        sampler, self.sampler_seed = self._seeded_per_worker(study, space, len(directions))
+        study.sampler = sampler
         log.info(
             "study %s (%s %s, %s) in %s: %d of %d trials done",
             study.study_name,
@@ -186,11 +225,33 @@ class OptunaSweeper(Sweeper):
             del returns, ret  # before the next batch runs, not after
             self._check_failures(study)
 
-    def _sampler(self, space: SearchSpace, objectives: int):
+    def _seeded_per_worker(self, study, space: SearchSpace, objectives: int):
+        """(the sampler, its seed): a seeded sampler's seed plus this worker's number in the
+        study, so that workers sharing a study with one `sampler.seed` draw different trials.
+
+        The first worker of a study keeps the seed as given (a sweep of one process is
+        reproducible); each trial records the seed it was drawn with (`sampler_seed`).
+        """
+        seed = (self.settings.sampler or {}).get("seed")
+        if seed is None:
+            return study.sampler, None
+        worker = join_workers(study)
+        if worker:
+            log.info(
+                "worker %d of study %s: sampler seed %d + %d",
+                worker,
+                study.study_name,
+                int(seed),
+                worker,
+            )
+        sampler, _ = self._sampler(space, objectives, seed=int(seed) + worker)
+        return sampler, int(seed) + worker
+
+    def _sampler(self, space: SearchSpace, objectives: int, seed: int | None = None):
         """The configured sampler and how many trials the study may have.
 
         `auto` is TPE for one objective and NSGA-II for several. A grid is built from the search
-        space, and the study stops at its size.
+        space, and the study stops at its size. `seed` replaces the configured seed.
         """
         import functools
 
@@ -199,6 +260,8 @@ class OptunaSweeper(Sweeper):
 
         node = OmegaConf.to_container(self.settings.sampler or {}, resolve=True)
         node = {k: v for k, v in node.items() if v is not None or k == "_target_"}
+        if seed is not None:
+            node["seed"] = seed
         target = node.get("_target_", "auto")
         n_trials = int(self.settings.n_trials)
         if target == "auto":
@@ -286,10 +349,13 @@ class OptunaSweeper(Sweeper):
             attempts += 1
             if self._counted(study) >= n_trials:
                 break
-            trial = study.ask(fixed_distributions=space.distributions)
+            trial = ask(study, space.distributions)
             if extend is not None:
                 extend(self.config, trial)
-            for key, value in this_process().to_dict(TRIAL_KEYS).items():
+            attrs = this_process().to_dict(TRIAL_KEYS)
+            if self.sampler_seed is not None:
+                attrs["sampler_seed"] = self.sampler_seed
+            for key, value in attrs.items():
                 trial.set_user_attr(key, value)
             trials = study.get_trials(deepcopy=False)
             retried = retried_numbers(trials)
@@ -300,20 +366,27 @@ class OptunaSweeper(Sweeper):
                 and not t.user_attrs.get("surplus")
                 and t.number not in retried
             ]
-            running = [
-                t.params
+            same = [
+                t.number
                 for t in study.get_trials(
                     deepcopy=False,
                     states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED),
                 )
-                if t.number != trial.number and not t.user_attrs.get("surplus")
+                if t.number != trial.number
+                and not t.user_attrs.get("surplus")
+                and t.params == trial.params
             ]
             # Processes sharing a storage ask at the same moment: the storage numbers trials
             # atomically, so only the first n_trials numbers run, and a configuration another
-            # process already runs is not run twice.
-            if len(earlier) >= n_trials or trial.params in running:
+            # process already runs is not run twice (a search with nothing to search runs the
+            # one configuration n_trials times, as upstream does). A trial not run is PRUNED,
+            # marked `surplus`: it never counts as a failure, nor toward n_trials.
+            searched = bool(space.distributions) or extend is not None
+            if len(earlier) >= n_trials or (same and searched):
                 trial.set_user_attr("surplus", True)
-                tell(study, trial, state=TrialState.FAIL)
+                if same:
+                    trial.set_user_attr("duplicate_of", same[0])
+                tell(study, trial, state=TrialState.PRUNED)
                 if len(earlier) >= n_trials:
                     break
                 study.sampler.reseed_rng()  # a seeded sampler in a new process repeats itself
