@@ -526,6 +526,8 @@ BAD_VALUES = [
     ("task.split=[0.5,0.5,0.5]", "task.split"),
     ("resume=sometimes", "resume=sometimes is unknown"),
     ("optimized_metric=[]", "must name a metric, or several as a list"),
+    ("optimized_metric=nope", "optimized_metric=nope is not a metric a run records"),
+    ("optimized_metric=[val_accuracy,nope]", "use a per-epoch one (loss, accuracy"),
 ]
 
 

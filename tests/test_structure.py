@@ -92,3 +92,17 @@ def test_an_owner_is_alive_until_its_process_ends():
     # Another host's process: only a heartbeat can tell, so it is not declared dead here.
     assert Owner(f"not-{me.host}", child.pid, owner.started).alive()
     assert Owner.from_dict({"host": me.host}, RUN_KEYS) is None
+
+
+def test_mlflow_is_never_asked_for_its_default_store(tmp_path, monkeypatch):
+    """MLflow's default store is an mlflow.db in the working directory: tracking refuses to
+    use it, so nothing is written outside paths.* by a call made before the store is chosen."""
+    import pytest
+
+    from experiments.tracking.client import client
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(RuntimeError, match="no MLflow store chosen yet"):
+        client()
+    assert list(tmp_path.iterdir()) == []

@@ -87,6 +87,13 @@ def test_run_records_params_tags_and_metrics(tiny_run):
         assert [m.step for m in history] == [0, 1, 2], name
     for name in FINAL_METRICS:
         assert name in run.data.metrics, name
+    # What optimized_metric may name (refused before any work otherwise) is what a run records.
+    from experiments import validation
+
+    for name in validation.EPOCH_METRICS:
+        assert client.get_metric_history(run.info.run_id, name), name
+    for name in validation.FINAL_METRICS:
+        assert name in run.data.metrics, name
     assert run.data.metrics["total_params"] == 14_714_688 + 512 * 32 + 32 + 33 * 3
     assert run.data.metrics["trainable_params"] == 512 * 32 + 32 + 33 * 3
     # TensorFlow and VGG16 alone hold well over 200 MB; the peak is never below the current.
@@ -396,3 +403,43 @@ def test_artifacts_follow_an_sqlite_store_elsewhere(make_config, tmp_path):
     assert any((elsewhere / "artifacts").rglob("MLmodel"))  # the model, beside its store
     assert not (tmp_path / "mlruns").exists()
     assert not list((tmp_path / "outputs").rglob("*.keras"))  # and stored once
+
+
+@pytest.mark.slow
+def test_no_command_writes_outside_its_paths(tmp_path, image_folder):
+    """Train, a multirun, evaluate, runs and compare, launched from another folder, write only
+    under paths.* (MLflow's default store would be an mlflow.db in the working directory)."""
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    root = tmp_path / "root"
+    overrides = [*tiny_overrides(root, image_folder), "trainer.epochs=1"]
+
+    def run(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    run("experiments.train", *overrides)
+    run("experiments.train", "-m", *overrides, "trainer.seed=1,2")
+    (first, *_) = runs_of(root, "folder")
+    run(
+        "experiments.evaluate",
+        f"model=runs:/{first.info.run_id}/model",
+        f"paths.root_dir={root}",
+    )
+    run("experiments.runs", f"paths.root_dir={root}")
+    store = f"sqlite:///{root}/mlruns/mlflow.db"
+    run("experiments.compare", "--tracking-uri", store, "--out", str(root / "reports"))
+    assert sorted(p.name for p in cwd.iterdir()) == []
+    assert {p.name for p in root.iterdir()} <= {
+        "mlruns",
+        "outputs",
+        "multirun",
+        "cache",
+        "checkpoints",
+        "reports",
+        "keras",
+        "outbox",
+    }

@@ -163,6 +163,33 @@ def check_weights(cfg) -> None:
         )
 
 
+# The metrics a training run records that `optimized_metric` may name: each epoch's (Keras' logs
+# and callbacks.EpochLogger; a sweeper gets its best epoch), and the final ones
+# (train.summary_metrics). tests/test_tracking.py checks them against a real run's records.
+EPOCH_METRICS = (
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "learning_rate",
+    "epoch_time_s",
+    "train_images_per_s",
+)
+FINAL_METRICS = (
+    "test_loss",
+    "test_accuracy",
+    "best_val_accuracy",
+    "final_train_accuracy",
+    "epochs_run",
+    "train_time_s",
+    "total_params",
+    "trainable_params",
+    "skipped_files",
+    "turned_files",
+    "model_size_mb",
+)
+
+
 def check_metric(cfg) -> None:
     metric = cfg.get("optimized_metric", "val_accuracy")
     names = [metric] if isinstance(metric, str) or metric is None else list(metric)
@@ -171,6 +198,13 @@ def check_metric(cfg) -> None:
             f"optimized_metric={metric} must name a metric, or several as a list; e.g. "
             f"optimized_metric=val_accuracy or optimized_metric=[val_accuracy,train_time_s]"
         )
+    for name in names:
+        if name not in EPOCH_METRICS + FINAL_METRICS:
+            raise ExperimentError(
+                f"optimized_metric={name} is not a metric a run records; use a per-epoch one "
+                f"({', '.join(EPOCH_METRICS)}; its best epoch counts) or a final one "
+                f"({', '.join(FINAL_METRICS)})"
+            )
 
 
 CHECKS: list[Callable[[DictConfig], None]] = [

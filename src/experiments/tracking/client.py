@@ -28,10 +28,21 @@ def sqlite_uri(folder: Path) -> str:
 
 
 def client(uri: str | None = None):
-    """An MLflow client of `uri`, or of the store this process points at."""
+    """An MLflow client of `uri`, or of the store this process was pointed at (`point_at`).
+
+    Never of MLflow's default store: that is `mlflow.db` in the working directory, outside every
+    `paths.*`, so a call before the store is chosen is a programming error here.
+    """
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri) if uri else MlflowClient()
+    if uri:
+        return MlflowClient(tracking_uri=uri)
+    if "MLFLOW_TRACKING_URI" not in os.environ:  # mlflow.set_tracking_uri() exports it
+        raise RuntimeError(
+            "no MLflow store chosen yet: call tracking.set_tracking() or open_store() first "
+            "(MLflow's default would write mlflow.db into the working directory)"
+        )
+    return MlflowClient()
 
 
 def point_at(uri: str) -> None:
