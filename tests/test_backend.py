@@ -79,3 +79,43 @@ def test_a_jax_run_trains_logs_and_evaluates_without_tensorflow(tmp_path, image_
     assert evaluated.data.metrics["test_loss"] == pytest.approx(
         trained.data.metrics["test_loss"], rel=1e-4
     )
+
+
+@pytest.mark.slow
+def test_compiled_steps_are_kept_on_disk_and_never_used_for_another_config(tmp_path, image_folder):
+    """JAX's persistent compilation cache under paths.cache_dir: the same run again finds its
+    compiled steps; another config misses; a corrupt entry is compiled again, and the run goes on."""
+    overrides = [
+        *tiny_overrides(tmp_path, image_folder),
+        "backend=jax",
+        "trainer.epochs=2",
+        "task.image_size=[48,48]",  # XLA's CPU convolutions crawl on VGG's 2x2 maps at 32 px
+        "resume=never",
+    ]
+
+    def run(*extra: str) -> dict[str, float]:
+        result = subprocess.run(
+            [sys.executable, "-m", "experiments.train", *overrides, *extra],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        newest = runs_of(tmp_path, "folder")[-1]
+        return newest.data.metrics
+
+    first = run()
+    folder = next((tmp_path / "cache" / "compiled").glob("jax-*"))
+    entries = sorted(folder.iterdir())
+    assert entries and first["compile_cache_misses"] > 0 and first["compile_cache_hits"] == 0
+    again = run()
+    # Each step compiled again is found (a step whose first compile took under the cache's
+    # threshold, 0.2 s, may be compiled once more).
+    assert again["compile_cache_hits"] >= first["compile_cache_misses"] - 2 > 0
+    other = run("head.units=[24]")  # another head: another train step, never the first's
+    assert other["compile_cache_misses"] > 0
+    for entry in entries:  # damaged on disk
+        entry.write_bytes(b"not a compiled program")
+    healed = run()
+    assert healed["compile_cache_misses"] + healed["compile_cache_hits"] > 0
+    assert healed["test_accuracy"] == first["test_accuracy"]

@@ -69,12 +69,15 @@ def test_reading_a_mapped_split_keeps_resident_memory_flat(tmp_path, monkeypatch
     assert read_all() > 80
 
 
-def test_predict_in_batches_streams_outputs_with_one_log_line(caplog):
+def test_predict_in_batches_streams_outputs_with_one_log_line(caplog, monkeypatch):
     import logging
 
     import keras
 
+    from experiments import inputs
     from experiments.inputs import predict_in_batches
+
+    monkeypatch.setattr(inputs, "CHUNK_BATCHES", 2)  # 8 images a chunk
 
     model = keras.Sequential([keras.Input((2, 2, 3)), keras.layers.Flatten()])
     x = np.arange(10 * 12, dtype=np.uint8).reshape(10, 2, 2, 3)
@@ -83,7 +86,7 @@ def test_predict_in_batches_streams_outputs_with_one_log_line(caplog):
         predict_in_batches(
             model, x, batch_size=4, what="extracting train features", write=parts.append
         )
-    assert [len(p) for p in parts] == [4, 4, 2]
+    assert [len(p) for p in parts] == [8, 2]
     np.testing.assert_array_equal(np.concatenate(parts), x.reshape(10, 12))
     # No terminal under pytest: no bar, one line with the count and the rate.
     (line,) = [r.getMessage() for r in caplog.records if r.name == "experiments.progress"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from experiments import tracking
 from experiments.train import train
 
 from conftest import IMAGE_SIZE
@@ -62,6 +63,59 @@ def test_two_stage_reuses_cached_features(make_config, tmp_path, caplog):
     assert second.data.tags["augmentation_applied"] == "false"
     assert files[0].stat().st_mtime_ns == mtime
     assert len(list((tmp_path / "cache" / "features").iterdir())) == 1
+
+
+@pytest.mark.backends
+def test_two_stage_evaluates_from_cached_features(make_config, tmp_path, monkeypatch):
+    """With the features cached, the base never runs again: not for training, not for the test
+    split; the recorded test accuracy is what the saved base + head scores on the images."""
+    import keras
+
+    from experiments.reports import evaluate_split
+    from experiments.tasks import load_task
+
+    train(make_config("strategy=two_stage"))  # extracts the features
+    shapes = []
+    original = keras.Model.predict
+
+    def spy(self, x, *args, **kwargs):
+        shapes.append(tuple(self.input_shape[1:]))
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "predict", spy)
+    cfg = make_config("strategy=two_stage", "head.units=[16]", "tracking.log_model=true")
+    train(cfg)
+    image_shape = (IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert shapes and image_shape not in shapes  # only the head on features
+    monkeypatch.setattr(keras.Model, "predict", original)
+    _, second = runs_of(tmp_path, "folder")
+    model = tracking.load_model(f"runs:/{second.info.run_id}/model")
+    test = load_task(cfg.task, cfg.paths).splits["test"]
+    on_images = evaluate_split(model, test, 3)
+    assert second.data.metrics["test_accuracy"] == on_images.accuracy
+    assert second.data.metrics["test_loss"] == pytest.approx(on_images.loss, rel=1e-4)
+
+
+@pytest.mark.backends
+def test_a_run_records_where_its_time_went(make_config, tmp_path, caplog):
+    import logging
+
+    from experiments.phases import PHASES
+
+    with caplog.at_level(logging.INFO, logger="experiments.train"):
+        train(make_config("trainer.epochs=3"))
+    (run,) = runs_of(tmp_path, "folder")
+    metrics = run.data.metrics
+    seconds = [metrics[f"time_{p}_s"] for p in PHASES]
+    assert all(s >= 0 for s in seconds)
+    assert metrics["time_total_s"] == pytest.approx(sum(seconds), abs=0.01)
+    assert metrics["time_train_s"] > 0 and metrics["time_evaluate_s"] > 0
+    assert metrics["time_compile_s"] > 0  # the first epoch compiles: it is the slowest
+    run_s = metrics["time_total_s"] - metrics["time_startup_s"]
+    assert metrics["train_fraction"] == pytest.approx(metrics["time_train_s"] / run_s, abs=1e-3)
+    last = [r.getMessage() for r in caplog.records if r.name == "experiments.train"][-1]
+    assert last.startswith(f"run {run.info.run_id}: time ")
+    assert all(word in last for word in ("start-up", "compiling", "training", "evaluating"))
 
 
 @pytest.mark.parametrize(("classes", "outputs"), [(2, 1), (3, 3)])
@@ -153,3 +207,38 @@ def test_a_backup_restores_the_optimizer_state_and_the_epoch(tmp_path):
     assert int(second.optimizer.iterations.numpy()) == 5 * 4  # 2 restored epochs + 3, 4 steps each
     assert [r["epoch"] for r in state.records()] == [0, 1, 2, 3, 4]
     assert not list((tmp_path / "run").rglob(".*"))  # no temporary file left behind
+
+
+@pytest.mark.backends
+def test_fit_callbacks_leave_training_steps_asynchronous(make_config, monkeypatch):
+    """A callback with a batch-end hook makes Keras wait for every step's logs (no asynchronous
+    dispatch): the device idles between steps. Every callback a run fits with has none, or is
+    marked `async_safe`."""
+    import keras
+
+    fits = []
+    original = keras.Model.fit
+
+    def spy(self, *args, callbacks=None, **kwargs):
+        fits.append(list(callbacks or []))
+        return original(self, *args, callbacks=callbacks, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", spy)
+    train(
+        make_config(
+            "trainer.epochs=1",
+            "trainer.early_stopping.enabled=true",
+            "trainer.reduce_lr.enabled=true",
+        )
+    )
+    base = keras.callbacks.Callback
+    assert fits
+    for callbacks in fits:
+        assert any(type(c).__name__ == "StopOnSignal" for c in callbacks)
+        for callback in callbacks:
+            if getattr(callback, "async_safe", False):
+                continue
+            for hook in ("on_batch_end", "on_train_batch_end", "on_test_batch_end"):
+                assert getattr(type(callback), hook) is getattr(base, hook), (
+                    f"{type(callback).__name__}.{hook}"
+                )

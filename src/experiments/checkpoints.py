@@ -108,6 +108,11 @@ def _backup_class():
         The metadata file is written last, with the epoch's logs: it is the commit point.
         """
 
+        # It saves per epoch only (its batch hook does nothing then), so Keras may dispatch the
+        # batch hooks asynchronously: a callback that is not async-safe makes every training
+        # step wait for the device to hand its logs back.
+        async_safe = True
+
         def __init__(self, state: RunCheckpoints, backup_dir: Path, initial_epoch: int):
             super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False)
             self.state = state
@@ -150,6 +155,8 @@ def _best_class():
         After a resume Keras' ModelCheckpoint would start from -inf and overwrite the best file
         with the first resumed epoch; it starts from the history's best instead.
         """
+
+        async_safe = True  # per epoch only, as Backup above
 
         def __init__(self, state: RunCheckpoints, monitor: str):
             best = state.best_so_far(monitor)

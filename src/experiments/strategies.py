@@ -41,12 +41,33 @@ class Context:
 
 @dataclass
 class Trained:
-    """A model that maps raw 0-255 RGB images to class probabilities, and its epoch history."""
+    """A model that maps raw 0-255 RGB images to class probabilities, and its epoch history.
+
+    `head` and `test_features`, for two-stage: the test split is evaluated by the head on the
+    base's cached features, the same computation as the model on the images without running the
+    base over them again.
+    """
 
     model: object
     history: dict[str, list[float]]
     feature_cache: str | None = None
     unfrozen: list[str] = field(default_factory=list)
+    head: object = None
+    test_features: np.ndarray | None = None
+
+    @property
+    def test_model(self):
+        """What evaluates the test split: the head on features, or the model on images."""
+        return self.model if self.test_features is None else self.head
+
+    def test_split(self, task: Task):
+        """The test split as `test_model` reads it."""
+        from experiments.tasks import Split
+
+        split = task.splits["test"]
+        if self.test_features is None:
+            return split
+        return Split(self.test_features, split.labels, split.sources)
 
 
 def train_inline(ctx: Context) -> Trained:
@@ -71,7 +92,8 @@ def train_two_stage(ctx: Context) -> Trained:
     train = _dataset(features["train"], ctx.task.splits["train"].labels, batch, ctx, shuffle=True)
     val = _dataset(features["val"], ctx.task.splits["val"].labels, batch, ctx, shuffle=False)
     history = fit(ctx, head, train, val)
-    return Trained(assemble(ctx, head, augment=False), history, feature_cache=cache)
+    model = assemble(ctx, head, augment=False)
+    return Trained(model, history, cache, head=head, test_features=features["test"])
 
 
 def train_fine_tune(ctx: Context) -> Trained:

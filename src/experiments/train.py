@@ -26,42 +26,55 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     when it names several)."""
     from experiments import tracking
     from experiments.backbones import resolve_weights
-    from experiments.backend import device_tags, use_backend, use_precision
+    from experiments.backend import device_tags, use_backend, use_compilation_cache, use_precision
     from experiments.checkpoints import run_identity
+    from experiments.phases import Phases
     from experiments.sweep import trial_tags
     from experiments.tasks import load_task
     from experiments.validation import validate_config
 
+    phases = Phases()
     # Values, then the backend, data and weights: a bad value or a missing file stops the run
     # before any model or MLflow run exists. Nothing before use_backend imports Keras.
-    validate_config(cfg)
-    tracking.check_reachable(cfg.tracking)
-    identity = run_identity(cfg)
-    resume = str(cfg.get("resume", "auto"))
-    if resume != "never" and (done := finished_job(cfg, identity)) is not None:
-        return done
-    use_backend(cfg.backend)
-    task = load_task(cfg.task, cfg.paths)
-    weights = resolve_weights(cfg.backbone, cfg.paths.weights_dir)
+    with phases.phase("startup"):
+        validate_config(cfg)
+        tracking.check_reachable(cfg.tracking)
+        identity = run_identity(cfg)
+        resume = str(cfg.get("resume", "auto"))
+        if resume != "never" and (done := finished_job(cfg, identity)) is not None:
+            return done
+        use_compilation_cache(cfg)  # before the backend is imported: it reads its settings then
+        use_backend(cfg.backend)
+    with phases.phase("data"):
+        task = load_task(cfg.task, cfg.paths)
+        weights = resolve_weights(cfg.backbone, cfg.paths.weights_dir)
 
     import keras
 
     from experiments.strategies import train_with_strategy
 
-    release_earlier_jobs()
-    use_precision(cfg.trainer.precision)
-    keras.utils.set_random_seed(int(cfg.trainer.seed))
+    with phases.phase("build"):
+        release_earlier_jobs()
+        use_precision(cfg.trainer.precision)
+        keras.utils.set_random_seed(int(cfg.trainer.seed))
     workdir = output_dir(cfg.paths.output_dir, cfg.task.name)
     tags = tracking.run_tags(cfg, str(workdir)) | device_tags() | trial_tags()
     name = str(cfg.tracking.run_name)
-    with tracking.start_run(cfg.tracking, name, tags, identity, resume) as run:
-        checkpoints = open_checkpoints(cfg, run)
-        record_opening(cfg, task, run)
-        ctx = training_context(cfg, task, weights, workdir, checkpoints)
+    opening = time.perf_counter()  # opening the run is recording, up to its config and lineage
+    with tracking.start_run(cfg.tracking, name, tags, identity, resume) as active:
+        checkpoints = open_checkpoints(cfg, active)
+        record_opening(cfg, task, active)
+        phases.add("record", time.perf_counter() - opening)
+        with phases.phase("build"):
+            ctx = training_context(cfg, task, weights, workdir, checkpoints)
         started = time.perf_counter()
-        trained = train_with_strategy(ctx)
-        value = record_results(cfg, task, trained, time.perf_counter() - started, workdir, run)
+        with phases.phase("train"):
+            trained = train_with_strategy(ctx)
+        phases.split_compile(ctx.callbacks[0].fits)
+        train_time = time.perf_counter() - started
+        value = record_results(cfg, task, trained, train_time, workdir, active, phases)
     checkpoints.remove()  # FINISHED: the model is logged, the resumable state has done its job
+    log.info("run %s: %s", active.run_id, phases.line())
     return value
 
 
@@ -111,44 +124,47 @@ def training_context(cfg: DictConfig, task, weights, workdir: Path, checkpoints)
     )
 
 
-def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: Path, run):
-    """Evaluate on the test split and record the metrics, reports and model; the value the job
-    returns to a sweeper."""
+def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: Path, run, phases):
+    """Evaluate on the test split and record the metrics, reports, model and where the time
+    went; the value the job returns to a sweeper."""
     from experiments import tracking
     from experiments.augmentation import without_augmentation
     from experiments.reports import evaluate_split, write_reports
 
     tags = tracking.tags
-    test = evaluate_split(trained.model, task.splits["test"], task.num_classes)
-    metrics = summary_metrics(trained, test, train_time, task)
-    # The model that is saved and logged: Keras' own layers only, so that it loads with Keras
-    # alone; augmentation is the identity at inference
-    serving = without_augmentation(trained.model)
-    metrics["model_size_mb"] = model_size_mb(serving, workdir, cfg.tracking.log_model)
-    tracking.log_metrics(metrics)
-    if trained.feature_cache:
-        tracking.set_tags({tags.FEATURE_CACHE: trained.feature_cache})
-    augmentation = (
-        trained.model.get_layer("augmentation")
-        if any(layer.name == "augmentation" for layer in trained.model.layers)
-        else None
-    )
-    # The `augmentation` tag is what was asked; two_stage trains without it.
-    tracking.set_tags({tags.AUGMENTATION_APPLIED: str(augmentation is not None).lower()})
-    reports = write_reports(
-        workdir / "reports",
-        test,
-        task.splits["test"],
-        task.class_names,
-        trained.history,
-        augmentation,
-    )
-    for path in reports:
-        tracking.log_artifact(path, artifact_path="evaluation")
-    if cfg.tracking.log_model:
-        tracking.log_model(serving, task.image_shape, task.num_classes)
-    value = optimized_values(cfg.optimized_metric, trained.history, metrics)
-    tracking.set_tags({tags.RETURNED_VALUE: json.dumps(value)})
+    with phases.phase("evaluate"):
+        test = evaluate_split(trained.test_model, trained.test_split(task), task.num_classes)
+    with phases.phase("record"):
+        metrics = summary_metrics(trained, test, train_time, task)
+        # The model that is saved and logged: Keras' own layers only, so that it loads with
+        # Keras alone; augmentation is the identity at inference
+        serving = without_augmentation(trained.model)
+        metrics["model_size_mb"] = model_size_mb(serving, workdir, cfg.tracking.log_model)
+        tracking.log_metrics(metrics)
+        if trained.feature_cache:
+            tracking.set_tags({tags.FEATURE_CACHE: trained.feature_cache})
+        augmentation = (
+            trained.model.get_layer("augmentation")
+            if any(layer.name == "augmentation" for layer in trained.model.layers)
+            else None
+        )
+        # The `augmentation` tag is what was asked; two_stage trains without it.
+        tracking.set_tags({tags.AUGMENTATION_APPLIED: str(augmentation is not None).lower()})
+        reports = write_reports(
+            workdir / "reports",
+            test,
+            task.splits["test"],
+            task.class_names,
+            trained.history,
+            augmentation,
+        )
+        for path in reports:
+            tracking.log_artifact(path, artifact_path="evaluation")
+        if cfg.tracking.log_model:
+            tracking.log_model(serving, task.image_shape, task.num_classes)
+        value = optimized_values(cfg.optimized_metric, trained.history, metrics)
+        tracking.set_tags({tags.RETURNED_VALUE: json.dumps(value)})
+    tracking.log_metrics(phases.metrics() | compilation_cache_metrics())
     log.info(
         "run %s: best val_accuracy %.4f, test_accuracy %.4f, %s, %.0f s",
         run.run_id,
@@ -158,6 +174,13 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
         train_time,
     )
     return value
+
+
+def compilation_cache_metrics() -> dict[str, float]:
+    """The persistent compilation cache's hits and misses in this run, where it keeps count."""
+    from experiments.backend import compilation_cache_counts
+
+    return {f"compile_cache_{k}": v for k, v in compilation_cache_counts(reset=True).items()}
 
 
 def finished_job(cfg: DictConfig, identity: str) -> float | tuple[float, ...] | None:
