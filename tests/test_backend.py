@@ -84,7 +84,8 @@ def test_a_jax_run_trains_logs_and_evaluates_without_tensorflow(tmp_path, image_
 @pytest.mark.slow
 def test_compiled_steps_are_kept_on_disk_and_never_used_for_another_config(tmp_path, image_folder):
     """JAX's persistent compilation cache under paths.cache_dir: the same run again finds its
-    compiled steps; another config misses; a corrupt entry is compiled again, and the run goes on."""
+    compiled steps; another config misses; a corrupt entry is compiled again, and the run goes
+    on."""
     overrides = [
         *tiny_overrides(tmp_path, image_folder),
         "backend=jax",

@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="*",
         help=f"Hydra overrides of the sweep (default: {' '.join(DEFAULT_OVERRIDES)})",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.trials < 2:
         parser.error(f"--trials={args.trials} is too few; trial 2 is the baseline, use 2 or more")
     return args
@@ -220,7 +220,7 @@ def parse_throughput_args(argv: list[str]) -> argparse.Namespace:
         help="config overrides: backbone=vgg19,resnet50 (several), backend=jax, "
         "task.image_size=[224,224], trainer.batch_size=64, trainer.precision=mixed_bfloat16",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.batches < 2:
         parser.error(f"--batches={args.batches} is too few; use 2 or more")
     if args.repeats < 1:

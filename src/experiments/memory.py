@@ -74,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         nargs="*",
         help=f"training overrides (default: {' '.join(DEFAULT_OVERRIDES)})",
     )
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if len(args.sizes) < 2 or min(args.sizes) < 30:
         parser.error(f"--sizes={args.sizes}: give two or more sizes of 30 images or more")
     return args
