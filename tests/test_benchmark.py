@@ -223,3 +223,45 @@ def test_memory_mode_trains_each_dataset_size_and_reports_its_peak(tmp_path):
     linked = next((images / "30").rglob("*.jpg"))
     assert linked.stat().st_nlink == 2  # a hard link into the largest set, not a copy
     assert "peak RSS grew" in (out / "benchmark-dataset-memory.md").read_text()
+
+
+@pytest.mark.slow
+def test_run_mode_times_a_fresh_and_a_warm_run_against_its_targets(tmp_path):
+    """`benchmark run`: the same training twice on generated images, each run's phases read
+    back from MLflow into one table, and a missed target fails the command."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.benchmark",
+            "run",
+            "backbone=vgg16",
+            "--images=24",
+            "backbone.weights=null",
+            "task=folder",
+            "--classes=3",
+            "task.image_size=[32,32]",
+            "augmentation=none",
+            "trainer.epochs=2",
+            "trainer.batch_size=8",
+            "--max-warm-s=0.001",  # missed: the command fails and says which
+            f"--out={out}",
+            f"--workdir={tmp_path / 'work'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    payload = json.loads((out / "benchmark-run.json").read_text())
+    fresh, warm = payload["runs"]
+    assert (fresh["run"], warm["run"]) == ("fresh", "warm")
+    for row in (fresh, warm):
+        phases = [row[p] for p in ("startup", "data", "build", "compile", "train", "evaluate")]
+        assert all(p >= 0 for p in phases) and row["train"] > 0 and row["wall_s"] > sum(phases)
+        assert row["train_images_per_s"] > 0 and row["evaluate_images_per_s"] > 0
+    assert warm["data"] < fresh["data"]  # the decoded images are cached
+    failed = [c["check"] for c in payload["checks"] if not c["passed"]]
+    assert failed == [f"warm run {warm['wall_s']:.1f} s <= 0.001 s"]
+    assert "FAIL: warm run" in result.stdout and "| wall_s" in result.stdout

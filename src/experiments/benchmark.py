@@ -1,10 +1,12 @@
-"""Benchmarks: `python -m experiments.benchmark [sweep|throughput|memory] [options] [overrides]`.
+"""Benchmarks: `python -m experiments.benchmark [sweep|throughput|memory|run] [options] [overrides]`
 
 - `sweep` (the default): memory and time of a sweep's trials in one process, below.
 - `throughput`: training speed against the frozen base's own inference rate, for each chosen
   backbone (`experiments.throughput`).
 - `memory`: peak memory of one run as the dataset grows from 2,000 to 32,000 images
   (`experiments.memory`).
+- `run`: where a whole run's time goes, fresh and warm, against its targets
+  (`experiments.wholerun`).
 
 Sweep memory:
 
@@ -266,7 +268,18 @@ def memory_main(argv: list[str]) -> int:
     return run(argv)
 
 
-MODES = {"sweep": sweep_main, "throughput": throughput_main, "memory": memory_main}
+def run_main(argv: list[str]) -> int:
+    from experiments.wholerun import run_main as run
+
+    return run(argv)
+
+
+MODES = {
+    "sweep": sweep_main,
+    "throughput": throughput_main,
+    "memory": memory_main,
+    "run": run_main,
+}
 
 
 if __name__ == "__main__":
