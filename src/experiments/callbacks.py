@@ -28,6 +28,12 @@ class EpochLogger(keras.callbacks.Callback):
 
     def on_test_begin(self, logs=None):
         if self._start and not self._train_end:  # the validation pass that ends a fit epoch
+            # Steps are dispatched asynchronously: the last ones may still run on the device.
+            # Reading the step count waits for the last step's update, so the time is the
+            # device's, not the dispatcher's.
+            optimizer = getattr(self.model, "optimizer", None)
+            if optimizer is not None:
+                keras.ops.convert_to_numpy(optimizer.iterations)
             self._train_end = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
