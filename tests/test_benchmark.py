@@ -241,6 +241,7 @@ def test_run_mode_times_a_fresh_and_a_warm_run_against_its_targets(tmp_path):
             "backbone.weights=null",
             "task=folder",
             "--classes=3",
+            "task.per_class=[4,2,2]",
             "task.image_size=[32,32]",
             "augmentation=none",
             "trainer.epochs=2",

@@ -61,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "overrides",
         nargs="*",
-        help=f"training overrides (default: {' '.join(DEFAULT_OVERRIDES)})",
+        help=f"training overrides, after the default ones: {' '.join(DEFAULT_OVERRIDES)}",
     )
     args = parser.parse_intermixed_args(argv)
     if args.images < 4 * args.classes:
@@ -159,7 +159,7 @@ def run_main(argv: list[str]) -> int:
     from experiments import compose_project_config, tracking
 
     args = parse_args(argv)
-    overrides = args.overrides or DEFAULT_OVERRIDES
+    overrides = [*DEFAULT_OVERRIDES, *args.overrides]  # the user's come last and win
     out = args.out or Path(compose_project_config().paths.reports_dir)
     with tempfile.TemporaryDirectory(prefix="experiments-run-") as tmp:
         workdir = (args.workdir or Path(tmp)).resolve()
