@@ -511,6 +511,7 @@ BAD_VALUES = [
     ("trainer.batch_size=2.5", "is not an integer"),
     ("trainer.epochs=0", "trainer.epochs=0"),
     ("trainer.epochs=many", "is not an integer"),
+    ("trainer.steps_per_execution=0", "trainer.steps_per_execution=0 must be at least 1"),
     ("trainer.class_weight=heavy", "trainer.class_weight=heavy"),
     ("strategy=fine_tune strategy.unfreeze_blocks=99", "at most 5"),
     ("strategy=fine_tune strategy.unfreeze_blocks=0", "strategy.unfreeze_blocks=0"),

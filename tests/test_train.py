@@ -242,3 +242,28 @@ def test_fit_callbacks_leave_training_steps_asynchronous(make_config, monkeypatc
                 assert getattr(type(callback), hook) is getattr(base, hook), (
                     f"{type(callback).__name__}.{hook}"
                 )
+
+
+@pytest.mark.backends
+def test_several_steps_per_compiled_call_train_every_epoch(make_config, tmp_path, monkeypatch):
+    """trainer.steps_per_execution runs several train steps per compiled call (auto: 16 on a GPU,
+    1 on a CPU); every epoch is still trained, backed up and logged."""
+    import keras
+
+    from experiments.backend import steps_per_execution
+
+    assert steps_per_execution("auto") == 1  # CI has no GPU
+    seen = []
+    original = keras.Model.compile
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("steps_per_execution"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Model, "compile", spy)
+    train(make_config("trainer.epochs=3", "trainer.steps_per_execution=3"))
+    assert 3 in seen
+    (run,) = runs_of(tmp_path, "folder")
+    client = client_for(tmp_path)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
+    assert run.data.metrics["epochs_run"] == 3

@@ -217,7 +217,7 @@ def fit(
 def compile_model(ctx: Context, model, lr: float | None = None) -> None:
     """Compile `model` with the run's optimizer at `lr`, its loss, accuracy and compilation
     (`trainer.jit_compile`); a warning when Keras turns compilation off."""
-    from experiments.backend import check_compiled, jit_compile
+    from experiments.backend import check_compiled, jit_compile, steps_per_execution
 
     compiled = jit_compile(ctx.cfg.trainer.jit_compile)
     model.compile(
@@ -225,6 +225,7 @@ def compile_model(ctx: Context, model, lr: float | None = None) -> None:
         loss=loss_for(ctx.task.num_classes),
         metrics=["accuracy"],
         jit_compile=compiled,
+        steps_per_execution=steps_per_execution(ctx.cfg.trainer.get("steps_per_execution", 1)),
     )
     check_compiled(model, compiled)
 

@@ -182,6 +182,7 @@ class _Bench:
         """(images/s of the best pass, compile seconds) of `model.fit` on the batches."""
         import keras
 
+        from experiments.backend import steps_per_execution
         from experiments.callbacks import EpochLogger
         from experiments.inputs import batches
 
@@ -189,6 +190,7 @@ class _Bench:
             optimizer=keras.optimizers.Adam(1e-4),
             loss="sparse_categorical_crossentropy",
             jit_compile=self.compiled,
+            steps_per_execution=steps_per_execution(self.cfg.trainer.get("steps_per_execution", 1)),
         )
         data = batches(inputs, labels, batch_size=self.batch, shuffle=True)
         callbacks = [EpochLogger(len(labels))]

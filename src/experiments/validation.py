@@ -74,7 +74,8 @@ def check_trainer(cfg) -> None:
 
 
 def check_runtime(cfg) -> None:
-    """`backend`, `trainer.jit_compile` and `trainer.precision`."""
+    """`backend`, `trainer.jit_compile`, `trainer.precision` and
+    `trainer.steps_per_execution`."""
     from experiments.backend import PRECISIONS, known_backend
 
     known_backend(cfg.backend)
@@ -88,6 +89,8 @@ def check_runtime(cfg) -> None:
             f"trainer.precision={cfg.trainer.precision} is unknown; "
             f"use one of {', '.join(PRECISIONS)}"
         )
+    if str(cfg.trainer.get("steps_per_execution", "auto")).lower() != "auto":
+        number(cfg, "trainer.steps_per_execution", int, low=1)
 
 
 def check_strategy(cfg) -> None:
