@@ -6,6 +6,7 @@ back what the MLflow store and the checkpoint folder kept, and runs the same com
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import subprocess
@@ -361,6 +362,50 @@ def test_a_killed_sweep_completes_with_exactly_its_trials(processes, tmp_path, i
     assert {r.info.run_id for r in resumed} & killed_trial_runs
     trials = [r for r in runs if r.data.tags.get("identity")]
     assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+
+
+def test_a_sweep_whose_last_worker_died_on_another_host_is_closed_by_the_next_command(
+    tmp_path, image_folder
+):
+    """The only worker of a sweep runs on "another host" (no pid this host can check) and is
+    killed -9 mid-trial. Its parent run stops beating; the next command that opens the store,
+    here `experiments.runs`, closes the parent and the trial's run KILLED, saying why."""
+    other_host = tmp_path / "other-host"
+    other_host.mkdir()
+    (other_host / "sitecustomize.py").write_text(
+        "import socket\nsocket.gethostname = lambda: 'other-host'\n"
+    )
+    path = os.pathsep.join(filter(None, [str(other_host), os.environ.get("PYTHONPATH")]))
+    worker = subprocess.Popen(
+        sweep_command(tmp_path, image_folder, *SEARCH, "tracking.heartbeat_s=1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    wait_until(lambda: saved_epochs(tmp_path) >= 2, worker)
+    worker.kill()
+    worker.communicate(timeout=60)
+    (parent,) = [r for r in runs_of(tmp_path, "folder") if r.data.tags.get("sweep") == "true"]
+    assert parent.info.status == "RUNNING" and parent.data.tags["heartbeat_s"] == "1"
+    time.sleep(4)  # three intervals without a beat
+    listing = subprocess.run(
+        [sys.executable, "-m", "experiments.runs", f"paths.root_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert listing.returncode == 0, listing.stderr[-3000:]
+    assert "stopped beating" in listing.stderr
+    runs = {r.info.run_id: r for r in runs_of(tmp_path, "folder")}
+    closed = runs[parent.info.run_id]
+    assert closed.info.status == "KILLED"  # 1 of 3 trials: the study is not complete
+    assert "stopped beating" in closed.data.tags["killed_reason"]
+    trials = [
+        r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+    ]
+    assert trials and all(r.info.status == "KILLED" for r in trials)
+    assert parent.info.run_id in listing.stdout  # listed as unfinished, with how to resume
 
 
 def test_an_interrupted_grid_is_completed_by_the_same_command(tmp_path, image_folder):

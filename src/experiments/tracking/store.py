@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def _experiment_id(mlflow_client, tracking, uri: str, local: bool) -> str:
 @uninterrupted
 def close_stale_runs(mlflow_client, waiting: dict[str, int] | None = None) -> list[str]:
     """Close as KILLED every run left RUNNING on this host by a process that no longer exists,
-    except the runs in `waiting` (run id -> records kept in its outbox), which a sync closes."""
+    except the runs in `waiting` (run id -> records kept in its outbox), which a sync closes;
+    and the sweeps, on any host, whose workers all stopped beating."""
     import socket
 
     host = socket.gethostname()
@@ -142,6 +144,7 @@ def close_stale_runs(mlflow_client, waiting: dict[str, int] | None = None) -> li
         owner = Owner.from_dict(run.data.tags, RUN_KEYS)
         if (owner is None or not owner.alive()) and run.info.run_id not in (waiting or {}):
             stale.append(run)
+    close_silent_sweeps(mlflow_client, experiments, waiting or {})
     for run in stale:
         pid = run.data.tags.get(T.PID, "?")
         mlflow_client.set_tag(
@@ -157,3 +160,44 @@ def close_stale_runs(mlflow_client, waiting: dict[str, int] | None = None) -> li
             pid,
         )
     return [run.info.run_id for run in stale]
+
+
+def close_silent_sweeps(mlflow_client, experiments: list[str], waiting) -> list[str]:
+    """Close the sweep parents, on any host, whose workers all stopped beating for 3 intervals:
+    their RUNNING trial runs KILLED, the parent FINISHED when its study has all its trials, else
+    KILLED. Runs whose records wait in an outbox (`waiting`) are left to their sync."""
+    now = time.time()
+    closed = []
+    parents = mlflow_client.search_runs(
+        experiments, filter_string=f"tags.{T.SWEEP} = 'true' and attributes.status = 'RUNNING'"
+    )
+    for parent in parents:
+        tags = parent.data.tags
+        if T.HEARTBEAT not in tags or parent.info.run_id in waiting:
+            continue
+        silent = now - float(tags[T.HEARTBEAT])
+        if silent <= 3 * float(tags.get(T.HEARTBEAT_S, 60)):
+            continue
+        children = mlflow_client.search_runs(
+            [parent.info.experiment_id],
+            filter_string=f"tags.{T.PARENT_RUN} = '{parent.info.run_id}'",
+        )
+        reason = f"its sweep's workers stopped beating {silent:.0f} s ago (kill -9, a host lost)"
+        for child in children:
+            if child.info.status == "RUNNING" and child.info.run_id not in waiting:
+                mlflow_client.set_tag(child.info.run_id, T.KILLED_REASON, reason)
+                mlflow_client.set_terminated(child.info.run_id, "KILLED")
+        done = sum(c.data.tags.get(T.OPTUNA_STATE) in ("COMPLETE", "PRUNED") for c in children)
+        complete = T.N_TRIALS in tags and done >= int(tags[T.N_TRIALS])
+        if not complete:
+            mlflow_client.set_tag(parent.info.run_id, T.KILLED_REASON, reason)
+        mlflow_client.set_tag(parent.info.run_id, T.JOBS, str(len(children)))
+        mlflow_client.set_terminated(parent.info.run_id, "FINISHED" if complete else "KILLED")
+        log.warning(
+            "sweep parent run %s: %s; closed %s",
+            parent.info.run_id,
+            reason,
+            "FINISHED (its study is complete)" if complete else "KILLED",
+        )
+        closed.append(parent.info.run_id)
+    return closed

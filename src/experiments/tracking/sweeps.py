@@ -7,11 +7,13 @@ import hashlib
 import json
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.interrupts import uninterrupted
 from experiments.processes import RUN_KEYS, this_process
@@ -95,6 +97,7 @@ class MlflowSweepCallback(Callback):
 
     def __init__(self) -> None:
         self.run_id: str | None = None
+        self._beating: threading.Event | None = None
 
     @uninterrupted
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -129,8 +132,19 @@ class MlflowSweepCallback(Callback):
             self.run_id = self._open(mlflow_client, experiment_id, hydra_cfg, overrides, identity)
         os.environ[PARENT_RUN_ENV] = self.run_id
         os.environ[SWEEP_IDENTITY_ENV] = identity
+        self._beat(mlflow_client, config)
         # A sweep that dies before on_multirun_end still closes its parent run.
         atexit.register(self.close, None)
+
+    def _beat(self, mlflow_client, config: DictConfig) -> None:
+        """Mark the parent alive now and every `tracking.heartbeat_s` until it is closed: a
+        parent whose every worker is gone (kill -9 on another host) is found by any later
+        command (store.close_stale_runs) and closed."""
+        interval = float(config.tracking.get("heartbeat_s") or 60)
+        n_trials = OmegaConf.select(config, "hydra.sweeper.n_trials")
+        tags = {T.HEARTBEAT_S: f"{interval:g}"} | ({T.N_TRIALS: str(n_trials)} if n_trials else {})
+        mlflow_client.log_batch(self.run_id, tags=T.as_run_tags(tags))
+        self._beating = beat_while_running(mlflow_client, self.run_id, interval)
 
     @staticmethod
     def _open(mlflow_client, experiment_id: str, hydra_cfg, overrides, identity: str) -> str:
@@ -165,6 +179,8 @@ class MlflowSweepCallback(Callback):
             return
         from experiments import interrupts
 
+        if self._beating is not None:
+            self._beating.set()
         if status is None:
             status = "KILLED" if interrupts.received() else "FAILED"
         # The one its jobs chose, if workers that started together opened several (start_run).
@@ -187,6 +203,25 @@ class MlflowSweepCallback(Callback):
         os.environ.pop(PARENT_RUN_ENV, None)
         os.environ.pop(SWEEP_IDENTITY_ENV, None)
         self.run_id = None
+
+
+def beat_while_running(mlflow_client, run_id: str, interval: float) -> threading.Event:
+    """Set the run's heartbeat tag now and every `interval` seconds, in a daemon thread, until
+    the event returned is set. A beat the server does not take is skipped, not fatal."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                mlflow_client.set_tag(run_id, T.HEARTBEAT, f"{time.time():.0f}")
+            except Exception as err:  # a lost server: the next beat tries again
+                log.debug("heartbeat of run %s not recorded: %s", run_id, err)
+            if stop.wait(interval):
+                return
+
+    beat_now = threading.Thread(target=beat, name="sweep-heartbeat", daemon=True)
+    beat_now.start()
+    return stop
 
 
 def _study_runs(study_name: str, extra_filter: str = ""):

@@ -43,6 +43,9 @@ SWEEP_DIR = "sweep_dir"
 SWEEP_OVERRIDES = "sweep_overrides"
 SWEEPER = "sweeper"
 JOBS = "jobs"
+HEARTBEAT = "heartbeat"  # unix seconds of the last beat of a process working on the sweep
+HEARTBEAT_S = "heartbeat_s"  # how often it beats
+N_TRIALS = "n_trials"  # the trials an Optuna sweep's study needs
 
 # Optuna: a trial's run, and the study on its parent run
 OPTUNA_STUDY = "optuna_study"
