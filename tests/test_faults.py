@@ -79,6 +79,18 @@ def steps(root: Path, run_id: str, key: str = "loss") -> list[int]:
     return [m.step for m in client_for(root).get_metric_history(run_id, key)]
 
 
+def list_runs(root: Path) -> subprocess.CompletedProcess:
+    """`python -m experiments.runs` on the store under `root`, which must succeed."""
+    listing = subprocess.run(
+        [sys.executable, "-m", "experiments.runs", f"paths.root_dir={root}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert listing.returncode == 0, listing.stderr[-3000:]
+    return listing
+
+
 def rerun(root: Path, folder: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         command(root, folder, *extra), capture_output=True, text=True, timeout=600
@@ -149,13 +161,7 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(moment, tmp_path, image_fold
     assert run.info.status == "RUNNING"  # nobody could close it
 
     # Any command that opens the store closes it; `runs` lists it with the command to resume.
-    listing = subprocess.run(
-        [sys.executable, "-m", "experiments.runs", f"paths.root_dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert listing.returncode == 0, listing.stderr[-2000:]
+    listing = list_runs(tmp_path)
     assert run.info.run_id in listing.stdout and "KILLED" in listing.stdout
     assert f"epochs saved: {kept}" in listing.stdout
     assert f"resume={run.info.run_id}" in listing.stdout
@@ -389,13 +395,7 @@ def test_a_sweep_whose_last_worker_died_on_another_host_is_closed_by_the_next_co
     (parent,) = [r for r in runs_of(tmp_path, "folder") if r.data.tags.get("sweep") == "true"]
     assert parent.info.status == "RUNNING" and parent.data.tags["heartbeat_s"] == "1"
     time.sleep(4)  # three intervals without a beat
-    listing = subprocess.run(
-        [sys.executable, "-m", "experiments.runs", f"paths.root_dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert listing.returncode == 0, listing.stderr[-3000:]
+    listing = list_runs(tmp_path)
     assert "stopped beating" in listing.stderr
     runs = {r.info.run_id: r for r in runs_of(tmp_path, "folder")}
     closed = runs[parent.info.run_id]
