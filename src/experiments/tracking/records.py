@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 import subprocess
 import sys
@@ -141,14 +142,25 @@ def serving_requirements(backend: str) -> list[str]:
     Given these, MLflow skips inferring them, which loads the model again in a subprocess and
     costs ~10 s a run. They are what that inference finds: Keras, NumPy and the backend.
     """
-    from importlib.metadata import packages_distributions, version
+    from importlib.metadata import PackageNotFoundError, version
 
-    distributions = packages_distributions()
     pins = []
     for module in SERVING_MODULES[backend]:
-        for name in distributions.get(module, [module])[:1]:  # e.g. tensorflow-cpu
-            pins.append(f"{name}=={version(name)}")
+        try:  # the distribution is named as the module: the common case, and fast
+            pins.append(f"{module}=={version(module)}")
+        except PackageNotFoundError:  # e.g. tensorflow-cpu provides tensorflow
+            for name in _distributions().get(module, [])[:1]:
+                pins.append(f"{name}=={version(name)}")
     return pins
+
+
+@functools.cache
+def _distributions() -> dict[str, list[str]]:
+    """Import names to the distributions that provide them (a scan of every installed
+    distribution: about a second, so once a process)."""
+    from importlib.metadata import packages_distributions
+
+    return packages_distributions()
 
 
 @uninterrupted
