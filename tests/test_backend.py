@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -120,3 +121,32 @@ def test_compiled_steps_are_kept_on_disk_and_never_used_for_another_config(tmp_p
     healed = run()
     assert healed["compile_cache_misses"] + healed["compile_cache_hits"] > 0
     assert healed["test_accuracy"] == first["test_accuracy"]
+
+
+def test_parallel_jobs_each_take_a_gpu_of_their_own_and_memory_as_needed(tmp_path):
+    """A sweep's n_jobs jobs run together: the i-th takes GPU i modulo the GPUs there are, set
+    before the backend is imported, and allocates as it needs (no job grabs a whole GPU)."""
+    script = (
+        "import os, sys\n"
+        "from experiments.backend import use_device_slot\n"
+        "gpu = use_device_slot()\n"
+        "print(gpu, repr(os.environ.get('CUDA_VISIBLE_DEVICES')),"
+        " os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'), 'jax' in sys.modules)\n"
+    )
+
+    def job(slot: str | None, visible: str) -> list[str]:
+        env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_PREALLOCATE"}
+        env = env | {"CUDA_VISIBLE_DEVICES": visible}
+        env.pop("EXPERIMENTS_DEVICE_SLOT", None)
+        if slot:
+            env["EXPERIMENTS_DEVICE_SLOT"] = slot
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+        )
+        return result.stdout.split()
+
+    assert job("0/3", "4,6") == ["4", "'4'", "false", "False"]
+    assert job("1/3", "4,6") == ["6", "'6'", "false", "False"]
+    assert job("2/3", "4,6") == ["4", "'4'", "false", "False"]  # more jobs than GPUs: they share
+    assert job("1/2", "") == ["None", "''", "false", "False"]  # no GPU: memory settings only
+    assert job(None, "4,6") == ["None", "'4,6'", "None", "False"]  # a job run alone: untouched

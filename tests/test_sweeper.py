@@ -294,3 +294,19 @@ def test_a_sweep_with_nothing_to_search_runs_the_fixed_config_n_trials_times(tmp
     table = trials(tmp_path)
     assert list(table["state"]) == ["COMPLETE"] * 3
     assert list(table["value"]) == [2.0] * 3  # x=1, y=1 as the config sets them
+
+
+def test_jobs_launched_together_get_a_device_slot_each(tmp_path):
+    sweep(tmp_path, "hydra.sweeper.n_jobs=2", "hydra.sweeper.n_trials=4")
+    slots = sorted(
+        yaml.safe_load(p.read_text())["hydra"]["job"]["env_set"]["EXPERIMENTS_DEVICE_SLOT"]
+        for p in tmp_path.glob("*/.hydra/hydra.yaml")
+    )
+    assert slots == ["0/2", "0/2", "1/2", "1/2"]
+    single = tmp_path / "single"
+    sweep(single, "hydra.sweeper.n_trials=2")
+    for path in single.glob("*/.hydra/hydra.yaml"):
+        assert (
+            "EXPERIMENTS_DEVICE_SLOT"
+            not in yaml.safe_load(path.read_text())["hydra"]["job"]["env_set"]
+        )

@@ -26,7 +26,13 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     when it names several)."""
     from experiments import tracking
     from experiments.backbones import resolve_weights
-    from experiments.backend import device_tags, use_backend, use_compilation_cache, use_precision
+    from experiments.backend import (
+        device_tags,
+        use_backend,
+        use_compilation_cache,
+        use_device_slot,
+        use_precision,
+    )
     from experiments.checkpoints import run_identity
     from experiments.phases import Phases
     from experiments.sweep import trial_tags
@@ -43,7 +49,9 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         resume = str(cfg.get("resume", "auto"))
         if resume != "never" and (done := finished_job(cfg, identity)) is not None:
             return done
-        use_compilation_cache(cfg)  # before the backend is imported: it reads its settings then
+        # Before the backend is imported: it reads these settings then.
+        use_compilation_cache(cfg)
+        use_device_slot()
         use_backend(cfg.backend)
     with phases.phase("data"):
         task = load_task(cfg.task, cfg.paths)

@@ -21,6 +21,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 # A signal waits for a write to the study's storage to end (a journal line, an RDB transaction).
+from experiments.backend import DEVICE_SLOT_ENV
 from experiments.interrupts import uninterrupted
 from experiments.processes import TRIAL_KEYS, Owner, this_process
 from experiments.studies import JOURNAL_PREFIX, open_storage
@@ -212,9 +213,9 @@ class OptunaSweeper(Sweeper):
                 [
                     *space.fixed,
                     *(f"{key}={value}" for key, value in trial.params.items()),
-                    *hydra_env({**plumbing, TRIAL_ENV: trial.number}),
+                    *hydra_env({**plumbing, TRIAL_ENV: trial.number, **slot(i, len(trials))}),
                 ]
-                for trial in trials
+                for i, trial in enumerate(trials)
             ]
             with heartbeats(storage, trials):
                 returns = self.launcher.launch(overrides, initial_job_idx=job_index)
@@ -578,6 +579,12 @@ def plots(study, sweep_dir: Path, metrics: list[str] | None) -> list[Path]:
         plt.close(figure)
         saved.append(path)
     return saved
+
+
+def slot(index: int, jobs: int) -> dict[str, str]:
+    """The device slot of the index-th of `jobs` jobs launched together: each takes a GPU of its
+    own (experiments.backend.use_device_slot); none for a job launched alone."""
+    return {DEVICE_SLOT_ENV: f"{index}/{jobs}"} if jobs > 1 else {}
 
 
 def hydra_env(values: dict[str, Any]) -> list[str]:
