@@ -17,7 +17,7 @@ from experiments.checkpoints import RunCheckpoints
 from experiments.errors import ExperimentError
 from experiments.files import atomic_dir, read_cache
 from experiments.heads import build_head, loss_for
-from experiments.tasks import SPLITS, Task
+from experiments.tasks import SPLITS, Split, Task
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,6 @@ class Trained:
 
     def test_split(self, task: Task):
         """The test split as `test_model` reads it."""
-        from experiments.tasks import Split
-
         split = task.splits["test"]
         if self.test_features is None:
             return split

@@ -78,7 +78,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         started = time.perf_counter()
         with phases.phase("train"):
             trained = train_with_strategy(ctx)
-        phases.split_compile(ctx.callbacks[0].fits)
+        phases.split_compile(epoch_times(ctx))
         train_time = time.perf_counter() - started
         value = record_results(cfg, task, trained, train_time, workdir, active, phases)
     checkpoints.remove()  # FINISHED: the model is logged, the resumable state has done its job
@@ -182,6 +182,13 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
         train_time,
     )
     return value
+
+
+def epoch_times(ctx) -> list[list[float]]:
+    """The epoch times of each fit the run made, as its EpochLogger saw them."""
+    from experiments.callbacks import EpochLogger
+
+    return next((c.fits for c in ctx.callbacks if isinstance(c, EpochLogger)), [])
 
 
 def compilation_cache_metrics() -> dict[str, float]:
