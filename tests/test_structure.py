@@ -99,10 +99,12 @@ def test_mlflow_is_never_asked_for_its_default_store(tmp_path, monkeypatch):
     use it, so nothing is written outside paths.* by a call made before the store is chosen."""
     import pytest
 
+    from experiments.tracking import client as clients
     from experiments.tracking.client import client
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(clients, "_pointed", [])
     with pytest.raises(RuntimeError, match="no MLflow store chosen yet"):
         client()
     assert list(tmp_path.iterdir()) == []

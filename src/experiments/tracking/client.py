@@ -18,6 +18,10 @@ HTTP_DEFAULTS = {
 }
 
 
+# The store this process was pointed at (point_at), if any.
+_pointed: list[str] = []
+
+
 def is_local(uri: str) -> bool:
     return uri.startswith(LOCAL_SCHEMES)
 
@@ -37,7 +41,8 @@ def client(uri: str | None = None):
 
     if uri:
         return MlflowClient(tracking_uri=uri)
-    if "MLFLOW_TRACKING_URI" not in os.environ:  # mlflow.set_tracking_uri() exports it
+    # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, but only when the URI changes.
+    if not _pointed and "MLFLOW_TRACKING_URI" not in os.environ:
         raise RuntimeError(
             "no MLflow store chosen yet: call tracking.set_tracking() or open_store() first "
             "(MLflow's default would write mlflow.db into the working directory)"
@@ -52,6 +57,7 @@ def point_at(uri: str) -> None:
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
     mlflow.set_tracking_uri(uri)
+    _pointed[:] = [uri]
 
 
 def unreachable_message(uri: str, err: BaseException) -> str:
