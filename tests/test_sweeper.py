@@ -258,6 +258,7 @@ def test_workers_sharing_a_seeded_sampler_draw_differently_and_no_duplicate_fail
         "hydra.sweeper.sampler.seed=7",
         "hydra.sweeper.n_trials=6",
         "hydra.sweeper.heartbeat_interval=1",
+        "+sleep=1",
     ]
     workers = [
         subprocess.Popen(

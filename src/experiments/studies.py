@@ -39,17 +39,18 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period=N
 
 def _rdb_storage(url: str, **settings):
     """Optuna's RDBStorage, created again when a worker starting beside it created the tables
-    first: on an empty PostgreSQL database, workers that start together race to create them
-    and all but one fail with a duplicate type or table."""
+    first: on an empty database, workers that start together race to create them and all but
+    one fail with a duplicate type or table (PostgreSQL), or an existing table or a locked file
+    (sqlite)."""
     import time
 
     import optuna
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(5):
         try:
             return optuna.storages.RDBStorage(url, **settings)
-        except (IntegrityError, ProgrammingError):
+        except (IntegrityError, OperationalError, ProgrammingError):
             if attempt == 4:
                 raise
             time.sleep(1 + attempt)

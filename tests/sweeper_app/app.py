@@ -3,6 +3,8 @@
 `returns` picks what the job gives back: the sphere, two objectives, or a wrong type.
 """
 
+import time
+
 import hydra
 from omegaconf import DictConfig
 
@@ -11,6 +13,8 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig):
     if cfg.get("error"):
         raise RuntimeError("cfg.error is True")
+    if cfg.get("sleep"):  # a job that takes a while, so that workers run beside each other
+        time.sleep(float(cfg.sleep))
     x, y = float(cfg.x), float(cfg.y)
     returns = {
         "sphere": lambda: x**2 + y**2 + float(cfg.get("w", 0)) ** 2,

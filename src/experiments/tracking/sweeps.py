@@ -29,6 +29,9 @@ log = logging.getLogger("experiments.tracking")
 PARENT_RUN_ENV = "EXPERIMENTS_MLFLOW_PARENT_RUN_ID"
 # The sweep a job belongs to (a digest of the multirun's overrides), set by MlflowSweepCallback.
 SWEEP_IDENTITY_ENV = "EXPERIMENTS_SWEEP_IDENTITY"
+# Parent run id -> the event that stops its heartbeat. Kept here, not on the callback, which a
+# launcher such as joblib pickles with the sweep's context (an Event cannot be pickled).
+_beating: dict[str, threading.Event] = {}
 
 
 def sweep_identity(overrides: list[str]) -> str:
@@ -97,7 +100,6 @@ class MlflowSweepCallback(Callback):
 
     def __init__(self) -> None:
         self.run_id: str | None = None
-        self._beating: threading.Event | None = None
 
     @uninterrupted
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -144,7 +146,7 @@ class MlflowSweepCallback(Callback):
         n_trials = OmegaConf.select(config, "hydra.sweeper.n_trials")
         tags = {T.HEARTBEAT_S: f"{interval:g}"} | ({T.N_TRIALS: str(n_trials)} if n_trials else {})
         mlflow_client.log_batch(self.run_id, tags=T.as_run_tags(tags))
-        self._beating = beat_while_running(mlflow_client, self.run_id, interval)
+        _beating[self.run_id] = beat_while_running(mlflow_client, self.run_id, interval)
 
     @staticmethod
     def _open(mlflow_client, experiment_id: str, hydra_cfg, overrides, identity: str) -> str:
@@ -179,8 +181,8 @@ class MlflowSweepCallback(Callback):
             return
         from experiments import interrupts
 
-        if self._beating is not None:
-            self._beating.set()
+        if (beating := _beating.pop(self.run_id, None)) is not None:
+            beating.set()
         if status is None:
             status = "KILLED" if interrupts.received() else "FAILED"
         # The one its jobs chose, if workers that started together opened several (start_run).
