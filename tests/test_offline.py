@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -70,6 +71,11 @@ def test_quickstart_end_to_end(tmp_path):
 
     result = run_cli("experiment=quickstart", f"paths.root_dir={tmp_path}", timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    # A quiet log: no line a user would read as an error (CUDA probing on a CPU machine,
+    # absl's start-up notes, library warnings that do not concern them).
+    noise = re.compile(r"error|E0000|cuInit|UserWarning|absl::|retracing", re.IGNORECASE)
+    loud = [line for line in (result.stdout + result.stderr).splitlines() if noise.search(line)]
+    assert not loud, loud
     (run,) = runs_of(tmp_path, "digits")
     assert run.data.metrics["test_accuracy"] >= 0.90
     assert run.data.tags["backbone"] == "vgg16"

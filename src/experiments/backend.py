@@ -11,7 +11,11 @@ import importlib.util
 import logging
 import os
 import platform
+import re
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from experiments.errors import ExperimentError
@@ -62,7 +66,11 @@ def use_backend(name: str) -> str:
     if name == "tensorflow":
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     try:  # Keras imports it next: a broken installation is one line here, not a traceback there
-        importlib.import_module(package)
+        with stderr_without(start_up_chatter()):
+            module = importlib.import_module(package)
+            if name == "tensorflow":  # the CUDA driver is looked for here, not mid-run
+                module.config.list_physical_devices("GPU")
+                logging.getLogger("tensorflow").addFilter(_not_retracing)
     except ImportError as err:
         raise ExperimentError(
             f"backend={name}: importing {package} failed ({err}); repair it: {install}"
@@ -71,6 +79,54 @@ def use_backend(name: str) -> str:
     if name == "jax":
         _count_jax_cache_events()
     return name
+
+
+def start_up_chatter() -> re.Pattern:
+    """The lines TensorFlow's C++ start-up writes that do not concern the user: absl writes
+    every message before its InitializeLog, whatever TF_CPP_MIN_LOG_LEVEL says (the CPU kernels
+    it uses, a machine without CUDA). Without a GPU, the failed CUDA start is chatter too; with
+    one, it is the news that the GPU is not used, and stays."""
+    chatter = [
+        "All log messages before absl::InitializeLog",
+        "oneDNN custom operations are on",
+        "Could not find cuda drivers on your machine",
+    ]
+    if not visible_gpus():
+        chatter += ["failed call to cuInit", "cuda_executor.cc", "cuda_platform.cc"]
+    return re.compile("|".join(re.escape(c) for c in chatter))
+
+
+def _not_retracing(record: logging.LogRecord) -> bool:
+    """False for TensorFlow's retracing warning: each job of a sweep builds its model anew, and
+    TensorFlow counts the new model's traces of the same Keras step as retracing in a loop."""
+    return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextmanager
+def stderr_without(chatter: re.Pattern) -> Iterator[None]:
+    """The process's stderr (file descriptor 2, where C++ libraries write), less the lines
+    matching `chatter`, for the duration of the block."""
+    sys.stderr.flush()
+    kept = os.dup(2)
+    read, write = os.pipe()
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pass_on() -> None:
+        with os.fdopen(read, "rb") as lines:
+            for line in lines:
+                if not chatter.search(line.decode(errors="replace")):
+                    os.write(kept, line)
+
+    reader = threading.Thread(target=pass_on, name="stderr-filter", daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(kept, 2)  # the pipe's last writer closes: the reader sees its end
+        reader.join(timeout=10)
+        os.close(kept)
 
 
 # Compilations shorter than this are not worth a file in the persistent cache (JAX's default is

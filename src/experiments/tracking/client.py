@@ -56,6 +56,9 @@ def point_at(uri: str) -> None:
     if not is_local(uri):
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
+    # MLflow draws a download bar for each file of a model it loads; our commands say in one
+    # line what they load, and the bars read as noise in a log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
     _pointed[:] = [uri]
 

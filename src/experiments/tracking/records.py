@@ -94,6 +94,9 @@ def log_task(task) -> None:
 
     # MLflow hints that integer columns cannot hold NaN: labels never do.
     warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+    # MLflow 3.17 registers its local-file source class twice, and then warns that a source
+    # "can be interpreted in multiple ways": both ways are the same class.
+    warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
     datasets = {}
     for split in SPLITS:
         data = task.splits[split]
