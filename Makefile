@@ -45,11 +45,8 @@ format: ## Fix lint and formatting with ruff
 	$(BIN)/ruff check --fix src tests
 	$(BIN)/ruff format src tests
 
-ui: ## Start the MLflow UI on the default store, bound to 127.0.0.1
-	@mkdir -p mlruns
-	@echo "MLflow UI: http://$(HOST):$(PORT)"
-	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(CURDIR)/mlruns/mlflow.db" \
-		--default-artifact-root "$(CURDIR)/mlruns/artifacts" --host $(HOST) --port $(PORT)
+ui: ## The MLflow UI on the project's store, bound to 127.0.0.1; prints each experiment's link
+	$(BIN)/python -m experiments.ui --host $(HOST) --port $(PORT)
 
 server: ## The team's MLflow server: DB=postgresql://USER:PASSWORD@DBHOST/mlflow [ARTIFACTS=dir HOST= PORT=]
 	@test -n "$(DB)" || { echo "error: set DB to the server's PostgreSQL database, e.g. make server DB=postgresql://mlflow:PASSWORD@localhost:5432/mlflow (README, Scaling out)" >&2; exit 2; }

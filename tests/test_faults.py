@@ -574,6 +574,8 @@ BAD_VALUES = [
     ("optimized_metric=[]", "must name a metric, or several as a list"),
     ("optimized_metric=nope", "optimized_metric=nope is not a metric a run records"),
     ("optimized_metric=[val_accuracy,nope]", "use a per-epoch one (loss, accuracy"),
+    ("tracking.system_metrics=maybe", "tracking.system_metrics=maybe must be true or false"),
+    ("tracking.system_metrics_interval_s=0", "system_metrics_interval_s=0 must be greater than 0"),
 ]
 
 

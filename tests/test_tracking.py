@@ -288,6 +288,40 @@ def test_multirun_nests_jobs_under_one_parent(tmp_path, image_folder):
     assert parent.info.status == "FINISHED" and parent.data.tags["jobs"] == "2"
     assert "trainer.seed=1,2" in parent.data.tags["sweep_overrides"]
     assert (tmp_path / "multirun").is_dir()
+    # Each run's name says what tells it from its siblings; the parent's, what it is.
+    assert sorted(c.info.run_name for c in children) == ["trial-0 seed=1", "trial-1 seed=2"]
+    assert parent.info.run_name.startswith("sweep ") and parent.info.run_name.endswith(": seed")
+    assert parent.data.tags["swept_params"] == "trainer.seed"
+    assert "**Best**: trial-" in parent.data.tags["mlflow.note.content"]
+
+
+def test_a_swept_value_is_named_short():
+    from experiments.sweep import short_value
+
+    assert [short_value(v) for v in (3e-4, 0.25, 1e-5, 12345.0, [256, 128], "vgg16")] == [
+        "3e-4", "0.25", "1e-5", "1.2e4", "[256,128]", "vgg16"
+    ]  # fmt: skip
+
+
+def test_the_swept_keys_are_the_sweep_overrides_and_the_search_space_less_fixed_ones():
+    from experiments.sweep import sweep_keys
+
+    space = {"optimizer.lr": "interval(1e-5, 1e-2)", "head.dropout": "interval(0, 0.5)"}
+    overrides = ["optimizer.lr=3e-3", "backbone=vgg16,resnet50", "trainer.epochs=2"]
+    assert sweep_keys(overrides, space) == ["backbone", "head.dropout"]
+    assert sweep_keys(["trainer.seed=range(3)", "hydra.sweeper.n_trials=3"], None) == [
+        "trainer.seed"
+    ]
+
+
+def test_system_metrics_are_sampled_or_turned_off(make_config, tmp_path):
+    """MLflow's system metrics, one point per sample and one at the end, or none at all."""
+    train(make_config("trainer.epochs=1", "tracking.system_metrics_interval_s=0.2"))
+    train(make_config("trainer.epochs=1", "tracking.system_metrics=false", "trainer.seed=3"))
+    sampled, off = runs_of(tmp_path, "folder")
+    assert "system/cpu_utilization_percentage" in sampled.data.metrics
+    assert "system/system_memory_usage_megabytes" in sampled.data.metrics
+    assert not [k for k in off.data.metrics if k.startswith("system/")]
 
 
 @pytest.fixture

@@ -62,6 +62,7 @@ class TrackEpochs(keras.callbacks.Callback):
         from experiments import tracking
 
         tracking.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
+        tracking.log_system_metrics()
 
 
 class StopOnSignal(keras.callbacks.Callback):

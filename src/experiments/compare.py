@@ -73,8 +73,13 @@ def sweep_table(parent_id: str, pruned=False):
     if runs.empty:
         raise ExperimentError(f"--sweep {parent_id}: the sweep has no trial runs yet")
     table = table_of(runs, pruned)
+    several = "," in tags.get(T.OPTUNA_DIRECTIONS, "")  # a Pareto front only with objectives
     for column, field in TRIAL_COLUMNS.items():
-        table[column] = runs.loc[table.index, field] if field in runs else None
+        if column != "pareto" or several:
+            table[column] = runs.loc[table.index, field] if field in runs else None
+    for key in filter(None, tags.get(T.SWEPT, "").split(",")):  # what the sweep varied
+        field = f"params.{key}"
+        table[key] = runs.loc[table.index, field] if field in runs else None
     table = table.reset_index(drop=True)
     if T.BEST_TRIAL in tags:
         summary = f"best trial {tags[T.BEST_TRIAL]}: {tags.get(T.OPTIMIZED_METRIC, 'value')}=" + (

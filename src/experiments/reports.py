@@ -97,6 +97,26 @@ def classification_reports(outdir: Path, evaluation: Evaluation, class_names) ->
     return [outdir / "classification_report.txt", outdir / "classification_report.json"]
 
 
+def per_class_metrics(evaluation: Evaluation, class_names, split: str = "test") -> dict:
+    """Precision, recall and F1 of each class as metrics named by class, e.g.
+    `test_f1/daisy`: the UI charts each kind in a section of its own and the runs table can
+    sort by any of them. Characters MLflow refuses in a metric name become `_`."""
+    import re
+
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = list(range(len(class_names)))
+    scores = precision_recall_fscore_support(
+        evaluation.labels, evaluation.predictions, labels=labels, zero_division=0
+    )
+    metrics = {}
+    for kind, values in zip(("precision", "recall", "f1"), scores[:3], strict=True):
+        for name, value in zip(class_names, values, strict=True):
+            safe = re.sub(r"[^\w\-. ]", "_", str(name))
+            metrics[f"{split}_{kind}/{safe}"] = float(value)
+    return metrics
+
+
 def confusion_matrix_png(path: Path, evaluation: Evaluation, class_names) -> Path:
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay

@@ -6,11 +6,15 @@ The sweeper sets the storage, the study and the trial number in the job's enviro
 
 from __future__ import annotations
 
+import json
 import os
 
 STORAGE_ENV = "EXPERIMENTS_OPTUNA_STORAGE"
 STUDY_ENV = "EXPERIMENTS_OPTUNA_STUDY"
 TRIAL_ENV = "EXPERIMENTS_OPTUNA_TRIAL"
+# The multirun's own overrides (JSON), set by tracking.MlflowSweepCallback: a job's other
+# overrides are what its sweep gave it.
+SWEEP_OVERRIDES_ENV = "EXPERIMENTS_SWEEP_OVERRIDES"
 
 
 def defining_overrides(overrides) -> list[str]:
@@ -60,11 +64,80 @@ def trial_callbacks(cfg) -> list:
 
 
 def trial_tags() -> dict[str, str]:
-    """MLflow tags naming the study and trial of this job, if it runs one."""
-    trial_of_job = this_trial()
-    if trial_of_job is None:
-        return {}
+    """MLflow tags naming the study and trial of this job, if it runs one, and the keys its
+    sweep gave it, in a multirun."""
     from experiments.tracking import tags as T
 
+    swept = {T.SWEPT: ",".join(keys)} if (keys := swept_values()) else {}
+    trial_of_job = this_trial()
+    if trial_of_job is None:
+        return swept
     _, name, number = trial_of_job
-    return {T.OPTUNA_STUDY: name, T.OPTUNA_TRIAL: str(number)}
+    return {T.OPTUNA_STUDY: name, T.OPTUNA_TRIAL: str(number)} | swept
+
+
+def swept_values() -> dict[str, str]:
+    """The values this job of a multirun got from its sweep, by config key (a trial's params, a
+    grid's point), as the overrides wrote them; {} outside a multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from experiments.cli import in_multirun
+
+    if not in_multirun():
+        return {}
+    parser = OverridesParser.create()
+    # The multirun's fixed overrides, by key: Hydra writes a job's overrides anew (3e-3 becomes
+    # 0.003), so keys are compared, not text.
+    common = parser.parse_overrides(json.loads(os.environ.get(SWEEP_OVERRIDES_ENV, "[]")))
+    fixed = {o.key_or_group for o in common if not o.is_sweep_override()}
+    job = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("hydra.")]
+    parsed = parser.parse_overrides(job)
+    return {o.key_or_group: o.value() for o in parsed if o.key_or_group not in fixed}
+
+
+def job_run_name(default: str) -> str:
+    """The MLflow run name of this job: `default` outside a multirun; in one, what tells it from
+    its siblings: its trial (or job) number and swept values, e.g. `trial-3 lr=3e-4
+    units=[256,128]`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from experiments.cli import in_multirun
+
+    if not in_multirun():
+        return default
+    trial = this_trial()
+    number = trial[2] if trial else HydraConfig.get().job.num
+    values = swept_values()
+    short = {key: key.rsplit(".", 1)[-1] for key in values}
+    if len(set(short.values())) < len(short):  # two keys end alike: say them whole
+        short = {key: key for key in values}
+    parts = [f"{short[key]}={short_value(value)}" for key, value in values.items()]
+    return " ".join([f"trial-{number}", *parts])
+
+
+def short_value(value) -> str:
+    """A swept value as a run name shows it: floats to 2 significant digits (`3e-4`, `0.25`),
+    lists without spaces."""
+    if isinstance(value, float):
+        if value != 0 and not 1e-3 <= abs(value) < 1e4:
+            mantissa, exponent = f"{value:.1e}".split("e")
+            return f"{float(mantissa):g}e{int(exponent)}"
+        return f"{value:.2g}"
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(short_value(v) for v in value) + "]"
+    return str(value)
+
+
+def sweep_keys(overrides: list[str], search_space) -> list[str]:
+    """The config keys a multirun varies: its sweep overrides (`a=1,2`, `choice(...)`) and its
+    sweeper's search space (`hydra.sweeper.params`), less the keys its command line fixes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(
+        [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+    )
+    fixed = {o.key_or_group for o in parsed if not o.is_sweep_override()}
+    swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    swept += [str(key) for key in (search_space or {}) if str(key) not in fixed]
+    return list(dict.fromkeys(swept))

@@ -35,7 +35,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     )
     from experiments.checkpoints import run_identity
     from experiments.phases import Phases
-    from experiments.sweep import trial_tags
+    from experiments.sweep import job_run_name, trial_tags
     from experiments.tasks import load_task
     from experiments.validation import validate_config
 
@@ -67,7 +67,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         keras.utils.set_random_seed(int(cfg.trainer.seed))
     workdir = output_dir(cfg.paths.output_dir, cfg.task.name)
     tags = tracking.run_tags(cfg, str(workdir)) | device_tags() | trial_tags()
-    name = str(cfg.tracking.run_name)
+    name = job_run_name(str(cfg.tracking.run_name))
     opening = time.perf_counter()  # opening the run is recording, up to its config and lineage
     with tracking.start_run(cfg.tracking, name, tags, identity, resume) as active:
         checkpoints = open_checkpoints(cfg, active)
@@ -137,13 +137,14 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
     went; the value the job returns to a sweeper."""
     from experiments import tracking
     from experiments.augmentation import without_augmentation
-    from experiments.reports import evaluate_split, write_reports
+    from experiments.reports import evaluate_split, per_class_metrics, write_reports
 
     tags = tracking.tags
     with phases.phase("evaluate"):
         test = evaluate_split(trained.test_model, trained.test_split(task), task.num_classes)
     with phases.phase("record"):
         metrics = summary_metrics(trained, test, train_time, task)
+        metrics |= per_class_metrics(test, task.class_names)
         # The model that is saved and logged: Keras' own layers only, so that it loads with
         # Keras alone; augmentation is the identity at inference
         serving = without_augmentation(trained.model)

@@ -210,6 +210,14 @@ def check_metric(cfg) -> None:
             )
 
 
+def check_tracking(cfg) -> None:
+    if not isinstance(cfg.tracking.get("system_metrics", True), bool):
+        raise ExperimentError(
+            f"tracking.system_metrics={cfg.tracking.system_metrics} must be true or false"
+        )
+    number(cfg, "tracking.system_metrics_interval_s", float, low=0, low_open=True)
+
+
 CHECKS: list[Callable[[DictConfig], None]] = [
     check_trainer,
     check_runtime,
@@ -218,4 +226,5 @@ CHECKS: list[Callable[[DictConfig], None]] = [
     check_task,
     check_weights,
     check_metric,
+    check_tracking,
 ]

@@ -12,6 +12,8 @@ its study; and reading the store back. One module per concern:
 | `records` | what a run records about itself: config, tags, data lineage, the model |
 | `sweeps` | the parent run of a multirun, the Optuna study's record |
 | `queries` | reading the store: runs as rows or a table, histories, models |
+| `system` | a run's system metrics, sampled by MLflow's monitors |
+| `views` | how MLflow's UI opens an experiment: model training, the comparison view |
 | `tags` | the names of every tag the project writes or reads |
 
 MLflow is imported inside the functions, so composing a config never pays for it.
@@ -48,6 +50,7 @@ from experiments.tracking.runs import (
     log_memory,
     log_metrics,
     log_params,
+    log_system_metrics,
     log_text,
     recorded,
     resumable_run,
@@ -72,6 +75,7 @@ from experiments.tracking.sweeps import (
     sweep_identity,
     tag_trial_runs,
 )
+from experiments.tracking.views import experiment_link, prepare_experiment, ui_command
 
 __all__ = [
     "HTTP_DEFAULTS",
@@ -86,6 +90,7 @@ __all__ = [
     "check_reachable",
     "close_stale_runs",
     "end_stale_trial_runs",
+    "experiment_link",
     "experiments",
     "find_run",
     "finished_sweep_job",
@@ -102,12 +107,14 @@ __all__ = [
     "log_model",
     "log_params",
     "log_study",
+    "log_system_metrics",
     "log_task",
     "log_text",
     "memory_metrics",
     "metric_history",
     "open_store",
     "pending_outboxes",
+    "prepare_experiment",
     "recorded",
     "resumable_run",
     "run_rows",
@@ -123,4 +130,5 @@ __all__ = [
     "sync_outboxes",
     "tag_trial_runs",
     "tags",
+    "ui_command",
 ]

@@ -23,6 +23,8 @@ from experiments.tracking.client import client
 from experiments.tracking.outbox import Outbox
 from experiments.tracking.store import set_tracking
 from experiments.tracking.sweeps import parent_of_job, sweep_tags
+from experiments.tracking.system import PREFIX as SYSTEM_PREFIX
+from experiments.tracking.system import SystemSampler
 
 log = logging.getLogger("experiments.tracking")
 
@@ -35,6 +37,7 @@ class ActiveRun:
     resumed: bool
     outbox: Outbox
     last_step: int = 0  # of the epoch metrics logged so far
+    system: SystemSampler | None = None  # its system metrics, unless tracking.system_metrics=false
 
 
 _active: dict[str, ActiveRun] = {}
@@ -65,11 +68,13 @@ def start_run(
     except BaseException as err:
         with deferred(hold=True):
             log_memory()
+            log_system_metrics(last=True)
             _end_run(*_ending(err))
         raise
     else:
         with deferred():  # a signal now ends the process after the run is FINISHED
             log_memory()
+            log_system_metrics(last=True)
             _end_run("FINISHED")
     finally:
         _active.pop("run", None)
@@ -97,7 +102,17 @@ def _open_run(tracking, run_name: str, tags: dict, identity: str | None, resume:
             experiment_id=experiment_id, run_name=run_name, parent_run_id=parent, tags=tags
         )
     outbox = Outbox(Path(str(tracking.outbox_dir)), run.info.run_id, str(tracking.uri))
-    return ActiveRun(run.info.run_id, bool(resumed), outbox)
+    system = None
+    if tracking.get("system_metrics", True):
+        first = _next_system_step(run.info.run_id) if resumed else 0
+        system = SystemSampler(float(tracking.get("system_metrics_interval_s", 10)), first)
+    return ActiveRun(run.info.run_id, bool(resumed), outbox, system=system)
+
+
+def _next_system_step(run_id: str) -> int:
+    """The step after the last system metric a resumed run holds."""
+    history = client().get_metric_history(run_id, f"{SYSTEM_PREFIX}cpu_utilization_percentage")
+    return max((m.step for m in history), default=-1) + 1
 
 
 def _ending(err: BaseException) -> tuple[str, dict[str, str]]:
@@ -139,6 +154,17 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
         active.last_step = max(active.last_step, step)
     payload = {"metrics": {k: float(v) for k, v in metrics.items()}, "step": step or 0}
     active.outbox.call("metrics", payload | {"timestamp": _now_ms()})
+
+
+def log_system_metrics(last: bool = False) -> None:
+    """Log the system metrics sampled since the last call (the `last` call stops sampling)."""
+    active = _active.get("run")
+    if active is None or active.system is None:
+        return
+    if last:
+        active.system.stop()
+    for timestamp, step, metrics in active.system.drain():
+        active.outbox.call("metrics", {"metrics": metrics, "step": step, "timestamp": timestamp})
 
 
 def log_params(params: dict[str, str]) -> None:

@@ -21,6 +21,7 @@ from experiments.tracking.client import (
     unreachable_message,
 )
 from experiments.tracking.outbox import pending_outboxes, sync_outboxes
+from experiments.tracking.views import prepare_experiment
 
 log = logging.getLogger("experiments.tracking")
 
@@ -42,6 +43,7 @@ def set_tracking(tracking) -> str:
     with guard:
         point_at(uri)
         experiment_id = _experiment_id(client(), tracking, uri, is_local(uri))
+        prepare_experiment(experiment_id)
     _settle(uri, tracking.get("outbox_dir"))
     return experiment_id
 

@@ -17,11 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.interrupts import uninterrupted
 from experiments.processes import RUN_KEYS, this_process
+from experiments.sweep import SWEEP_OVERRIDES_ENV, defining_overrides, sweep_keys
 from experiments.tracking import tags as T
 from experiments.tracking.client import client
 from experiments.tracking.outbox import STALE_TRIAL
 from experiments.tracking.queries import RunRow, run_rows
 from experiments.tracking.store import set_tracking
+from experiments.tracking.views import prepare_experiment
 
 log = logging.getLogger("experiments.tracking")
 
@@ -100,6 +102,8 @@ class MlflowSweepCallback(Callback):
 
     def __init__(self) -> None:
         self.run_id: str | None = None
+        self.swept: list[str] = []  # the config keys the sweep varies
+        self.metric = None  # its optimized_metric
 
     @uninterrupted
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -107,6 +111,8 @@ class MlflowSweepCallback(Callback):
         hydra_cfg = config.hydra
         overrides = list(hydra_cfg.overrides.task)
         identity = sweep_identity(overrides)
+        self.swept = sweep_keys(overrides, OmegaConf.select(config, "hydra.sweeper.params"))
+        self.metric = config.get("optimized_metric")
         mlflow_client = client()
         earlier = (
             mlflow_client.search_runs(
@@ -132,8 +138,13 @@ class MlflowSweepCallback(Callback):
             log.info("joining the sweep's parent run %s, which another process runs", self.run_id)
         else:
             self.run_id = self._open(mlflow_client, experiment_id, hydra_cfg, overrides, identity)
+            swept = ", ".join(key.rsplit(".", 1)[-1] for key in self.swept) or "nothing"
+            name = f"sweep {Path(hydra_cfg.sweep.dir).name}: {swept}"
+            mlflow_client.set_tag(self.run_id, T.RUN_NAME, name)
         os.environ[PARENT_RUN_ENV] = self.run_id
         os.environ[SWEEP_IDENTITY_ENV] = identity
+        os.environ[SWEEP_OVERRIDES_ENV] = json.dumps(overrides)
+        prepare_experiment(experiment_id, self.swept, expand=self.run_id)
         self._beat(mlflow_client, config)
         # A sweep that dies before on_multirun_end still closes its parent run.
         atexit.register(self.close, None)
@@ -144,7 +155,8 @@ class MlflowSweepCallback(Callback):
         command (store.close_stale_runs) and closed."""
         interval = float(config.tracking.get("heartbeat_s") or 60)
         n_trials = OmegaConf.select(config, "hydra.sweeper.n_trials")
-        tags = {T.HEARTBEAT_S: f"{interval:g}"} | ({T.N_TRIALS: str(n_trials)} if n_trials else {})
+        tags = {T.HEARTBEAT_S: f"{interval:g}", T.SWEPT: ",".join(self.swept)}
+        tags |= {T.N_TRIALS: str(n_trials)} if n_trials else {}
         mlflow_client.log_batch(self.run_id, tags=T.as_run_tags(tags))
         _beating[self.run_id] = beat_while_running(mlflow_client, self.run_id, interval)
 
@@ -193,6 +205,9 @@ class MlflowSweepCallback(Callback):
             filter_string=f"tags.{T.PARENT_RUN} = '{self.run_id}'",
         )
         mlflow_client.set_tag(self.run_id, T.JOBS, str(len(children)))
+        if children:
+            parent = mlflow_client.get_run(self.run_id)
+            mlflow_client.set_tag(self.run_id, T.NOTE, sweep_note(parent, children, self.metric))
         if any(c.info.status == "RUNNING" for c in children):
             # Another worker of a shared study is still running a trial: it closes the parent.
             log.info("parent run %s left RUNNING for the other workers of this sweep", self.run_id)
@@ -202,9 +217,53 @@ class MlflowSweepCallback(Callback):
             # Nothing ran (e.g. a complete study resumed): the run the study did run holds it all.
             mlflow_client.delete_run(self.run_id)
             log.info("no job ran; deleted the empty parent run %s", self.run_id)
-        os.environ.pop(PARENT_RUN_ENV, None)
-        os.environ.pop(SWEEP_IDENTITY_ENV, None)
+        for variable in (PARENT_RUN_ENV, SWEEP_IDENTITY_ENV, SWEEP_OVERRIDES_ENV):
+            os.environ.pop(variable, None)
         self.run_id = None
+
+
+def sweep_note(parent, children, metric) -> str:
+    """The parent run's description (MLflow's note, in Markdown): what the sweep ran and its
+    best run, or its Pareto front."""
+    tags = parent.data.tags
+    states = {}
+    for child in children:
+        state = "pruned" if child.data.tags.get(T.PRUNED) == "true" else child.info.status
+        states[state.lower()] = states.get(state.lower(), 0) + 1
+    overrides = " ".join(defining_overrides(tags.get(T.SWEEP_OVERRIDES, "").split()))
+    lines = [
+        f"**Sweep** `{overrides}` ({tags.get(T.SWEEPER, '')}): "
+        f"{len(children)} runs, " + ", ".join(f"{n} {s}" for s, n in sorted(states.items())),
+    ]
+    metric = tags.get(T.OPTIMIZED_METRIC) or (metric if isinstance(metric, str) else None)
+    directions = tags.get(T.OPTUNA_DIRECTIONS, "")
+    if "," in directions:
+        front = [c.info.run_name for c in children if c.data.tags.get(T.PARETO) == "true"]
+        lines.append(
+            f"**Pareto front** of {metric} ({directions}): {'; '.join(front) or 'none yet'} "
+            "(`study/pareto_front.json`)"
+        )
+        return "\n\n".join(lines)
+    scored = [(_returned(c), c) for c in children if c.info.status == "FINISHED"]
+    scored = [(value, c) for value, c in scored if value is not None]
+    if metric and scored:
+        lowest = directions == "minimize" or (not directions and "loss" in metric)
+        value, best = (min if lowest else max)(scored, key=lambda pair: pair[0])
+        test = best.data.metrics.get("test_accuracy")
+        lines.append(
+            f"**Best**: {best.info.run_name} (run `{best.info.run_id}`): {metric} = {value:.4g}"
+            + (f", test_accuracy = {test:.4g}" if test is not None else "")
+        )
+    return "\n\n".join(lines)
+
+
+def _returned(run) -> float | None:
+    """The single value a job returned to its sweeper, if it returned one."""
+    try:
+        value = json.loads(run.data.tags.get(T.RETURNED_VALUE, "null"))
+    except ValueError:
+        return None
+    return float(value) if isinstance(value, int | float) else None
 
 
 def beat_while_running(mlflow_client, run_id: str, interval: float) -> threading.Event:

@@ -23,6 +23,7 @@ FEATURE_CACHE = "feature_cache"  # two_stage: hit or miss
 CLASS_NAMES = "class_names"  # set last with the data lineage: a resumed run checks it is whole
 COMMAND = "command"
 RUN_NAME = "mlflow.runName"
+NOTE = "mlflow.note.content"  # the description the UI shows on a run's page
 PARENT_RUN = "mlflow.parentRunId"
 
 # Who runs it: a run left RUNNING by a process that is gone is closed KILLED
@@ -46,6 +47,7 @@ JOBS = "jobs"
 HEARTBEAT = "heartbeat"  # unix seconds of the last beat of a process working on the sweep
 HEARTBEAT_S = "heartbeat_s"  # how often it beats
 N_TRIALS = "n_trials"  # the trials an Optuna sweep's study needs
+SWEPT = "swept_params"  # the config keys a job was given by its sweep, comma-separated
 
 # Optuna: a trial's run, and the study on its parent run
 OPTUNA_STUDY = "optuna_study"
