@@ -81,7 +81,6 @@ def _view_state(saved: str | None) -> dict:
         "datasetsFilter": [],
         "modelVersionFilter": "All Runs",
         "selectedColumns": [],
-        "columnWidths": {column("attributes", "Run Name"): 280},  # a trial's name and params
         "runsExpanded": {},
         "hideEmptyCharts": True,
     }
