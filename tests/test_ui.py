@@ -82,6 +82,28 @@ def test_the_experiment_opens_as_model_training_on_the_comparison_view(store):
     ]
 
 
+def test_the_view_keeps_what_a_user_saved_in_it(tmp_path):
+    from omegaconf import OmegaConf
+
+    from experiments import tracking
+    from experiments.tracking.client import client
+    from experiments.tracking.views import VIEW_TAG_PREFIX, _saved, _view_state
+
+    settings = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e"}
+    experiment = tracking.set_tracking(OmegaConf.create(settings))
+    key = VIEW_TAG_PREFIX + "comparison"
+    state = _view_state(client().get_experiment(experiment).tags[key])
+    # The user adds a column and sorts by test accuracy, then saves over our view.
+    state["selectedColumns"].insert(0, "attributes.`Source`")
+    state["orderByKey"] = "metrics.`test_accuracy`"
+    client().set_experiment_tag(experiment, key, _saved(state))
+    tracking.prepare_experiment(experiment, ["optimizer.lr"])
+    kept = _view_state(client().get_experiment(experiment).tags[key])
+    assert kept["orderByKey"] == "metrics.`test_accuracy`"
+    assert kept["selectedColumns"][0] == "attributes.`Source`"
+    assert kept["selectedColumns"].index("params.`optimizer.lr`") == 4  # after the varied ones
+
+
 def test_system_and_per_class_metrics_are_recorded(store):
     client = client_for(store)
     run = by_name(store)["folder-vgg16-inline-none"]

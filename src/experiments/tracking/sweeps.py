@@ -144,7 +144,7 @@ class MlflowSweepCallback(Callback):
         os.environ[PARENT_RUN_ENV] = self.run_id
         os.environ[SWEEP_IDENTITY_ENV] = identity
         os.environ[SWEEP_OVERRIDES_ENV] = json.dumps(overrides)
-        prepare_experiment(experiment_id, self.swept, expand=self.run_id)
+        prepare_experiment(experiment_id, self.swept)
         self._beat(mlflow_client, config)
         # A sweep that dies before on_multirun_end still closes its parent run.
         atexit.register(self.close, None)

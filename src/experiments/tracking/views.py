@@ -2,8 +2,8 @@
 shows what each run varied and what it gave.
 
 MLflow's UI reads both from experiment tags: `mlflow.experimentKind` (model training, not GenAI)
-and `mlflow.sharedViewState.<key>`, a view saved from its "Views" menu (columns, sort, expanded
-rows), which the link `#/experiments/<id>/runs?viewStateShareKey=<key>` opens. The UI's
+and `mlflow.sharedViewState.<key>`, a view saved from its "Views" menu (columns, sort, filters),
+which the link `#/experiments/<id>/runs?viewStateShareKey=<key>` opens. The UI's
 "GenAI / Model training" switch is kept in the browser, not in the store: the link sets it with
 `workflowType=machine_learning`. No store setting picks the columns of the plain experiment page.
 """
@@ -42,9 +42,11 @@ def column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"
 
 
-def prepare_experiment(experiment_id: str, swept: list[str] = (), expand: str | None = None):
-    """Mark an experiment as model training and (re)write its comparison view, adding the swept
-    param columns and the sweep parent `expand` to what the view holds already."""
+def prepare_experiment(experiment_id: str, swept: list[str] = ()) -> None:
+    """Mark an experiment as model training and (re)write its comparison view, adding the
+    swept param columns to what the view holds already (a user's override of it included).
+
+    Not the expanded rows: the UI takes those from the browser alone, never from a view."""
     mlflow_client = client()
     tags = mlflow_client.get_experiment(experiment_id).tags
     state = _view_state(tags.get(VIEW_TAG_PREFIX + VIEW_KEY))
@@ -52,15 +54,15 @@ def prepare_experiment(experiment_id: str, swept: list[str] = (), expand: str | 
     wanted = [column("params", key) for key in [*VARIED, *swept]] + [
         column("metrics", key) for key in RESULTS
     ]
-    # The varied params first, swept ones after those known, then the results.
-    params = [c for c in dict.fromkeys(columns + wanted) if c.startswith("params.")]
-    metrics = [c for c in dict.fromkeys(columns + wanted) if c.startswith("metrics.")]
-    state["selectedColumns"] = params + metrics
-    if expand:
-        state["runsExpanded"][expand] = True
+    # Columns a user added first (attributes, tags), then the params (the varied ones, then the
+    # swept ones), then the results.
+    every = list(dict.fromkeys(columns + wanted))
+    kinds = [[c for c in every if not c.startswith(("params.", "metrics."))]]
+    kinds += [[c for c in every if c.startswith(kind)] for kind in ("params.", "metrics.")]
+    state["selectedColumns"] = [c for kind in kinds for c in kind]
     if tags.get(KIND_TAG) != MODEL_TRAINING:
         mlflow_client.set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
-    if state["selectedColumns"] != columns or expand:
+    if state["selectedColumns"] != columns:
         mlflow_client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, _saved(state))
 
 
@@ -81,7 +83,6 @@ def _view_state(saved: str | None) -> dict:
         "datasetsFilter": [],
         "modelVersionFilter": "All Runs",
         "selectedColumns": [],
-        "runsExpanded": {},
         "hideEmptyCharts": True,
     }
 
