@@ -68,7 +68,8 @@ def test_two_stage_reuses_cached_features(make_config, tmp_path, caplog):
 @pytest.mark.backends
 def test_two_stage_evaluates_from_cached_features(make_config, tmp_path, monkeypatch):
     """With the features cached, the base never runs again: not for training, not for the test
-    split; the recorded test accuracy is what the saved base + head scores on the images."""
+    and validation splits; the recorded test accuracy is what the saved base + head scores on
+    the images."""
     import keras
 
     from experiments.reports import evaluate_split
@@ -83,10 +84,15 @@ def test_two_stage_evaluates_from_cached_features(make_config, tmp_path, monkeyp
         return original(self, x, *args, **kwargs)
 
     monkeypatch.setattr(keras.Model, "predict", spy)
-    cfg = make_config("strategy=two_stage", "head.units=[16]", "tracking.log_model=true")
+    cfg = make_config(
+        "strategy=two_stage",
+        "head.units=[16]",
+        "tracking.log_model=true",
+        "evaluation.temperature_scaling=true",  # evaluates the validation split too
+    )
     train(cfg)
     image_shape = (IMAGE_SIZE, IMAGE_SIZE, 3)
-    assert shapes and image_shape not in shapes  # only the head on features
+    assert shapes and image_shape not in shapes  # only the head on features, test and val
     monkeypatch.setattr(keras.Model, "predict", original)
     _, second = runs_of(tmp_path, "folder")
     model = tracking.load_model(f"runs:/{second.info.run_id}/model")

@@ -23,7 +23,8 @@ def evaluate(cfg: DictConfig) -> float:
     """Evaluate `cfg.model` on `cfg.split` of the task; the accuracy."""
     from experiments import tracking
     from experiments.backend import use_backend
-    from experiments.reports import evaluate_split, write_reports
+    from experiments.calibration import calibration_metrics
+    from experiments.reports import evaluate_split, per_class_metrics, write_reports
     from experiments.tasks import SPLITS, load_task
 
     use_backend(cfg.backend)  # before MLflow loads the model with Keras
@@ -51,6 +52,8 @@ def evaluate(cfg: DictConfig) -> float:
                 "skipped_files": len(task.skipped),
                 "turned_files": len(task.turned),
             }
+            | calibration_metrics(result.probabilities, result.labels, cfg.split)
+            | per_class_metrics(result, task.class_names, cfg.split)
         )
         for path in write_reports(
             workdir / "reports", result, task.splits[cfg.split], task.class_names

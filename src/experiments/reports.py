@@ -68,10 +68,15 @@ def write_reports(
 
     matplotlib.use("Agg")
     outdir.mkdir(parents=True, exist_ok=True)
+    from experiments.calibration import reliability_png
+
     written = [
         *classification_reports(outdir, evaluation, class_names),
         confusion_matrix_png(outdir / "confusion_matrix.png", evaluation, class_names),
         misclassified_png(outdir / "misclassified.png", evaluation, split, class_names),
+        reliability_png(
+            outdir / "reliability.png", evaluation.probabilities, evaluation.labels, "test"
+        ),
     ]
     if history:
         written.append(learning_curves_png(outdir / "learning_curves.png", history))

@@ -43,9 +43,9 @@ class Context:
 class Trained:
     """A model that maps raw 0-255 RGB images to class probabilities, and its epoch history.
 
-    `head` and `test_features`, for two-stage: the test split is evaluated by the head on the
-    base's cached features, the same computation as the model on the images without running the
-    base over them again.
+    `head` and `features`, for two-stage: the validation and test splits are evaluated by the
+    head on the base's cached features, the same computation as the model on the images without
+    running the base over them again.
     """
 
     model: object
@@ -53,19 +53,19 @@ class Trained:
     feature_cache: str | None = None
     unfrozen: list[str] = field(default_factory=list)
     head: object = None
-    test_features: np.ndarray | None = None
+    features: dict[str, np.ndarray] | None = None
 
     @property
-    def test_model(self):
-        """What evaluates the test split: the head on features, or the model on images."""
-        return self.model if self.test_features is None else self.head
+    def eval_model(self):
+        """What evaluates a split: the head on features, or the model on images."""
+        return self.model if self.features is None else self.head
 
-    def test_split(self, task: Task):
-        """The test split as `test_model` reads it."""
-        split = task.splits["test"]
-        if self.test_features is None:
+    def eval_split(self, task: Task, name: str = "test"):
+        """The split `name` as `eval_model` reads it."""
+        split = task.splits[name]
+        if self.features is None:
             return split
-        return Split(self.test_features, split.labels, split.sources)
+        return Split(self.features[name], split.labels, split.sources)
 
 
 def train_inline(ctx: Context) -> Trained:
@@ -91,7 +91,8 @@ def train_two_stage(ctx: Context) -> Trained:
     val = _dataset(features["val"], ctx.task.splits["val"].labels, batch, ctx, shuffle=False)
     history = fit(ctx, head, train, val)
     model = assemble(ctx, head, augment=False)
-    return Trained(model, history, cache, head=head, test_features=features["test"])
+    evaluated = {name: features[name] for name in ("val", "test")}
+    return Trained(model, history, cache, head=head, features=evaluated)
 
 
 def train_fine_tune(ctx: Context) -> Trained:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiments import config_dir
 from experiments.cli import cli_with_signals, in_multirun, output_dir, run_cli, task_overrides
@@ -137,14 +137,17 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
     went; the value the job returns to a sweeper."""
     from experiments import tracking
     from experiments.augmentation import without_augmentation
+    from experiments.calibration import calibration_metrics
     from experiments.reports import evaluate_split, per_class_metrics, write_reports
 
     tags = tracking.tags
     with phases.phase("evaluate"):
-        test = evaluate_split(trained.test_model, trained.test_split(task), task.num_classes)
+        test = evaluate_split(trained.eval_model, trained.eval_split(task), task.num_classes)
+        scaled, scaled_png = temperature_scaled(cfg, trained, task, test, workdir / "reports")
     with phases.phase("record"):
         metrics = summary_metrics(trained, test, train_time, task)
         metrics |= per_class_metrics(test, task.class_names)
+        metrics |= calibration_metrics(test.probabilities, test.labels) | scaled
         # The model that is saved and logged: Keras' own layers only, so that it loads with
         # Keras alone; augmentation is the identity at inference
         serving = without_augmentation(trained.model)
@@ -167,7 +170,7 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
             trained.history,
             augmentation,
         )
-        for path in reports:
+        for path in [*reports, *scaled_png]:
             tracking.log_artifact(path, artifact_path="evaluation")
         if cfg.tracking.log_model:
             tracking.log_model(serving, task.image_shape, task.num_classes)
@@ -183,6 +186,33 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
         train_time,
     )
     return value
+
+
+def temperature_scaled(cfg: DictConfig, trained, task, test, outdir: Path):
+    """With `evaluation.temperature_scaling`: (the temperature fitted on the validation split,
+    the validation NLL before and after it and the test split's calibration after it, as
+    metrics; its reliability diagram); else ({}, [])."""
+    if not OmegaConf.select(cfg, "evaluation.temperature_scaling", default=False):
+        return {}, []
+    from experiments.calibration import calibration_metrics, fit_temperature, reliability_png
+    from experiments.reports import evaluate_split
+
+    val = evaluate_split(trained.eval_model, trained.eval_split(task, "val"), task.num_classes)
+    temperature = fit_temperature(val.probabilities, val.labels)
+    scaled_val = temperature.apply(val.probabilities)
+    scaled_test = temperature.apply(test.probabilities)
+    metrics = {
+        "temperature": temperature.value,
+        "val_nll": calibration_metrics(val.probabilities, val.labels, "val")["val_nll"],
+        "val_scaled_nll": calibration_metrics(scaled_val, val.labels, "val_scaled")[
+            "val_scaled_nll"
+        ],
+        **calibration_metrics(scaled_test, test.labels, "test_scaled"),
+    }
+    outdir.mkdir(parents=True, exist_ok=True)
+    title = f"test, T={temperature.value:.2f}:"
+    png = reliability_png(outdir / "reliability_scaled.png", scaled_test, test.labels, title)
+    return metrics, [png]
 
 
 def epoch_times(ctx) -> list[list[float]]:

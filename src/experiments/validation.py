@@ -190,6 +190,9 @@ FINAL_METRICS = (
     "skipped_files",
     "turned_files",
     "model_size_mb",
+    "test_ece",
+    "test_brier",
+    "test_nll",
 )
 
 
@@ -210,12 +213,16 @@ def check_metric(cfg) -> None:
             )
 
 
-def check_tracking(cfg) -> None:
+def check_recording(cfg) -> None:
+    """`tracking.system_metrics*` and `evaluation.temperature_scaling`."""
     if not isinstance(cfg.tracking.get("system_metrics", True), bool):
         raise ExperimentError(
             f"tracking.system_metrics={cfg.tracking.system_metrics} must be true or false"
         )
     number(cfg, "tracking.system_metrics_interval_s", float, low=0, low_open=True)
+    scaling = OmegaConf.select(cfg, "evaluation.temperature_scaling", default=False)
+    if not isinstance(scaling, bool):
+        raise ExperimentError(f"evaluation.temperature_scaling={scaling} must be true or false")
 
 
 CHECKS: list[Callable[[DictConfig], None]] = [
@@ -226,5 +233,5 @@ CHECKS: list[Callable[[DictConfig], None]] = [
     check_task,
     check_weights,
     check_metric,
-    check_tracking,
+    check_recording,
 ]

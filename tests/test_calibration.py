@@ -1,0 +1,103 @@
+"""Calibration: ECE, Brier and NLL against hand-computed values, temperature scaling that never
+raises the validation NLL, and a run that records them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experiments.calibration import (
+    Temperature,
+    calibration_metrics,
+    expected_calibration_error,
+    fit_temperature,
+)
+
+from helpers import client_for, runs_of
+
+
+def test_ece_equals_the_hand_computed_value():
+    # Confidences 0.9 (right), 0.8 (wrong), 0.7 (right), 0.55 (wrong): one per 1/15 bin.
+    probabilities = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.45, 0.55]])
+    labels = np.array([0, 1, 1, 0])
+    assert expected_calibration_error(probabilities, labels) == pytest.approx(
+        (0.1 + 0.8 + 0.3 + 0.55) / 4
+    )
+    # 0.9 (right) and 0.92 (wrong) share the bin (13/15, 14/15]: |0.5 - 0.91| for 2 of 3.
+    probabilities = np.array([[0.9, 0.05, 0.05], [0.04, 0.92, 0.04], [0.2, 0.2, 0.6]])
+    labels = np.array([0, 0, 2])
+    assert expected_calibration_error(probabilities, labels) == pytest.approx(
+        2 / 3 * abs(0.5 - 0.91) + 1 / 3 * abs(1 - 0.6)
+    )
+
+
+def test_a_binary_models_single_column_is_the_positive_class():
+    positive = np.array([[0.1], [0.8], [0.3], [0.55]])
+    labels = np.array([0, 0, 1, 1])
+    two_columns = np.hstack([1 - positive, positive])
+    one, two = calibration_metrics(positive, labels), calibration_metrics(two_columns, labels)
+    assert one == pytest.approx(two)
+    assert one["test_brier"] == pytest.approx(np.mean((positive[:, 0] - labels) ** 2))
+    p_true = np.where(labels == 1, positive[:, 0], 1 - positive[:, 0])
+    assert one["test_nll"] == pytest.approx(-np.log(p_true).mean())
+    # Confidences 0.9 right, 0.8 wrong, 0.7 wrong, 0.55 right.
+    assert one["test_ece"] == pytest.approx((0.1 + 0.8 + 0.7 + 0.45) / 4)
+
+
+def test_multiclass_brier_and_nll_match_their_definitions():
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.25, 0.5, 0.25]])
+    labels = np.array([0, 1, 1])
+    metrics = calibration_metrics(probabilities, labels, prefix="val")
+    onehot = np.eye(3)[labels]
+    assert metrics["val_brier"] == pytest.approx(((probabilities - onehot) ** 2).sum(1).mean())
+    assert metrics["val_nll"] == pytest.approx(-np.log([0.7, 0.3, 0.5]).mean())
+
+
+def softmax(logits):
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("sharpness", [0.3, 1.0, 4.0])  # under-, well- and over-confident
+def test_temperature_scaling_never_raises_the_validation_nll(sharpness):
+    # Labels drawn from softmax(logits): those probabilities are calibrated by construction, and
+    # a model that sharpens them by s is calibrated again at T = s.
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (3000, 5))
+    labels = np.array([rng.choice(5, p=row) for row in softmax(logits)])
+    probabilities = softmax(logits * sharpness)
+    temperature = fit_temperature(probabilities, labels)
+    before = calibration_metrics(probabilities, labels)["test_nll"]
+    scaled = temperature.apply(probabilities)
+    after = calibration_metrics(scaled, labels)["test_nll"]
+    assert after <= before + 1e-12
+    assert (scaled.argmax(1) == probabilities.argmax(1)).all()  # accuracy is untouched
+    assert temperature.value == pytest.approx(sharpness, rel=0.1)  # it undoes the sharpening
+    if sharpness == 4.0:
+        assert (
+            calibration_metrics(scaled, labels)["test_ece"]
+            < calibration_metrics(probabilities, labels)["test_ece"]
+        )
+
+
+def test_a_binary_temperature_keeps_the_models_layout():
+    positive = np.array([[0.99], [0.02], [0.9], [0.2]])
+    scaled = Temperature(2.0).apply(positive)
+    assert scaled.shape == (4, 1)
+    assert ((scaled > 0.5) == (positive > 0.5)).all() and (
+        abs(scaled - 0.5) < abs(positive - 0.5)
+    ).all()
+
+
+def test_a_run_records_calibration_and_its_temperature(make_config, tmp_path):
+    from experiments.train import train
+
+    train(make_config("trainer.epochs=2", "evaluation.temperature_scaling=true"))
+    (run,) = runs_of(tmp_path, "folder")
+    metrics = run.data.metrics
+    for name in ("test_ece", "test_brier", "test_nll", "test_scaled_ece", "test_scaled_nll"):
+        assert np.isfinite(metrics[name]), name
+    assert metrics["temperature"] > 0
+    assert metrics["val_scaled_nll"] <= metrics["val_nll"] + 1e-9
+    artifacts = {a.path for a in client_for(tmp_path).list_artifacts(run.info.run_id, "evaluation")}
+    assert {"evaluation/reliability.png", "evaluation/reliability_scaled.png"} <= artifacts
