@@ -78,7 +78,20 @@ def use_backend(name: str) -> str:
     os.environ["KERAS_BACKEND"] = name
     if name == "jax":
         _count_jax_cache_events()
+        # JAX logs at INFO each platform it could not start ("Unable to initialize backend
+        # 'tpu'"), which reads as an error on any machine without a TPU.
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     return name
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and the backend (Keras' `set_random_seed`), and TensorFlow's random ops
+    where it is installed: Keras imports it for that on any backend, so its start-up lines are
+    filtered here too."""
+    import keras
+
+    with stderr_without(start_up_chatter()):
+        keras.utils.set_random_seed(int(seed))
 
 
 def start_up_chatter() -> re.Pattern:

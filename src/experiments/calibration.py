@@ -18,13 +18,14 @@ EPS = 1e-7  # probabilities are clipped to [EPS, 1 - EPS] before a log
 
 
 def class_probabilities(probabilities: np.ndarray) -> np.ndarray:
-    """A model's outputs as one probability per class: a binary model's single column becomes
-    [1 - p, p]."""
+    """A model's outputs as one probability per class, each row summing to 1: a binary model's
+    single column becomes [1 - p, p]."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     if probabilities.ndim == 1 or probabilities.shape[1] == 1:
         positive = probabilities.reshape(-1)
         return np.stack([1.0 - positive, positive], axis=1)
-    return probabilities
+    # A float32 softmax sums to 1 within ~1e-6 only; scikit-learn's checks want 1.
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
 def expected_calibration_error(probabilities, labels, bins: int = BINS) -> float:

@@ -37,11 +37,11 @@ def measure(cfg, images: int, repeats: int = 2) -> dict:
     import keras
 
     from experiments.backbones import build_backbone, unfreeze_top_blocks
-    from experiments.backend import device_tags, jit_compile, use_precision
+    from experiments.backend import device_tags, jit_compile, set_seed, use_precision
 
     keras.backend.clear_session(free_memory=True)
     use_precision(cfg.trainer.precision)
-    keras.utils.set_random_seed(int(cfg.trainer.seed))
+    set_seed(cfg.trainer.seed)
     shape = (*map(int, cfg.task.image_size), 3)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (images, *shape), dtype=np.uint8)

@@ -28,6 +28,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     from experiments.backbones import resolve_weights
     from experiments.backend import (
         device_tags,
+        set_seed,
         use_backend,
         use_compilation_cache,
         use_device_slot,
@@ -57,14 +58,12 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         task = load_task(cfg.task, cfg.paths)
         weights = resolve_weights(cfg.backbone, cfg.paths.weights_dir)
 
-    import keras
-
     from experiments.strategies import train_with_strategy
 
     with phases.phase("build"):
         release_earlier_jobs()
         use_precision(cfg.trainer.precision)
-        keras.utils.set_random_seed(int(cfg.trainer.seed))
+        set_seed(cfg.trainer.seed)
     workdir = output_dir(cfg.paths.output_dir, cfg.task.name)
     tags = tracking.run_tags(cfg, str(workdir)) | device_tags() | trial_tags()
     name = job_run_name(str(cfg.tracking.run_name))
