@@ -18,6 +18,8 @@ from typing import Any
 # The keys an owner is recorded under: an MLflow run's tags, an Optuna trial's user attrs.
 RUN_KEYS = ("host", "pid", "pid_started")
 TRIAL_KEYS = ("owner_host", "owner_pid", "owner_started")
+# Set while this process runs the members of a group (trainer.repeats): its parent run's id.
+GROUP_PARENT_ENV = "EXPERIMENTS_GROUP_PARENT_RUN_ID"
 
 
 @dataclass(frozen=True)

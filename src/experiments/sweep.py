@@ -37,7 +37,10 @@ def trial_callbacks(cfg) -> list:
     """Keras callbacks reporting `optimized_metric` to this job's Optuna trial; [] outside one,
     and for a multi-objective study, which Optuna cannot prune."""
     trial_of_job = this_trial()
-    if trial_of_job is None:
+    from experiments.processes import GROUP_PARENT_ENV
+
+    # A member of a group (repeats) does not report alone: the trial's value is the group's mean.
+    if trial_of_job is None or os.environ.get(GROUP_PARENT_ENV):
         return []
     import optuna
     from hydra.core.hydra_config import HydraConfig
@@ -103,8 +106,9 @@ def job_run_name(default: str) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     from experiments.cli import in_multirun
+    from experiments.processes import GROUP_PARENT_ENV
 
-    if not in_multirun():
+    if not in_multirun() or os.environ.get(GROUP_PARENT_ENV):  # a group names its members
         return default
     trial = this_trial()
     number = trial[2] if trial else HydraConfig.get().job.num

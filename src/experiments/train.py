@@ -35,6 +35,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         use_precision,
     )
     from experiments.checkpoints import run_identity
+    from experiments.groups import is_group, train_group
     from experiments.phases import Phases
     from experiments.sweep import job_run_name, trial_tags
     from experiments.tasks import load_task
@@ -50,6 +51,8 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         resume = str(cfg.get("resume", "auto"))
         if resume != "never" and (done := finished_job(cfg, identity)) is not None:
             return done
+        if is_group(cfg):  # repeats: each member is a run of this function
+            return train_group(cfg, train)
         # Before the backend is imported: it reads these settings then.
         use_compilation_cache(cfg)
         use_device_slot()

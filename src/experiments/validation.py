@@ -61,6 +61,7 @@ def check_trainer(cfg) -> None:
     number(cfg, "trainer.batch_size", int, low=1)
     number(cfg, "trainer.epochs", int, low=1)
     number(cfg, "trainer.seed", int, low=0)
+    number(cfg, "trainer.repeats", int, low=1)
     if str(cfg.trainer.class_weight) not in ("none", "balanced", "None"):
         raise ExperimentError(
             f"trainer.class_weight={cfg.trainer.class_weight} is unknown; use none or balanced"

@@ -27,6 +27,7 @@ from experiments.tracking.queries import (
     RunRow,
     experiments,
     find_run,
+    finished_member,
     load_model,
     load_text,
     metric_history,
@@ -43,6 +44,7 @@ from experiments.tracking.records import (
     serving_requirements,
 )
 from experiments.tracking.runs import (
+    GROUP_PARENT_ENV,
     ActiveRun,
     backfill_metrics,
     last_run_id,
@@ -81,6 +83,7 @@ __all__ = [
     "HTTP_DEFAULTS",
     "PARENT_RUN_ENV",
     "SWEEP_IDENTITY_ENV",
+    "GROUP_PARENT_ENV",
     "ActiveRun",
     "MlflowSweepCallback",
     "Outbox",
@@ -93,6 +96,7 @@ __all__ = [
     "experiment_link",
     "experiments",
     "find_run",
+    "finished_member",
     "finished_sweep_job",
     "flatten",
     "flush_outbox",

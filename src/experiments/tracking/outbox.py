@@ -26,6 +26,7 @@ log = logging.getLogger("experiments.tracking")
 # While the server is lost, calls go straight to the outbox; it is tried again after this long.
 RETRY_AFTER_S = 10.0
 MAX_PARAMS_PER_CALL = 100
+MAX_METRICS_PER_CALL = 1000  # MLflow's limit for one log_batch
 DATASET_CONTEXT = "mlflow.data.context"
 # The `stopped_by` of a trial's run closed because its process stopped beating (tracking.sweeps).
 STALE_TRIAL = "stale_trial"
@@ -141,7 +142,8 @@ def send(run_id: str, op: str, payload: dict, files: list) -> None:
             Metric(k, v, payload["timestamp"], payload["step"])
             for k, v in payload["metrics"].items()
         ]
-        mlflow_client.log_batch(run_id, metrics=metrics)
+        for start in range(0, len(metrics), MAX_METRICS_PER_CALL):
+            mlflow_client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_CALL])
     elif op == "params":
         items = list(payload["params"].items())
         for start in range(0, len(items), MAX_PARAMS_PER_CALL):

@@ -67,6 +67,17 @@ def find_run(run_id: str, uri: str | None = None) -> RunRow | None:
     return _row(run, experiments(uri))
 
 
+def finished_member(parent_id: str, identity: str) -> RunRow | None:
+    """The FINISHED run of `identity` nested under the group run `parent_id`, or None."""
+    from experiments.tracking import tags as T
+
+    rows = run_rows(
+        f"tags.{T.PARENT_RUN} = '{parent_id}' and tags.{T.IDENTITY} = '{identity}' "
+        "and attributes.status = 'FINISHED'"
+    )
+    return rows[0] if rows else None
+
+
 def runs_table(
     filter_string: str = "",
     experiment_names: list[str] | None = None,

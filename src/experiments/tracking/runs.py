@@ -17,7 +17,7 @@ from pathlib import Path
 
 from experiments.errors import ExperimentError
 from experiments.interrupts import deferred, raise_if_pending, uninterrupted
-from experiments.processes import RUN_KEYS, memory_metrics, this_process
+from experiments.processes import GROUP_PARENT_ENV, RUN_KEYS, memory_metrics, this_process
 from experiments.tracking import tags as T
 from experiments.tracking.client import client
 from experiments.tracking.outbox import Outbox
@@ -59,6 +59,7 @@ def start_run(
     under the sweep's parent run. Calls a lost tracking server cannot take wait in the outbox.
     """
     # A signal while the run is opened or closed waits for it (see experiments.interrupts).
+    enclosing = _active.get("run")  # a group's parent, active around its members' runs
     with deferred(hold=True):
         active = _open_run(tracking, run_name, tags, identity, resume)
         _active["run"] = active
@@ -78,6 +79,8 @@ def start_run(
             _end_run("FINISHED")
     finally:
         _active.pop("run", None)
+        if enclosing is not None:
+            _active["run"] = enclosing
         _active["last"] = active
         active.outbox.report()
 
@@ -88,18 +91,25 @@ def _open_run(tracking, run_name: str, tags: dict, identity: str | None, resume:
 
     experiment_id = set_tracking(tracking)
     parent_experiment, parent = parent_of_job()
+    if group := os.environ.get(GROUP_PARENT_ENV):  # a member of a group, inside it
+        parent_experiment, parent = client().get_run(group).info.experiment_id, group
     # Children live in their parent's experiment, or the UI cannot nest them.
     experiment_id = parent_experiment or experiment_id
     resumed = resumable_run(experiment_id, identity, resume) if identity else None
     owner = {k: str(v) for k, v in this_process().to_dict(RUN_KEYS).items()}
     tags = tags | owner | ({T.IDENTITY: identity} if identity else {}) | sweep_tags()
+    nested = mlflow.active_run() is not None  # a group member, inside its parent
     if resumed:
-        run = mlflow.start_run(run_id=resumed)
+        run = mlflow.start_run(run_id=resumed, nested=nested)
         client().log_batch(resumed, tags=T.as_run_tags(tags | {T.RESUMED: "true"}))
         log.info("resuming run %s (resume=%s)", resumed, resume)
     else:
         run = mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name, parent_run_id=parent, tags=tags
+            experiment_id=experiment_id,
+            run_name=run_name,
+            parent_run_id=parent,
+            tags=tags,
+            nested=nested,
         )
     outbox = Outbox(Path(str(tracking.outbox_dir)), run.info.run_id, str(tracking.uri))
     system = None

@@ -49,6 +49,12 @@ HEARTBEAT_S = "heartbeat_s"  # how often it beats
 N_TRIALS = "n_trials"  # the trials an Optuna sweep's study needs
 SWEPT = "swept_params"  # the config keys a job was given by its sweep, comma-separated
 
+# Groups: one config run with several seeds (trainer.repeats) or folds (task.folds)
+GROUP = "group"  # "true" on a group's parent run
+SEEDS = "seeds"  # the group's seeds, comma-separated
+REPEATS = "repeats"
+MEMBERS = "members"  # how many runs the group's aggregate holds
+
 # Optuna: a trial's run, and the study on its parent run
 OPTUNA_STUDY = "optuna_study"
 OPTUNA_TRIAL = "optuna_trial"

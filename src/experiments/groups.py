@@ -1,0 +1,195 @@
+"""One config run several times as a group: `trainer.repeats=N` (seeds seed, seed+1, ...).
+
+The group is one MLflow parent run; each repeat is a normal child run (resumable, comparable,
+servable). The parent holds, for every final metric, `<metric>_mean`, `<metric>_std` (n - 1)
+and the 95% interval of the mean (`_ci95_low`, `_ci95_high`, Student's t), and the mean (and
+std) curve of every per-epoch metric under its own name. Run again after an interruption, the
+group continues its parent, skips the repeats that finished and resumes the one that was cut.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("experiments.groups")
+
+# Aggregated as curves (mean and std per epoch), not as final values.
+CURVES = (
+    "loss",
+    "accuracy",
+    "val_loss",
+    "val_accuracy",
+    "learning_rate",
+    "epoch_time_s",
+    "train_images_per_s",
+)
+NOT_AGGREGATED = ("system/", "rss_mb", "peak_rss_mb")  # the process's, not the model's
+
+
+@dataclass
+class Member:
+    """One run of a group: its config and its name among its siblings."""
+
+    name: str
+    seed: int
+    cfg: DictConfig
+
+
+def is_group(cfg: DictConfig) -> bool:
+    return int(cfg.trainer.get("repeats", 1)) > 1
+
+
+def members(cfg: DictConfig) -> list[Member]:
+    """The runs of the group `cfg` asks for: one per seed, each a single run's config."""
+    first = int(cfg.trainer.seed)
+    found = []
+    for repeat in range(int(cfg.trainer.repeats)):
+        seed = first + repeat
+        member = OmegaConf.merge(cfg, {"trainer": {"seed": seed, "repeats": 1}})
+        found.append(Member(f"seed-{seed}", seed, member))
+    return found
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """mean, std (n - 1) and the 95% interval of the mean by Student's t."""
+    from scipy import stats
+
+    data = np.asarray(values, dtype=np.float64)
+    n = len(data)
+    mean = float(data.mean())
+    std = float(data.std(ddof=1)) if n > 1 else math.nan
+    half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
+    return {"mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}
+
+
+def aggregate(final: list[dict[str, float]]) -> dict[str, float]:
+    """`<metric>_mean`, `_std`, `_ci95_low`, `_ci95_high` of every final metric all members
+    recorded."""
+    names = set.intersection(*(set(m) for m in final)) if final else set()
+    names = {n for n in names if n not in CURVES and not n.startswith(NOT_AGGREGATED)}
+    out = {}
+    for name in sorted(names):
+        for stat, value in summary([m[name] for m in final]).items():
+            out[f"{name}_{stat}"] = value
+    return out
+
+
+def mean_curves(histories: list[dict[str, list[tuple[int, float]]]]) -> dict[int, dict]:
+    """Per epoch (step): the mean and std over the members that reached it of each per-epoch
+    metric, as {step: {name: mean, name_std: std}}."""
+    by_step: dict[int, dict[str, list[float]]] = {}
+    for history in histories:
+        for name, points in history.items():
+            for step, value in points:
+                by_step.setdefault(step, {}).setdefault(name, []).append(value)
+    curves: dict[int, dict] = {}
+    for step, names in sorted(by_step.items()):
+        for name, values in names.items():
+            curves.setdefault(step, {})[name] = float(np.mean(values))
+            if len(values) > 1:
+                curves[step][f"{name}_std"] = float(np.std(values, ddof=1))
+    return curves
+
+
+def mean_value(values: list):
+    """The mean of what the members returned to a sweeper (a tuple: objective by objective)."""
+    if isinstance(values[0], list | tuple):
+        return tuple(float(np.mean(column)) for column in zip(*values, strict=True))
+    return float(np.mean(values))
+
+
+def train_group(cfg: DictConfig, train_one: Callable[[DictConfig], object]):
+    """Run the group's members with `train_one` under one parent run and record the aggregate;
+    the mean of their values (what a sweeper gets)."""
+    from experiments import tracking
+    from experiments.checkpoints import run_identity
+    from experiments.cli import output_dir, task_overrides
+    from experiments.sweep import job_run_name, trial_tags
+
+    runs = members(cfg)
+    seeds = [m.seed for m in runs]
+    T = tracking.tags
+    tags = tracking.run_tags(cfg, str(output_dir(cfg.paths.output_dir, cfg.task.name)))
+    tags |= trial_tags() | {T.GROUP: "true", T.REPEATS: str(len(runs))}
+    tags |= {T.SEEDS: ",".join(map(str, seeds))}
+    name = f"{job_run_name(str(cfg.tracking.run_name))} x{len(runs)} seeds"
+    quiet = OmegaConf.merge(cfg.tracking, {"system_metrics": False})  # its members sample
+    identity, resume = run_identity(cfg), str(cfg.get("resume", "auto"))
+    with tracking.start_run(quiet, name, tags, identity, resume) as parent:
+        if not parent.resumed or "config" not in tracking.recorded(parent.run_id):
+            tracking.log_config(cfg, task_overrides())
+        os.environ[tracking.GROUP_PARENT_ENV] = parent.run_id
+        try:
+            for member in runs:
+                done = tracking.finished_member(parent.run_id, run_identity(member.cfg))
+                if done is not None:
+                    log.info("%s already finished as run %s", member.name, done.run_id)
+                    continue
+                member_cfg = OmegaConf.merge(member.cfg, {"tracking": {"run_name": member.name}})
+                train_one(member_cfg)
+        finally:
+            os.environ.pop(tracking.GROUP_PARENT_ENV, None)
+        value = record_group(cfg, parent.run_id, runs)
+    return value
+
+
+def record_group(cfg: DictConfig, parent_id: str, runs: list[Member]):
+    """The aggregate of the group's FINISHED members on its parent run; the mean value."""
+    import json
+
+    from experiments import tracking
+    from experiments.checkpoints import run_identity
+    from experiments.errors import ExperimentError
+
+    finished = []
+    for member in runs:
+        row = tracking.finished_member(parent_id, run_identity(member.cfg))
+        if row is None:
+            raise ExperimentError(f"{member.name} of group run {parent_id} did not finish")
+        finished.append(row)
+    metrics = aggregate([row.metrics for row in finished])
+    histories = [
+        {name: tracking.metric_history(row.run_id, name) for name in CURVES if name in row.metrics}
+        for row in finished
+    ]
+    for step, values in mean_curves(histories).items():
+        tracking.log_metrics(values, step=step)
+    returned = [json.loads(row.tags[tracking.tags.RETURNED_VALUE]) for row in finished]
+    value = mean_value(returned)
+    # What a sweeper optimises, beside its spread: the mean of the members' values.
+    names = cfg.optimized_metric
+    names = [str(names)] if isinstance(names, str) else [str(n) for n in names]
+    for name, mean in zip(names, [value] if len(names) == 1 else value, strict=True):
+        metrics.setdefault(f"{name}_mean", mean)
+    if len(names) == 1:
+        metrics.setdefault(f"{names[0]}_std", summary(returned)["std"])
+    tracking.log_metrics(metrics)
+    tracking.set_tags(
+        {
+            tracking.tags.RETURNED_VALUE: json.dumps(value),
+            tracking.tags.MEMBERS: str(len(finished)),
+            tracking.tags.NOTE: group_note(cfg, finished),
+        }
+    )
+    return value
+
+
+def group_note(cfg: DictConfig, finished) -> str:
+    """The parent's description: its members and the headline numbers, mean ± std (n)."""
+    lines = [f"**{len(finished)} seeds** ({', '.join(r.name for r in finished)})"]
+    for name in ("test_accuracy", "best_val_accuracy", "test_ece", "train_time_s"):
+        values = [r.metrics[name] for r in finished if name in r.metrics]
+        if len(values) == len(finished):
+            stats = summary(values)
+            lines.append(
+                f"{name}: {stats['mean']:.4f} ± {stats['std']:.4f} (n={len(values)}; 95% CI "
+                f"{stats['ci95_low']:.4f} to {stats['ci95_high']:.4f})"
+            )
+    return "\n\n".join(lines)
