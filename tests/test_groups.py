@@ -32,19 +32,27 @@ def group_command(root: Path, folder: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def group(tmp_path_factory, image_folder):
+    """A store with two groups of the same seeds: lr 3e-3 (the tiny default), then 1e-3."""
     root = tmp_path_factory.mktemp("group")
-    done = subprocess.run(
-        group_command(root, image_folder), capture_output=True, text=True, timeout=900
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    for lr in ("3e-3", "1e-3"):
+        done = subprocess.run(
+            group_command(root, image_folder, f"optimizer.lr={lr}"),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
     return root
 
 
-def parent_and_children(root: Path):
+def parents(root: Path):
     runs = runs_of(root, "folder")
-    parents = [r for r in runs if r.data.tags.get("group") == "true"]
-    assert len(parents) == 1, [r.info.run_name for r in runs]
-    (parent,) = parents
+    return [r for r in runs if r.data.tags.get("group") == "true"]
+
+
+def parent_and_children(root: Path, which: int = 0):
+    runs = runs_of(root, "folder")
+    parent = parents(root)[which]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     return parent, children
 
@@ -88,6 +96,49 @@ def test_the_aggregate_is_numpys_and_scipys(group):
     assert not [k for k in metrics if k.startswith("system/")]  # its members sample the system
 
 
+def test_compare_shows_a_group_as_one_row_and_tests_two_groups(group, capsys):
+    import pandas as pd
+
+    from experiments.compare import main as compare
+
+    first, second = parents(group)
+    store = ["--tracking-uri", f"sqlite:///{group}/mlruns/mlflow.db", "--out", str(group)]
+    assert compare(["folder", *store]) == 0
+    printed = capsys.readouterr().out
+    table = pd.read_csv(group / "comparison-folder.csv")
+    assert len(table) == 2 and list(table["n"]) == [3, 3]  # the members are not rows
+    row = table.set_index("run_id").loc[first.info.run_id[:8]]
+    assert row["test_accuracy"] == pytest.approx(first.data.metrics["test_accuracy_mean"])
+    assert row["test_accuracy_std"] == pytest.approx(first.data.metrics["test_accuracy_std"])
+    mean, std = first.data.metrics["test_accuracy_mean"], first.data.metrics["test_accuracy_std"]
+    assert f"{mean:.4g} ± {std:.2g} (3)" in printed
+    assert compare(["--significance", first.info.run_id, second.info.run_id, *store]) == 0
+    line = capsys.readouterr().out.strip()
+    a = [c.data.metrics["test_accuracy"] for c in sorted_children(group, 0)]
+    b = [c.data.metrics["test_accuracy"] for c in sorted_children(group, 1)]
+    expected = stats.ttest_rel(a, b)
+    assert "paired t-test over seeds 42, 43, 44" in line
+    if np.isfinite(expected.pvalue):
+        assert f"p = {expected.pvalue:.4g}" in line
+    assert compare(["--significance", first.info.run_id, "nope", *store]) == 2
+
+
+def sorted_children(root: Path, which: int):
+    _, children = parent_and_children(root, which)
+    return sorted(children, key=lambda c: int(c.data.params["trainer.seed"]))
+
+
+def test_significance_is_welch_when_the_seeds_differ(monkeypatch):
+    from experiments import compare
+
+    values = {"a": {1: 0.90, 2: 0.92, 3: 0.91}, "b": {7: 0.80, 8: 0.86}}
+    monkeypatch.setattr(compare, "group_members", lambda run, metric: values[run])
+    line = compare.significance("a", "b", "test_accuracy")
+    expected = stats.ttest_ind([0.90, 0.92, 0.91], [0.80, 0.86], equal_var=False)
+    assert "Welch's t-test" in line and f"p = {expected.pvalue:.4g}" in line
+    assert "difference +0.0800" in line
+
+
 def finished_count(root: Path) -> int:
     database = root / "mlruns" / "mlflow.db"
     if not database.is_file():
@@ -128,6 +179,7 @@ def test_a_killed_group_completes_with_exactly_its_children(signum, tmp_path, im
         group_command(tmp_path, image_folder), capture_output=True, text=True, timeout=900
     )
     assert again.returncode == 0, again.stderr[-3000:]
+    assert len(parents(tmp_path)) == 1  # the group's parent was continued, not opened again
     parent, children = parent_and_children(tmp_path)
     assert parent.info.status == "FINISHED" and parent.data.tags.get("resumed") == "true"
     assert len(children) == REPEATS

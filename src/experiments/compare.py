@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from experiments import compose_project_config
 from experiments.errors import ExperimentError
 from experiments.tracking import tags as T
@@ -96,12 +98,23 @@ def sweep_table(parent_id: str, pruned=False):
     return table, summary
 
 
+METRIC_COLUMNS = [c for c, field in COLUMNS.items() if field.startswith("metrics.")]
+
+
 def table_of(runs, pruned: bool):
-    """The comparison columns of `runs` (training runs only), best test accuracy first."""
+    """The comparison columns of `runs` (training runs only), best test accuracy first. A group
+    (repeats) is one row: each metric's mean, with its std in `<column>_std` and its size in
+    `n`; its members are not rows of their own."""
     # Training runs only: not sweep parents, not re-evaluations.
     for tag in (f"tags.{T.SWEEP}", f"tags.{T.RUN_TYPE}"):
         if tag in runs:
             runs = runs[runs[tag].isna()]
+    group_field = f"tags.{T.GROUP}"
+    groups = runs[runs[group_field].eq("true")] if group_field in runs else runs.iloc[:0]
+    if not groups.empty:
+        runs = runs[~runs[f"tags.{T.PARENT_RUN}"].isin(groups["run_id"])].copy()
+        for field, values in _group_means(runs, groups).items():
+            runs[field] = values
     pruned_field = f"tags.{T.PRUNED}"
     marked = runs[pruned_field].eq("true") if pruned_field in runs else runs["run_id"].isna()
     if not pruned:
@@ -121,8 +134,83 @@ def table_of(runs, pruned: bool):
         table["pruned"] = marked[runs.index]
     table["time_per_epoch_s"] = table["train_time_s"] / table["epochs"]
     for column in ("total_params", "trainable_params", "epochs"):
-        table[column] = table[column].astype("Int64")
+        table[column] = table[column].astype("Float64").round().astype("Int64")
+    is_group = runs[group_field].eq("true") if group_field in runs else runs["run_id"].isna()
+    table["n"] = [int(runs.loc[i, f"tags.{T.MEMBERS}"]) if is_group[i] else 1 for i in runs.index]
+    for column in METRIC_COLUMNS:
+        field = f"metrics.{COLUMNS[column][len('metrics.') :]}_std"
+        table[f"{column}_std"] = runs[field] if field in runs else float("nan")
     return table.sort_values("test_accuracy", ascending=False, na_position="last")
+
+
+def _group_means(runs, groups) -> dict:
+    """For each metric column, its values with a group's mean (`<metric>_mean`) in its row."""
+    out = {}
+    for column in METRIC_COLUMNS:
+        field = COLUMNS[column]
+        mean = f"{field}_mean"
+        values = runs[field] if field in runs else runs["run_id"].map(lambda _: float("nan"))
+        if mean in runs:
+            values = values.where(~runs["run_id"].isin(groups["run_id"]), runs[mean])
+        out[field] = values
+    return out
+
+
+def shown(table):
+    """The table as printed and written to Markdown: a group's metrics as `mean ± std (n)`."""
+    out = table.copy()
+    for column in METRIC_COLUMNS + ["time_per_epoch_s"]:
+        std = table.get(f"{column}_std")
+        if std is None:
+            continue
+        out[column] = [
+            f"{m:.4g} ± {s:.2g} ({n})" if n > 1 and s > 0 else ("" if m != m else f"{m:.4g}")
+            for m, s, n in zip(table[column], std, table["n"], strict=True)
+        ]
+    return out.drop(columns=[c for c in out if c.endswith("_std")])
+
+
+def group_members(parent_id: str, metric: str) -> dict[int, float]:
+    """`metric` of each FINISHED member of the group run `parent_id`, by seed."""
+    from experiments import tracking
+
+    parent = tracking.find_run(parent_id)
+    if parent is None or parent.tags.get(T.GROUP) != "true":
+        raise ExperimentError(
+            f"--significance {parent_id}: not a group's parent run (a run of trainer.repeats=N, "
+            f"tagged group=true); give the run id of one"
+        )
+    rows = tracking.run_rows(
+        f"tags.{T.PARENT_RUN} = '{parent_id}' and attributes.status = 'FINISHED'"
+    )
+    values = {int(r.params["trainer.seed"]): r.metrics[metric] for r in rows if metric in r.metrics}
+    if len(values) < 2:
+        raise ExperimentError(f"--significance {parent_id}: fewer than 2 members with {metric}")
+    return values
+
+
+def significance(first: str, second: str, metric: str) -> str:
+    """Whether two groups differ in `metric`: a paired t-test when both ran the same seeds
+    (each seed's runs share their initialisation and data order), else Welch's t-test."""
+    from scipy import stats
+
+    a, b = group_members(first, metric), group_members(second, metric)
+    if sorted(a) == sorted(b):
+        seeds = sorted(a)
+        test = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds])
+        kind = f"paired t-test over seeds {', '.join(map(str, seeds))}"
+    else:
+        test = stats.ttest_ind(list(a.values()), list(b.values()), equal_var=False)
+        kind = "Welch's t-test (the seeds differ)"
+    parts = []
+    for name, values in ((first[:8], a), (second[:8], b)):
+        data = np.array(list(values.values()))
+        parts.append(f"{name} {data.mean():.4f} ± {data.std(ddof=1):.4f} ({len(data)})")
+    difference = np.mean(list(a.values())) - np.mean(list(b.values()))
+    return (
+        f"{metric}: {parts[0]} vs {parts[1]}; difference {difference:+.4f}; {kind}: "
+        f"t = {test.statistic:.3f}, p = {test.pvalue:.4g}"
+    )
 
 
 def save_outputs(table, outdir: Path, stem: str) -> list[Path]:
@@ -134,12 +222,23 @@ def save_outputs(table, outdir: Path, stem: str) -> list[Path]:
 
     outdir.mkdir(parents=True, exist_ok=True)
     markdown, csv, png = (outdir / f"{stem}.{ext}" for ext in ("md", "csv", "png"))
-    markdown.write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    markdown.write_text(shown(table).to_markdown(index=False, floatfmt=".4g") + "\n")
     table.to_csv(csv, index=False)
     fig, ax = plt.subplots(figsize=(8, 5))
     plotted = table.dropna(subset=["train_time_s", "test_accuracy"])  # pruned trials have none
     for _, row in plotted.iterrows():
         label = f"{row.task}/{row.backbone}/{row.strategy}/{row.augmentation}"
+        if row.n > 1:  # a group: its mean with error bars of one std
+            label += f" (n={row.n})"
+            ax.errorbar(
+                row.train_time_s,
+                row.test_accuracy,
+                xerr=row.train_time_s_std,
+                yerr=row.test_accuracy_std,
+                fmt="o",
+                capsize=3,
+            )
+            continue
         ax.scatter(row.train_time_s, row.test_accuracy)
         ax.annotate(
             label,
@@ -177,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pruned", action="store_true", help="keep pruned trials, marked (default: left out)"
     )
+    parser.add_argument(
+        "--significance",
+        nargs=2,
+        metavar=("GROUP_A", "GROUP_B"),
+        help="two groups' parent run ids (trainer.repeats): do they differ in --metric?",
+    )
+    parser.add_argument("--metric", default="test_accuracy", help="default: %(default)s")
     args = parser.parse_args(argv)
     import pandas as pd
 
@@ -187,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         tracking.open_store(
             args.tracking_uri or str(project.tracking.uri), project.tracking.outbox_dir
         )
+        if args.significance:
+            print(significance(*args.significance, args.metric))
+            return 0
         if args.sweep:
             table, summary = sweep_table(args.sweep, args.pruned)
         else:
@@ -201,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         stem = "comparison-" + ("-".join(args.experiments) or "all")
     files = save_outputs(table, Path(args.out or project.paths.reports_dir), stem)
     with pd.option_context("display.max_columns", None, "display.width", 200):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+        print(shown(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if summary:
         print(summary)
     print("saved: " + ", ".join(str(f) for f in files))
