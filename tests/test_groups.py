@@ -189,3 +189,144 @@ def test_a_killed_group_completes_with_exactly_its_children(signum, tmp_path, im
     for child in children:
         logged = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
         assert sorted(logged) == list(range(EPOCHS)), (child.info.run_name, logged)
+
+
+def test_members_cover_each_fold_and_seed():
+    from experiments.groups import is_group, members
+
+    from conftest import compose_config
+
+    cfg = compose_config(["task=digits", "task.folds=2", "trainer.repeats=2"])
+    found = members(cfg)
+    assert [m.name for m in found] == [
+        "fold-0 seed-42", "fold-0 seed-43", "fold-1 seed-42", "fold-1 seed-43"
+    ]  # fmt: skip
+    assert [(m.cfg.task.fold, m.cfg.trainer.seed) for m in found] == [
+        (0, 42), (0, 43), (1, 42), (1, 43)
+    ]  # fmt: skip
+    assert not any(is_group(m.cfg) for m in found) and is_group(cfg)
+
+
+def test_folds_rotate_train_and_val_stratified_and_keep_the_test_split(tmp_path, image_folder):
+    from omegaconf import OmegaConf
+
+    from experiments.tasks import fold_task, load_task
+
+    from conftest import compose_config
+
+    cfg = compose_config(tiny_overrides(tmp_path, image_folder))
+    task = load_task(cfg.task, cfg.paths)
+    pool = task.splits["train"].sources + task.splits["val"].sources
+    seed = int(cfg.task.split_seed)  # the folds' seed, as the task's split
+    folds = [fold_task(task, 3, k, seed=seed) for k in range(3)]
+    vals = [set(f.splits["val"].sources) for f in folds]
+    assert set().union(*vals) == set(pool) and sum(len(v) for v in vals) == len(pool)
+    for fold, val in zip(folds, vals, strict=True):
+        assert set(fold.splits["train"].sources) == set(pool) - val
+        assert fold.splits["test"].sources == task.splits["test"].sources  # held out
+        counts = np.bincount(fold.splits["val"].labels, minlength=3)
+        assert counts.max() - counts.min() <= 1  # stratified
+        for split in ("train", "val"):  # the images are the ones named
+            first = fold.splits[split].sources[0]
+            where = "train" if first in task.splits["train"].sources else "val"
+            index = task.splits[where].sources.index(first)
+            assert (fold.splits[split].images[0] == task.splits[where].images[index]).all()
+    again = fold_task(task, 3, 0, seed=seed)
+    assert again.splits["val"].sources == folds[0].splits["val"].sources  # seeded
+    assert fold_task(task, 3, 0, seed=seed + 1).splits["val"].sources != again.splits["val"].sources
+    single = OmegaConf.merge(cfg.task, {"folds": 3, "fold": 1})
+    assert load_task(single, cfg.paths).splits["val"].sources == folds[1].splits["val"].sources
+
+
+def test_a_fold_group_extracts_features_once(tmp_path, image_folder):
+    done = subprocess.run(
+        group_command(tmp_path, image_folder, "trainer.repeats=1", "task.folds=3"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    parent, children = parent_and_children(tmp_path)
+    assert parent.info.run_name.endswith(" x 3 folds") and parent.data.tags["folds"] == "3"
+    ordered = sorted(children, key=lambda c: c.data.params["task.fold"])
+    assert [c.info.run_name for c in ordered] == ["fold-0", "fold-1", "fold-2"]
+    assert [c.data.tags["feature_cache"] for c in ordered] == ["miss", "hit", "hit"]
+    assert "test_accuracy_mean" in parent.data.metrics
+    assert sum(c.data.metrics["n_val"] for c in children) == sum(
+        c.data.metrics["n_val"] + c.data.metrics["n_train"] for c in children[:1]
+    )
+
+
+def fixed_layout(root: Path) -> Path:
+    from conftest import write_class_folders
+
+    for split in ("train", "val", "test"):
+        write_class_folders(root / split, classes=2, per_class=4)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("task.folds=1", "task.folds=1 must be at least 2"),
+        ("task.folds=19", "task.folds=19 is more than the 18 train and val images"),
+        ("task.fold=1", "task.fold=1 needs task.folds"),
+        ("task.folds=3 task.fold=3", "task.fold=3 must be at least 0 and at most 2"),
+        ("fixed_layout task.folds=2", "cannot rotate"),
+    ],
+)
+def test_bad_fold_values_are_refused_before_any_work(override, says, tmp_path, image_folder):
+    fixed = override.startswith("fixed_layout")
+    folder = fixed_layout(tmp_path / "fixed") if fixed else image_folder
+    extra = [o for o in override.split() if o != "fixed_layout"]
+    base = tiny_overrides(tmp_path, folder)
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.train", *base, *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and says in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_of_groups_optimises_the_mean(tmp_path, image_folder):
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    python, flag, module, *overrides = group_command(
+        tmp_path, image_folder, "trainer.repeats=2", "trainer.epochs=2"
+    )
+    done = subprocess.run(
+        [
+            python, flag, module, "-m", *overrides, "hparams_search=lr_head",
+            "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}",
+            "hydra.sweeper.study_name=s",
+        ],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    import optuna
+
+    study = optuna.load_study(study_name="s", storage=storage)
+    runs = runs_of(tmp_path, "folder")
+    (sweep,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    groups = [r for r in runs if r.data.tags.get("group") == "true"]
+    assert len(groups) == 2
+    for group in groups:  # each trial is a group under the sweep, with its two seeds
+        assert group.data.tags["mlflow.parentRunId"] == sweep.info.run_id
+        members = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == group.info.run_id]
+        assert sorted(m.info.run_name for m in members) == ["seed-42", "seed-43"]
+        trial = study.trials[int(group.data.tags["optuna_trial"])]
+        best = np.mean([m.data.metrics["best_val_accuracy"] for m in members])
+        assert trial.value == pytest.approx(best)  # the mean of its members
+        assert group.data.metrics["val_accuracy_mean"] == pytest.approx(best)
+        assert "val_accuracy_std" in group.data.metrics
+        assert trial.intermediate_values == {0: pytest.approx(members_value(members, 0))}
+
+
+def members_value(members, index: int) -> float:
+    seed = 42 + index
+    (member,) = [m for m in members if m.data.params["trainer.seed"] == str(seed)]
+    return member.data.metrics["best_val_accuracy"]

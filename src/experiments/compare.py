@@ -170,8 +170,8 @@ def shown(table):
     return out.drop(columns=[c for c in out if c.endswith("_std")])
 
 
-def group_members(parent_id: str, metric: str) -> dict[int, float]:
-    """`metric` of each FINISHED member of the group run `parent_id`, by seed."""
+def group_members(parent_id: str, metric: str) -> dict[tuple, float]:
+    """`metric` of each FINISHED member of the group run `parent_id`, by (fold, seed)."""
     from experiments import tracking
 
     parent = tracking.find_run(parent_id)
@@ -183,7 +183,11 @@ def group_members(parent_id: str, metric: str) -> dict[int, float]:
     rows = tracking.run_rows(
         f"tags.{T.PARENT_RUN} = '{parent_id}' and attributes.status = 'FINISHED'"
     )
-    values = {int(r.params["trainer.seed"]): r.metrics[metric] for r in rows if metric in r.metrics}
+    values = {
+        (r.params.get("task.fold", "None"), int(r.params["trainer.seed"])): r.metrics[metric]
+        for r in rows
+        if metric in r.metrics
+    }
     if len(values) < 2:
         raise ExperimentError(f"--significance {parent_id}: fewer than 2 members with {metric}")
     return values
@@ -196,12 +200,16 @@ def significance(first: str, second: str, metric: str) -> str:
 
     a, b = group_members(first, metric), group_members(second, metric)
     if sorted(a) == sorted(b):
-        seeds = sorted(a)
-        test = stats.ttest_rel([a[s] for s in seeds], [b[s] for s in seeds])
-        kind = f"paired t-test over seeds {', '.join(map(str, seeds))}"
+        pairs = sorted(a)
+        test = stats.ttest_rel([a[k] for k in pairs], [b[k] for k in pairs])
+        folds = {fold for fold, _ in pairs} - {"None"}
+        seeds = sorted({seed for _, seed in pairs})
+        kind = f"paired t-test over seeds {', '.join(map(str, seeds))}" + (
+            f" and {len(folds)} folds" if folds else ""
+        )
     else:
         test = stats.ttest_ind(list(a.values()), list(b.values()), equal_var=False)
-        kind = "Welch's t-test (the seeds differ)"
+        kind = "Welch's t-test (the members' seeds or folds differ)"
     parts = []
     for name, values in ((first[:8], a), (second[:8], b)):
         data = np.array(list(values.values()))

@@ -1,14 +1,16 @@
-"""One config run several times as a group: `trainer.repeats=N` (seeds seed, seed+1, ...).
+"""One config run several times as a group: `trainer.repeats=N` (seeds seed, seed+1, ...),
+`task.folds=K` (k-fold cross-validation), or both (K x N runs).
 
-The group is one MLflow parent run; each repeat is a normal child run (resumable, comparable,
+The group is one MLflow parent run; each member is a normal child run (resumable, comparable,
 servable). The parent holds, for every final metric, `<metric>_mean`, `<metric>_std` (n - 1)
 and the 95% interval of the mean (`_ci95_low`, `_ci95_high`, Student's t), and the mean (and
 std) curve of every per-epoch metric under its own name. Run again after an interruption, the
-group continues its parent, skips the repeats that finished and resumes the one that was cut.
+group continues its parent, skips the members that finished and resumes the one that was cut.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -42,19 +44,38 @@ class Member:
     cfg: DictConfig
 
 
+def folds_of(cfg: DictConfig) -> int:
+    """The folds a group rotates over: `task.folds`, unless the run is one fold (`task.fold`)."""
+    folds = cfg.task.get("folds")
+    return int(folds) if folds and cfg.task.get("fold") is None else 0
+
+
 def is_group(cfg: DictConfig) -> bool:
-    return int(cfg.trainer.get("repeats", 1)) > 1
+    return int(cfg.trainer.get("repeats", 1)) > 1 or folds_of(cfg) > 0
 
 
 def members(cfg: DictConfig) -> list[Member]:
-    """The runs of the group `cfg` asks for: one per seed, each a single run's config."""
-    first = int(cfg.trainer.seed)
+    """The runs of the group `cfg` asks for: one per fold and seed, each a single run's
+    config."""
+    first, repeats, folds = int(cfg.trainer.seed), int(cfg.trainer.repeats), folds_of(cfg)
     found = []
-    for repeat in range(int(cfg.trainer.repeats)):
-        seed = first + repeat
-        member = OmegaConf.merge(cfg, {"trainer": {"seed": seed, "repeats": 1}})
-        found.append(Member(f"seed-{seed}", seed, member))
+    for fold in range(folds) if folds else [None]:
+        for seed in range(first, first + repeats):
+            change = {"trainer": {"seed": seed, "repeats": 1}}
+            name = f"seed-{seed}"
+            if fold is not None:
+                change["task"] = {"fold": fold}
+                name = f"fold-{fold}" + (f" {name}" if repeats > 1 else "")
+            change["tracking"] = {"run_name": name}
+            found.append(Member(name, seed, OmegaConf.merge(cfg, change)))
     return found
+
+
+def group_size(cfg: DictConfig) -> str:
+    """What the group runs, for its name: `5 folds x 3 seeds`, `3 seeds`, `5 folds`."""
+    repeats, folds = int(cfg.trainer.repeats), folds_of(cfg)
+    parts = ([f"{folds} folds"] if folds else []) + ([f"{repeats} seeds"] if repeats > 1 else [])
+    return " x ".join(parts)
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -111,29 +132,35 @@ def train_group(cfg: DictConfig, train_one: Callable[[DictConfig], object]):
     from experiments import tracking
     from experiments.checkpoints import run_identity
     from experiments.cli import output_dir, task_overrides
-    from experiments.sweep import job_run_name, trial_tags
+    from experiments.sweep import attached_trial, job_run_name, report_group, trial_tags
 
     runs = members(cfg)
     seeds = [m.seed for m in runs]
     T = tracking.tags
     tags = tracking.run_tags(cfg, str(output_dir(cfg.paths.output_dir, cfg.task.name)))
-    tags |= trial_tags() | {T.GROUP: "true", T.REPEATS: str(len(runs))}
-    tags |= {T.SEEDS: ",".join(map(str, seeds))}
-    name = f"{job_run_name(str(cfg.tracking.run_name))} x{len(runs)} seeds"
+    tags |= trial_tags() | {T.GROUP: "true", T.REPEATS: str(cfg.trainer.repeats)}
+    tags |= {T.SEEDS: ",".join(map(str, sorted(set(seeds))))}
+    tags |= {T.FOLDS: str(folds_of(cfg))} if folds_of(cfg) else {}
+    name = f"{job_run_name(str(cfg.tracking.run_name))} x {group_size(cfg)}"
     quiet = OmegaConf.merge(cfg.tracking, {"system_metrics": False})  # its members sample
     identity, resume = run_identity(cfg), str(cfg.get("resume", "auto"))
     with tracking.start_run(quiet, name, tags, identity, resume) as parent:
         if not parent.resumed or "config" not in tracking.recorded(parent.run_id):
             tracking.log_config(cfg, task_overrides())
+        trial = attached_trial() if isinstance(cfg.optimized_metric, str) else None
         os.environ[tracking.GROUP_PARENT_ENV] = parent.run_id
         try:
+            values = []
             for member in runs:
                 done = tracking.finished_member(parent.run_id, run_identity(member.cfg))
                 if done is not None:
                     log.info("%s already finished as run %s", member.name, done.run_id)
-                    continue
-                member_cfg = OmegaConf.merge(member.cfg, {"tracking": {"run_name": member.name}})
-                train_one(member_cfg)
+                    value = json.loads(done.tags[tracking.tags.RETURNED_VALUE])
+                else:
+                    value = train_one(member.cfg)
+                values.append(value)
+                if trial is not None and len(values) < len(runs):  # prune on the mean so far
+                    report_group(trial, len(values), float(np.mean(values)))
         finally:
             os.environ.pop(tracking.GROUP_PARENT_ENV, None)
         value = record_group(cfg, parent.run_id, runs)
@@ -142,8 +169,6 @@ def train_group(cfg: DictConfig, train_one: Callable[[DictConfig], object]):
 
 def record_group(cfg: DictConfig, parent_id: str, runs: list[Member]):
     """The aggregate of the group's FINISHED members on its parent run; the mean value."""
-    import json
-
     from experiments import tracking
     from experiments.checkpoints import run_identity
     from experiments.errors import ExperimentError
@@ -183,7 +208,7 @@ def record_group(cfg: DictConfig, parent_id: str, runs: list[Member]):
 
 def group_note(cfg: DictConfig, finished) -> str:
     """The parent's description: its members and the headline numbers, mean ± std (n)."""
-    lines = [f"**{len(finished)} seeds** ({', '.join(r.name for r in finished)})"]
+    lines = [f"**{group_size(cfg)}** ({', '.join(r.name for r in finished)})"]
     for name in ("test_accuracy", "best_val_accuracy", "test_ece", "train_time_s"):
         values = [r.metrics[name] for r in finished if name in r.metrics]
         if len(values) == len(finished):

@@ -271,9 +271,11 @@ def _dataset(x: np.ndarray, y: np.ndarray | None, batch_size: int, ctx: Context,
 
 
 def feature_key(ctx: Context) -> str:
-    """The cache key of extracted features: backbone, weights, data digest and image size."""
+    """The cache key of extracted features: backbone, weights, data digest and image size (of
+    the task a fold was cut from: every fold reads the same features)."""
     cfg = ctx.cfg
-    parts = [cfg.backbone.name, ctx.weights_id, ctx.task.digest(), list(ctx.task.image_shape)]
+    task = ctx.task.base or ctx.task
+    parts = [cfg.backbone.name, ctx.weights_id, task.digest(), list(task.image_shape)]
     if ctx.weights_id == "random":  # random weights differ per seed
         parts.append(int(cfg.trainer.seed))
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
@@ -293,14 +295,15 @@ def extract_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
     cached = read_cache(path, _read_features)
     if cached is not None:
         log.info("features reused from %s", path)
-        return cached, "hit"
-    inputs = keras.Input(ctx.task.image_shape)
+        return of_fold(ctx.task, cached), "hit"
+    task = ctx.task.base or ctx.task  # a fold's: the whole task's, once for every fold
+    inputs = keras.Input(task.image_shape)
     extractor = keras.Model(inputs, ctx.base(ctx.preprocess(inputs), training=False))
     shape = extractor.output.shape[1:]
     batch = max(int(ctx.cfg.trainer.batch_size), 64)
     with atomic_dir(path) as folder:  # a concurrent sweep job never reads half a cache
         for s in SPLITS:
-            images = ctx.task.splits[s].images
+            images = task.splits[s].images
             # float32 on the host whatever the precision: the head trains on them as its input
             writer = RowWriter(folder / f"{s}.npy", len(images), shape, np.float32)
             predict_in_batches(
@@ -312,7 +315,17 @@ def extract_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
             )
             writer.close()
     log.info("features extracted to %s", path)
-    return _read_features(path), "miss"
+    return of_fold(ctx.task, _read_features(path)), "miss"
+
+
+def of_fold(task: Task, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The features of a fold's splits, taken from the whole task's (train rows, then val)."""
+    if task.base is None:
+        return features
+    pool = np.concatenate([features["train"], features["val"]])
+    return {"train": pool[task.rows["train"]], "val": pool[task.rows["val"]]} | {
+        "test": features["test"]
+    }
 
 
 def _read_features(path: Path) -> dict[str, np.ndarray]:

@@ -33,19 +33,15 @@ def this_trial() -> tuple[str, str, int] | None:
     return os.environ[STORAGE_ENV], os.environ[STUDY_ENV], int(os.environ[TRIAL_ENV])
 
 
-def trial_callbacks(cfg) -> list:
-    """Keras callbacks reporting `optimized_metric` to this job's Optuna trial; [] outside one,
-    and for a multi-objective study, which Optuna cannot prune."""
+def attached_trial():
+    """This job's Optuna trial, attached with the sweeper's pruner, for a single-objective
+    study; None outside a trial and for several objectives, which Optuna cannot prune."""
     trial_of_job = this_trial()
-    from experiments.processes import GROUP_PARENT_ENV
-
-    # A member of a group (repeats) does not report alone: the trial's value is the group's mean.
-    if trial_of_job is None or os.environ.get(GROUP_PARENT_ENV):
-        return []
+    if trial_of_job is None:
+        return None
     import optuna
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
-    from optuna_integration import KerasPruningCallback
 
     from experiments.studies import open_storage
 
@@ -58,12 +54,38 @@ def trial_callbacks(cfg) -> list:
         pruner=instantiate(pruner) if pruner else optuna.pruners.NopPruner(),
     )
     if len(study.directions) > 1:
-        return []
+        return None
     (frozen,) = [t for t in study.get_trials(deepcopy=False) if t.number == number]
     # optuna.trial.Trial is how a worker attaches to a trial another process asked for; Optuna
     # addresses it by its storage id.
-    trial = optuna.trial.Trial(study, frozen._trial_id)
-    return [KerasPruningCallback(trial, monitor=str(cfg.optimized_metric))]
+    return optuna.trial.Trial(study, frozen._trial_id)
+
+
+def trial_callbacks(cfg) -> list:
+    """Keras callbacks reporting `optimized_metric` to this job's Optuna trial; [] outside one,
+    for a multi-objective study, and for a member of a group, whose trial is the group's."""
+    from experiments.processes import GROUP_PARENT_ENV
+
+    if this_trial() is None or os.environ.get(GROUP_PARENT_ENV):
+        return []
+    from optuna_integration import KerasPruningCallback
+
+    trial = attached_trial()
+    return [] if trial is None else [KerasPruningCallback(trial, monitor=str(cfg.optimized_metric))]
+
+
+def report_group(trial, done: int, mean: float) -> None:
+    """Report a group's mean value over its first `done` members to its trial (at step
+    `done - 1`), and end the group as pruned when the pruner says so."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():  # a resumed group reports its first steps again
+        warnings.filterwarnings("ignore", message=".*already reported")
+        trial.report(mean, step=done - 1)
+    if trial.should_prune():
+        raise optuna.TrialPruned(f"pruned after {done} members, mean value {mean:.4f}")
 
 
 def trial_tags() -> dict[str, str]:

@@ -60,6 +60,10 @@ class Task:
     splits: dict[str, Split]
     skipped: list[str] = field(default_factory=list)
     turned: list[str] = field(default_factory=list)
+    # A fold (task.folds): the task it was cut from, and its train and val rows among that
+    # task's train images followed by its val images.
+    base: Task | None = None
+    rows: dict[str, np.ndarray] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -95,6 +99,8 @@ def load_task(cfg, paths) -> Task:
             f"task.loader={cfg.loader!r} is unknown; use one of {sorted(LOADERS)}"
         )
     task = loader(cfg, paths, size)
+    if cfg.get("folds") and cfg.get("fold") is not None:
+        task = fold_task(task, int(cfg.folds), int(cfg.fold), _split_seed(cfg))
     for split in SPLITS:
         if len(task.splits[split].labels) == 0:
             raise ExperimentError(
@@ -110,6 +116,59 @@ def load_task(cfg, paths) -> Task:
         len(task.turned),
     )
     return task
+
+
+def fold_task(task: Task, folds: int, fold: int, seed: int) -> Task:
+    """Fold `fold` (from 0) of a seeded, stratified `folds`-fold split of the task's train and
+    val images: the fold is the val split, the other folds the train split; the test split stays
+    held out. The images are rows of the decoded arrays every fold shares."""
+    from sklearn.model_selection import StratifiedKFold
+
+    train, val = task.splits["train"], task.splits["val"]
+    labels = np.concatenate([train.labels, val.labels])
+    smallest = int(np.bincount(labels, minlength=task.num_classes).min())
+    if folds > smallest:
+        raise ExperimentError(too_many_folds(folds, smallest))
+    cut = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    rows = dict(zip(("train", "val"), list(cut.split(labels, labels))[fold], strict=True))
+    sources = train.sources + val.sources
+
+    def part(chosen: np.ndarray) -> Split:
+        images = np.empty((len(chosen), *train.images.shape[1:]), np.uint8)
+        first = chosen < len(train.labels)
+        images[first] = train.images[chosen[first]]
+        images[~first] = val.images[chosen[~first] - len(train.labels)]
+        return Split(images, labels[chosen], [sources[i] for i in chosen])
+
+    splits = {"train": part(rows["train"]), "val": part(rows["val"]), "test": task.splits["test"]}
+    return Task(
+        task.name, task.class_names, splits, task.skipped, task.turned, base=task, rows=rows
+    )
+
+
+def too_many_folds(folds: int, smallest: int) -> str:
+    return (
+        f"task.folds={folds} is more than the {smallest} train and val images of the smallest "
+        f"class: every fold needs one of each class; use task.folds={max(2, min(smallest, 5))} "
+        f"or fewer"
+    )
+
+
+def pool_sizes(cfg) -> list[int] | None:
+    """The train + val images per class a task will have, from its listing alone (no decoding);
+    None where only the data can tell (a dataset not downloaded yet)."""
+    if cfg.loader == "digits":
+        from sklearn.datasets import load_digits
+
+        counts = np.bincount(load_digits().target)
+    elif cfg.get("per_class"):
+        return [int(cfg.per_class[0]) + int(cfg.per_class[1])]
+    elif cfg.loader == "folder" and Path(str(cfg.path)).expanduser().is_dir():
+        counts = [len(f) for f in _class_files(Path(str(cfg.path)).expanduser()).values()]
+    else:
+        return None
+    fractions = check_fractions(cfg.split)
+    return [int(n * fractions[0]) + int(n * fractions[1]) for n in counts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +385,10 @@ class Notes:
 
     skipped: list[str] = field(default_factory=list)
     turned: list[str] = field(default_factory=list)
+    # A fold (task.folds): the task it was cut from, and its train and val rows among that
+    # task's train images followed by its val images.
+    base: Task | None = None
+    rows: dict[str, np.ndarray] | None = None
 
     def __iadd__(self, other: Notes) -> Notes:
         self.skipped += other.skipped

@@ -142,6 +142,32 @@ def check_task(cfg) -> None:
                 f"subfolder per class, or with train/, val/ and test/ folders that each hold "
                 f"class subfolders"
             )
+    check_folds(cfg)
+
+
+def check_folds(cfg) -> None:
+    """`task.folds` (and a single run's `task.fold`): at least 2, no more than the smallest
+    class's train and val images, and never over a fixed train/val/test folder layout."""
+    from experiments.tasks import SPLITS, pool_sizes, too_many_folds
+
+    if cfg.task.get("folds") is None:
+        if cfg.task.get("fold") is not None:
+            raise ExperimentError(f"task.fold={cfg.task.fold} needs task.folds; e.g. task.folds=5")
+        return
+    folds = number(cfg, "task.folds", int, low=2)
+    if cfg.task.get("fold") is not None:
+        number(cfg, "task.fold", int, low=0, high=folds - 1)
+    if cfg.task.loader == "folder":
+        root = Path(str(cfg.task.path)).expanduser()
+        if any((root / s).is_dir() for s in SPLITS):
+            raise ExperimentError(
+                f"task.folds={folds} cannot rotate {root}'s fixed train/, val/ and test/ "
+                f"folders; put the train and val images in class folders (task.split decides "
+                f"the test split), or drop task.folds"
+            )
+    sizes = pool_sizes(cfg.task)
+    if sizes is not None and folds > min(sizes):
+        raise ExperimentError(too_many_folds(folds, min(sizes)))
 
 
 def check_weights(cfg) -> None:

@@ -53,6 +53,7 @@ SWEPT = "swept_params"  # the config keys a job was given by its sweep, comma-se
 GROUP = "group"  # "true" on a group's parent run
 SEEDS = "seeds"  # the group's seeds, comma-separated
 REPEATS = "repeats"
+FOLDS = "folds"
 MEMBERS = "members"  # how many runs the group's aggregate holds
 
 # Optuna: a trial's run, and the study on its parent run
