@@ -64,7 +64,7 @@ def test_a_group_is_a_parent_with_a_child_per_seed(group):
     assert sorted(c.info.run_name for c in children) == ["seed-42", "seed-43", "seed-44"]
     assert sorted(c.data.params["trainer.seed"] for c in children) == ["42", "43", "44"]
     assert all(c.info.status == "FINISHED" for c in children)
-    assert parent.info.run_name.endswith(" x3 seeds")
+    assert parent.info.run_name.endswith(" x 3 seeds")
     assert "test_accuracy: " in parent.data.tags["mlflow.note.content"]
 
 
@@ -87,12 +87,18 @@ def test_the_aggregate_is_numpys_and_scipys(group):
     # The per-epoch curves: their mean over the seeds, step by step.
     client = client_for(group)
     curve = {m.step: m.value for m in client.get_metric_history(parent.info.run_id, "val_loss")}
+    spread = client.get_metric_history(parent.info.run_id, "val_loss_epoch_std")
+    spread = {m.step: m.value for m in spread}
+    assert sorted(curve) == sorted(spread) == list(range(EPOCHS))  # one point per epoch
     for step in range(EPOCHS):
         values = [
             {m.step: m.value for m in client.get_metric_history(c.info.run_id, "val_loss")}[step]
             for c in children
         ]
         assert curve[step] == pytest.approx(np.mean(values))
+        assert spread[step] == pytest.approx(np.std(values, ddof=1))
+    history = client.get_metric_history(parent.info.run_id, "val_accuracy_std")
+    assert len(history) == 1  # the spread of the value a sweeper gets, once
     assert not [k for k in metrics if k.startswith("system/")]  # its members sample the system
 
 

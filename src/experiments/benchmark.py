@@ -7,6 +7,8 @@
   (`experiments.memory`).
 - `run`: where a whole run's time goes, fresh and warm, against its targets
   (`experiments.wholerun`).
+- `repeats`: memory of a group's members (`trainer.repeats=5`) in one process, with the sweep's
+  10% growth target.
 
 Sweep memory:
 
@@ -268,6 +270,60 @@ def memory_main(argv: list[str]) -> int:
     return run(argv)
 
 
+def repeats_main(argv: list[str]) -> int:
+    """`benchmark repeats`: memory of a group's members in one process (trainer.repeats)."""
+    from experiments import compose_project_config, tracking
+    from experiments.tracking import tags as T
+
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.benchmark repeats",
+        description=(
+            "Run one config with trainer.repeats=N in one process and report each member's "
+            "peak and current memory; fails when the last member's peak exceeds member 2's by "
+            "more than --tolerance (repeats share the decoded data and features, not memory)."
+        ),
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="members to run (default 5)")
+    parser.add_argument("--tolerance", type=float, default=0.10, help="default 0.10")
+    parser.add_argument("--out", type=Path, default=None, help="default: paths.reports_dir")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides (default: the quickstart)")
+    args = parser.parse_intermixed_args(argv)
+    if args.repeats < 2:
+        parser.error(f"--repeats={args.repeats} is too few; member 2 is the baseline")
+    out = args.out or Path(compose_project_config().paths.reports_dir)
+    with tempfile.TemporaryDirectory(prefix="experiments-benchmark-") as tmp:
+        uri = sqlite_uri(Path(tmp))
+        command = [
+            sys.executable, "-m", "experiments.train",
+            *(args.overrides or ["experiment=quickstart"]), f"trainer.repeats={args.repeats}",
+            f"tracking.uri={uri}", f"tracking.artifact_dir={tmp}/artifacts",
+            "tracking.experiment=benchmark", "tracking.log_model=false",
+        ]  # fmt: skip
+        print("running:", " ".join(command), flush=True)
+        started = time.perf_counter()
+        if subprocess.run(command).returncode != 0:
+            print("error: the group failed; see its output above")
+            return 2
+        wall_s = time.perf_counter() - started
+        (group,) = tracking.run_rows(f"tags.{T.GROUP} = 'true'", experiment="benchmark", uri=uri)
+        members = tracking.run_rows(
+            f"tags.{T.PARENT_RUN} = '{group.run_id}'", experiment="benchmark", uri=uri
+        )
+    rows = [
+        {
+            "trial": index,  # the member, in the order it ran
+            "seed": int(run.params["trainer.seed"]),
+            "peak_rss_mb": round(run.metrics["peak_rss_mb"], 1),
+            "rss_mb": round(run.metrics["rss_mb"], 1),
+            "duration_s": round(run.duration_s, 1),
+        }
+        for index, run in enumerate(sorted(members, key=lambda r: int(r.params["trainer.seed"])))
+    ]
+    summary = summarize(rows, args.tolerance)
+    print(report(rows, summary, wall_s, out))
+    return 0 if summary["passed"] else 1
+
+
 def run_main(argv: list[str]) -> int:
     from experiments.wholerun import run_main as run
 
@@ -279,6 +335,7 @@ MODES = {
     "throughput": throughput_main,
     "memory": memory_main,
     "run": run_main,
+    "repeats": repeats_main,
 }
 
 

@@ -3,9 +3,10 @@
 
 The group is one MLflow parent run; each member is a normal child run (resumable, comparable,
 servable). The parent holds, for every final metric, `<metric>_mean`, `<metric>_std` (n - 1)
-and the 95% interval of the mean (`_ci95_low`, `_ci95_high`, Student's t), and the mean (and
-std) curve of every per-epoch metric under its own name. Run again after an interruption, the
-group continues its parent, skips the members that finished and resumes the one that was cut.
+and the 95% interval of the mean (`_ci95_low`, `_ci95_high`, Student's t), and the mean curve of
+every per-epoch metric under its own name (its std per epoch as `<metric>_epoch_std`). Run again
+after an interruption, the group continues its parent, skips the members that finished and
+resumes the one that was cut.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def aggregate(final: list[dict[str, float]]) -> dict[str, float]:
 
 def mean_curves(histories: list[dict[str, list[tuple[int, float]]]]) -> dict[int, dict]:
     """Per epoch (step): the mean and std over the members that reached it of each per-epoch
-    metric, as {step: {name: mean, name_std: std}}."""
+    metric, as {step: {name: mean, name_epoch_std: std}}."""
     by_step: dict[int, dict[str, list[float]]] = {}
     for history in histories:
         for name, points in history.items():
@@ -115,7 +116,7 @@ def mean_curves(histories: list[dict[str, list[tuple[int, float]]]]) -> dict[int
         for name, values in names.items():
             curves.setdefault(step, {})[name] = float(np.mean(values))
             if len(values) > 1:
-                curves[step][f"{name}_std"] = float(np.std(values, ddof=1))
+                curves[step][f"{name}_epoch_std"] = float(np.std(values, ddof=1))
     return curves
 
 
@@ -196,13 +197,15 @@ def record_group(cfg: DictConfig, parent_id: str, runs: list[Member]):
     if len(names) == 1:
         metrics.setdefault(f"{names[0]}_std", summary(returned)["std"])
     tracking.log_metrics(metrics)
+    note = group_note(cfg, finished)
     tracking.set_tags(
         {
             tracking.tags.RETURNED_VALUE: json.dumps(value),
             tracking.tags.MEMBERS: str(len(finished)),
-            tracking.tags.NOTE: group_note(cfg, finished),
+            tracking.tags.NOTE: note,
         }
     )
+    log.info("group run %s: %s", parent_id, note.replace("\n\n", "; ").replace("**", ""))
     return value
 
 
