@@ -71,6 +71,12 @@ def use_backend(name: str) -> str:
             if name == "tensorflow":  # the CUDA driver is looked for here, not mid-run
                 module.config.list_physical_devices("GPU")
                 logging.getLogger("tensorflow").addFilter(_not_retracing)
+                # tf.data notes a memory setting at its first generator, whenever that comes:
+                # it comes here, inside the filter.
+                for _ in module.data.Dataset.from_generator(
+                    lambda: iter([0]), output_signature=module.TensorSpec((), module.int32)
+                ):
+                    pass
     except ImportError as err:
         raise ExperimentError(
             f"backend={name}: importing {package} failed ({err}); repair it: {install}"
@@ -97,12 +103,13 @@ def set_seed(seed: int) -> None:
 def start_up_chatter() -> re.Pattern:
     """The lines TensorFlow's C++ start-up writes that do not concern the user: absl writes
     every message before its InitializeLog, whatever TF_CPP_MIN_LOG_LEVEL says (the CPU kernels
-    it uses, a machine without CUDA). Without a GPU, the failed CUDA start is chatter too; with
-    one, it is the news that the GPU is not used, and stays."""
+    it uses, a machine without CUDA, tf.data's memory setting). Without a GPU, the failed CUDA
+    start is chatter too; with one, it is the news that the GPU is not used, and stays."""
     chatter = [
         "All log messages before absl::InitializeLog",
         "oneDNN custom operations are on",
         "Could not find cuda drivers on your machine",
+        "Memory patch applied",
     ]
     if not visible_gpus():
         chatter += ["failed call to cuInit", "cuda_executor.cc", "cuda_platform.cc"]

@@ -14,13 +14,14 @@ its study; and reading the store back. One module per concern:
 | `queries` | reading the store: runs as rows or a table, histories, models |
 | `system` | a run's system metrics, sampled by MLflow's monitors |
 | `views` | how MLflow's UI opens an experiment: model training, the comparison view |
+| `registry` | the model registry: versions, aliases, a model URI's source run |
 | `tags` | the names of every tag the project writes or reads |
 
 MLflow is imported inside the functions, so composing a config never pays for it.
 """
 
 from experiments.processes import memory_metrics
-from experiments.tracking import tags
+from experiments.tracking import registry, tags
 from experiments.tracking.client import HTTP_DEFAULTS, sqlite_uri
 from experiments.tracking.outbox import Outbox, flush_outbox, pending_outboxes, sync_outboxes
 from experiments.tracking.queries import (
@@ -120,6 +121,7 @@ __all__ = [
     "pending_outboxes",
     "prepare_experiment",
     "recorded",
+    "registry",
     "resumable_run",
     "run_rows",
     "run_status",

@@ -1,0 +1,85 @@
+"""MLflow's model registry: a run's model registered as a version of a named model, an alias
+moved onto it, and any model URI (`runs:/`, `models:/name@alias`, `models:/name/3`) traced back
+to the run that logged it."""
+
+from __future__ import annotations
+
+import re
+
+from experiments.errors import ExperimentError
+from experiments.tracking.client import client
+from experiments.tracking.queries import RunRow, find_run
+
+# MLflow caps a model version's tag value at 5,000 characters.
+MAX_VERSION_TAG_CHARS = 5000
+
+
+def has_model(run_id: str) -> bool:
+    """Whether the run logged a model under `model/`."""
+    return any(a.path == "model/MLmodel" for a in client().list_artifacts(run_id, "model"))
+
+
+def source_run(model_uri: str) -> RunRow:
+    """The run that logged the model at `model_uri`; one line naming what is unknown."""
+    from mlflow.exceptions import MlflowException
+
+    uri = str(model_uri)
+    if match := re.fullmatch(r"runs:/([0-9a-f]{32})(/.*)?", uri):
+        run = find_run(match.group(1))
+        if run is None:
+            raise ExperimentError(f"{uri}: no run {match.group(1)} in {client().tracking_uri}")
+        return run
+    match = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", uri)
+    if not match:
+        raise ExperimentError(
+            f"{uri} is not a model URI; give runs:/<run id>/model, models:/<name>@<alias> or "
+            f"models:/<name>/<version>"
+        )
+    name, alias, version = match.groups()
+    try:
+        found = (
+            client().get_model_version_by_alias(name, alias)
+            if alias
+            else client().get_model_version(name, version)
+        )
+    except MlflowException:
+        known = sorted(m.name for m in client().search_registered_models())
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        raise ExperimentError(
+            f"{uri}: the registry has no {what} of a model {name!r} (registered models: "
+            f"{', '.join(known) or 'none'}); register one with python -m experiments.register"
+        ) from None
+    run = find_run(found.run_id) if found.run_id else None
+    if run is None:
+        raise ExperimentError(f"{uri}: version {found.version} has no source run in this store")
+    return run
+
+
+def register(run_id: str, name: str, tags: dict[str, str], alias: str | None):
+    """Register run `run_id`'s model as a new version of `name` with `tags`, and move `alias`
+    onto it; (the new version, the version the alias left or None)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client()
+    previous = None
+    if alias:
+        try:
+            previous = mlflow_client.get_model_version_by_alias(name, alias).version
+        except MlflowException:  # a new model, or a new alias
+            previous = None
+    values = {k: str(v)[:MAX_VERSION_TAG_CHARS] for k, v in tags.items()}
+    version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=values).version
+    if alias:
+        mlflow_client.set_registered_model_alias(name, alias, version)
+    return version, previous
+
+
+def dataset_digests(run_id: str) -> dict[str, str]:
+    """The digest of each dataset input of a run, by its context (the split)."""
+    run = client().get_run(run_id)
+    out = {}
+    for item in run.inputs.dataset_inputs:
+        context = next((t.value for t in item.tags if t.key == "mlflow.data.context"), "")
+        out[context or item.dataset.name] = item.dataset.digest
+    return out
