@@ -44,7 +44,13 @@ def comparison_table(experiments: list[str] | None, filter_string: str = "", pru
     (their partial runs have no test metrics), or kept with `pruned` and marked."""
     from experiments import tracking
 
-    names = experiments or list(tracking.experiments().values())
+    known = list(tracking.experiments().values())
+    if unknown := [name for name in experiments or [] if name not in known]:
+        raise ExperimentError(
+            f"no experiment named {', '.join(unknown)} in this store; it has "
+            f"{', '.join(known) or 'none'} (options such as --out go before the names)"
+        )
+    names = experiments or known
     wanted = " and ".join(f for f in ("attributes.status = 'FINISHED'", filter_string) if f)
     runs = tracking.runs_table(wanted, experiment_names=names)
     if runs.empty:
@@ -164,7 +170,9 @@ def shown(table):
         if std is None:
             continue
         out[column] = [
-            f"{m:.4g} ± {s:.2g} ({n})" if n > 1 and s > 0 else ("" if m != m else f"{m:.4g}")
+            f"{m:.4g} ± {s:.2g} ({n})"
+            if n > 1 and s > 1e-9 * max(1.0, abs(m))  # not a constant's rounding noise
+            else ("" if m != m else f"{m:.4g}")
             for m, s, n in zip(table[column], std, table["n"], strict=True)
         ]
     return out.drop(columns=[c for c in out if c.endswith("_std")])
@@ -199,6 +207,8 @@ def significance(first: str, second: str, metric: str) -> str:
     from scipy import stats
 
     a, b = group_members(first, metric), group_members(second, metric)
+    if sorted(a) == sorted(b) and all(a[k] == b[k] for k in a):
+        return f"{metric}: the two groups are equal on each of their {len(a)} members; no test"
     if sorted(a) == sorted(b):
         pairs = sorted(a)
         test = stats.ttest_rel([a[k] for k in pairs], [b[k] for k in pairs])
