@@ -21,18 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.validation import EPOCH_METRICS
+
 log = logging.getLogger("experiments.groups")
 
 # Aggregated as curves (mean and std per epoch), not as final values.
-CURVES = (
-    "loss",
-    "accuracy",
-    "val_loss",
-    "val_accuracy",
-    "learning_rate",
-    "epoch_time_s",
-    "train_images_per_s",
-)
+CURVES = EPOCH_METRICS
 NOT_AGGREGATED = ("system/", "rss_mb", "peak_rss_mb")  # the process's, not the model's
 
 
