@@ -144,8 +144,9 @@ def summarize(rows: list[dict], tolerance: float) -> dict:
     }
 
 
-def report(rows: list[dict], summary: dict, wall_s: float, out: Path) -> str:
-    """The per-trial table and the verdict as markdown, also saved as md and json in `out`."""
+def report(rows: list[dict], summary: dict, wall_s: float, out: Path, what: str = "trial") -> str:
+    """The table of each `what` (trial, member) and the verdict as markdown, also saved as md
+    and json in `out` (`benchmark-memory.*`, or `benchmark-<what>s.*`)."""
     import pandas as pd
 
     verdict = "PASS" if summary["passed"] else "FAIL"
@@ -153,19 +154,20 @@ def report(rows: list[dict], summary: dict, wall_s: float, out: Path) -> str:
         [
             pd.DataFrame(rows).to_markdown(index=False),
             "",
-            f"peak RSS after the 2nd trial (#{summary['baseline_trial']}): "
+            f"peak RSS after the 2nd {what} (#{summary['baseline_trial']}): "
             f"{summary['peak_rss_mb_baseline']:.1f} MB; after the last (#{summary['last_trial']}): "
             f"{summary['peak_rss_mb_last']:.1f} MB ({summary['peak_growth']:+.1%}); "
             f"RSS {summary['rss_mb_baseline']:.1f} -> {summary['rss_mb_last']:.1f} MB "
-            f"({summary['rss_growth']:+.1%}); sweep wall time {wall_s:.0f} s",
+            f"({summary['rss_growth']:+.1%}); wall time {wall_s:.0f} s",
             f"{verdict}: peak growth {summary['peak_growth']:+.1%}, "
             f"tolerance {summary['tolerance']:.0%}",
         ]
     )
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark-memory.md").write_text(text + "\n")
-    payload = {"summary": summary, "wall_s": round(wall_s, 1), "trials": rows}
-    (out / "benchmark-memory.json").write_text(json.dumps(payload, indent=2) + "\n")
+    stem = "benchmark-memory" if what == "trial" else f"benchmark-{what}s"
+    (out / f"{stem}.md").write_text(text + "\n")
+    payload = {"summary": summary, "wall_s": round(wall_s, 1), f"{what}s": rows}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
     return text
 
 
@@ -311,7 +313,7 @@ def repeats_main(argv: list[str]) -> int:
         )
     rows = [
         {
-            "trial": index,  # the member, in the order it ran
+            "trial": index,  # the member's number, in the order it ran
             "seed": int(run.params["trainer.seed"]),
             "peak_rss_mb": round(run.metrics["peak_rss_mb"], 1),
             "rss_mb": round(run.metrics["rss_mb"], 1),
@@ -320,7 +322,7 @@ def repeats_main(argv: list[str]) -> int:
         for index, run in enumerate(sorted(members, key=lambda r: int(r.params["trainer.seed"])))
     ]
     summary = summarize(rows, args.tolerance)
-    print(report(rows, summary, wall_s, out))
+    print(report(rows, summary, wall_s, out, what="member"))
     return 0 if summary["passed"] else 1
 
 
