@@ -181,6 +181,13 @@ def test_a_killed_group_completes_with_exactly_its_children(signum, tmp_path, im
     log.close()
     cut = runs_of(tmp_path, "folder")
     assert 1 <= sum(r.info.status == "FINISHED" for r in cut) < REPEATS  # cut mid-group
+    if signum == signal.SIGTERM:  # the hint names the member that was cut, with its epochs
+        (killed,) = [r for r in cut if r.info.status == "KILLED" and "group" not in r.data.tags]
+        (hint,) = [
+            x for x in (tmp_path / "first.log").read_text().splitlines() if "interrupted" in x
+        ]
+        assert f"run {killed.info.run_id} ended KILLED with " in hint
+        assert " 0 complete epoch" not in hint
     again = subprocess.run(
         group_command(tmp_path, image_folder), capture_output=True, text=True, timeout=900
     )

@@ -60,6 +60,8 @@ def start_run(
     """
     # A signal while the run is opened or closed waits for it (see experiments.interrupts).
     enclosing = _active.get("run")  # a group's parent, active around its members' runs
+    if enclosing is None:
+        _active.pop("cut", None)
     with deferred(hold=True):
         active = _open_run(tracking, run_name, tags, identity, resume)
         _active["run"] = active
@@ -71,6 +73,7 @@ def start_run(
             log_memory()
             log_system_metrics(last=True)
             _end_run(*_ending(err))
+        _active.setdefault("cut", active)  # the innermost: a group's member, not its parent
         raise
     else:
         with deferred():  # a signal now ends the process after the run is FINISHED
@@ -270,8 +273,9 @@ def run_status(run_id: str) -> str | None:
 
 
 def last_run_id() -> str | None:
-    """The id of the run this process recorded last, if any."""
-    last = _active.get("run") or _active.get("last")
+    """The id of the run this process recorded last, if any: after an interruption, the
+    innermost run it cut (a group's member, which is what resumes)."""
+    last = _active.get("run") or _active.get("cut") or _active.get("last")
     return last.run_id if last else None
 
 
