@@ -164,15 +164,19 @@ def _group_means(runs, groups) -> dict:
 
 def shown(table):
     """The table as printed and written to Markdown: a group's metrics as `mean ± std (n)`."""
+    import pandas as pd
+
     out = table.copy()
     for column in METRIC_COLUMNS + ["time_per_epoch_s"]:
         std = table.get(f"{column}_std")
         if std is None:
             continue
         out[column] = [
-            f"{m:.4g} ± {s:.2g} ({n})"
-            if n > 1 and s > 1e-9 * max(1.0, abs(m))  # not a constant's rounding noise
-            else ("" if m != m else f"{m:.4g}")
+            ""  # a pruned trial has no test metrics
+            if pd.isna(m)
+            else f"{m:.4g} ± {s:.2g} ({n})"
+            if n > 1 and not pd.isna(s) and s > 1e-9 * max(1.0, abs(m))  # not rounding noise
+            else f"{m:.4g}"
             for m, s, n in zip(table[column], std, table["n"], strict=True)
         ]
     return out.drop(columns=[c for c in out if c.endswith("_std")])
