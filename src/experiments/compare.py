@@ -11,8 +11,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from experiments import compose_project_config
 from experiments.errors import ExperimentError
 from experiments.tracking import tags as T
@@ -119,8 +117,10 @@ def table_of(runs, pruned: bool):
     groups = runs[runs[group_field].eq("true")] if group_field in runs else runs.iloc[:0]
     if not groups.empty:
         runs = runs[~runs[f"tags.{T.PARENT_RUN}"].isin(groups["run_id"])].copy()
-        for field, values in _group_means(runs, groups).items():
-            runs[field] = values
+        in_group = runs["run_id"].isin(groups["run_id"])
+        for field in (COLUMNS[column] for column in METRIC_COLUMNS):
+            if f"{field}_mean" in runs:  # a group's row shows its mean
+                runs[field] = runs[f"{field}_mean"].where(in_group, runs.get(field))
     pruned_field = f"tags.{T.PRUNED}"
     marked = runs[pruned_field].eq("true") if pruned_field in runs else runs["run_id"].isna()
     if not pruned:
@@ -147,19 +147,6 @@ def table_of(runs, pruned: bool):
         field = f"metrics.{COLUMNS[column][len('metrics.') :]}_std"
         table[f"{column}_std"] = runs[field] if field in runs else float("nan")
     return table.sort_values("test_accuracy", ascending=False, na_position="last")
-
-
-def _group_means(runs, groups) -> dict:
-    """For each metric column, its values with a group's mean (`<metric>_mean`) in its row."""
-    out = {}
-    for column in METRIC_COLUMNS:
-        field = COLUMNS[column]
-        mean = f"{field}_mean"
-        values = runs[field] if field in runs else runs["run_id"].map(lambda _: float("nan"))
-        if mean in runs:
-            values = values.where(~runs["run_id"].isin(groups["run_id"]), runs[mean])
-        out[field] = values
-    return out
 
 
 def shown(table):
@@ -208,6 +195,7 @@ def group_members(parent_id: str, metric: str) -> dict[tuple, float]:
 def significance(first: str, second: str, metric: str) -> str:
     """Whether two groups differ in `metric`: a paired t-test when both ran the same seeds
     (each seed's runs share their initialisation and data order), else Welch's t-test."""
+    import numpy as np
     from scipy import stats
 
     a, b = group_members(first, metric), group_members(second, metric)

@@ -17,7 +17,7 @@ from experiments.checkpoints import RunCheckpoints
 from experiments.errors import ExperimentError
 from experiments.files import atomic_dir, read_cache
 from experiments.heads import build_head, loss_for
-from experiments.tasks import SPLITS, Split, Task
+from experiments.tasks import SPLITS, Split, Task, pooled_rows
 
 log = logging.getLogger(__name__)
 
@@ -322,10 +322,9 @@ def of_fold(task: Task, features: dict[str, np.ndarray]) -> dict[str, np.ndarray
     """The features of a fold's splits, taken from the whole task's (train rows, then val)."""
     if task.base is None:
         return features
-    pool = np.concatenate([features["train"], features["val"]])
-    return {"train": pool[task.rows["train"]], "val": pool[task.rows["val"]]} | {
-        "test": features["test"]
-    }
+    train, val = features["train"], features["val"]
+    folded = {s: pooled_rows(train, val, task.rows[s]) for s in ("train", "val")}
+    return folded | {"test": features["test"]}
 
 
 def _read_features(path: Path) -> dict[str, np.ndarray]:

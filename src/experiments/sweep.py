@@ -105,20 +105,29 @@ def swept_values() -> dict[str, str]:
     """The values this job of a multirun got from its sweep, by config key (a trial's params, a
     grid's point), as the overrides wrote them; {} outside a multirun."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from experiments.cli import in_multirun
 
     if not in_multirun():
         return {}
-    parser = OverridesParser.create()
     # The multirun's fixed overrides, by key: Hydra writes a job's overrides anew (3e-3 becomes
     # 0.003), so keys are compared, not text.
-    common = parser.parse_overrides(json.loads(os.environ.get(SWEEP_OVERRIDES_ENV, "[]")))
-    fixed = {o.key_or_group for o in common if not o.is_sweep_override()}
-    job = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith("hydra.")]
-    parsed = parser.parse_overrides(job)
-    return {o.key_or_group: o.value() for o in parsed if o.key_or_group not in fixed}
+    fixed = fixed_keys(parsed(json.loads(os.environ.get(SWEEP_OVERRIDES_ENV, "[]"))))
+    job = parsed(HydraConfig.get().overrides.task)
+    return {o.key_or_group: o.value() for o in job if o.key_or_group not in fixed}
+
+
+def parsed(overrides) -> list:
+    """Hydra's parse of `overrides`, less the ones that set Hydra itself (`hydra.*`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    kept = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+    return OverridesParser.create().parse_overrides(kept)
+
+
+def fixed_keys(overrides: list) -> set[str]:
+    """The keys that parsed `overrides` set to one value (not a sweep's several)."""
+    return {o.key_or_group for o in overrides if not o.is_sweep_override()}
 
 
 def job_run_name(default: str) -> str:
@@ -158,12 +167,8 @@ def short_value(value) -> str:
 def sweep_keys(overrides: list[str], search_space) -> list[str]:
     """The config keys a multirun varies: its sweep overrides (`a=1,2`, `choice(...)`) and its
     sweeper's search space (`hydra.sweeper.params`), less the keys its command line fixes."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(
-        [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
-    )
-    fixed = {o.key_or_group for o in parsed if not o.is_sweep_override()}
-    swept = [o.key_or_group for o in parsed if o.is_sweep_override()]
+    given = parsed(overrides)
+    fixed = fixed_keys(given)
+    swept = [o.key_or_group for o in given if o.is_sweep_override()]
     swept += [str(key) for key in (search_space or {}) if str(key) not in fixed]
     return list(dict.fromkeys(swept))

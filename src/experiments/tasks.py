@@ -134,16 +134,23 @@ def fold_task(task: Task, folds: int, fold: int, seed: int) -> Task:
     sources = train.sources + val.sources
 
     def part(chosen: np.ndarray) -> Split:
-        images = np.empty((len(chosen), *train.images.shape[1:]), np.uint8)
-        first = chosen < len(train.labels)
-        images[first] = train.images[chosen[first]]
-        images[~first] = val.images[chosen[~first] - len(train.labels)]
+        images = pooled_rows(train.images, val.images, chosen)
         return Split(images, labels[chosen], [sources[i] for i in chosen])
 
     splits = {"train": part(rows["train"]), "val": part(rows["val"]), "test": task.splits["test"]}
     return Task(
         task.name, task.class_names, splits, task.skipped, task.turned, base=task, rows=rows
     )
+
+
+def pooled_rows(first: np.ndarray, second: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` of `first` followed by `second`, read from each (memory-mapped arrays too)
+    without joining the two."""
+    out = np.empty((len(rows), *first.shape[1:]), first.dtype)
+    inside = rows < len(first)
+    out[inside] = first[rows[inside]]
+    out[~inside] = second[rows[~inside] - len(first)]
+    return out
 
 
 def too_many_folds(folds: int, smallest: int) -> str:

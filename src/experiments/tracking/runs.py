@@ -17,7 +17,7 @@ from pathlib import Path
 
 from experiments.errors import ExperimentError
 from experiments.interrupts import deferred, raise_if_pending, uninterrupted
-from experiments.processes import GROUP_PARENT_ENV, RUN_KEYS, memory_metrics, this_process
+from experiments.processes import RUN_KEYS, memory_metrics, this_process
 from experiments.tracking import tags as T
 from experiments.tracking.client import client
 from experiments.tracking.outbox import Outbox
@@ -94,8 +94,6 @@ def _open_run(tracking, run_name: str, tags: dict, identity: str | None, resume:
 
     experiment_id = set_tracking(tracking)
     parent_experiment, parent = parent_of_job()
-    if group := os.environ.get(GROUP_PARENT_ENV):  # a member of a group, inside it
-        parent_experiment, parent = client().get_run(group).info.experiment_id, group
     # Children live in their parent's experiment, or the UI cannot nest them.
     experiment_id = parent_experiment or experiment_id
     resumed = resumable_run(experiment_id, identity, resume) if identity else None

@@ -16,7 +16,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.interrupts import uninterrupted
-from experiments.processes import RUN_KEYS, this_process
+from experiments.processes import GROUP_PARENT_ENV, RUN_KEYS, this_process
 from experiments.sweep import SWEEP_OVERRIDES_ENV, defining_overrides, sweep_keys
 from experiments.tracking import tags as T
 from experiments.tracking.client import client
@@ -59,15 +59,18 @@ def sweep_parent(mlflow_client, experiment_id: str, identity: str) -> str | None
 
 
 def parent_of_job() -> tuple[str | None, str | None]:
-    """(the experiment id, the parent run id) a job of a multirun nests under, or (None, None).
+    """(the experiment id, the parent run id) a run nests under: its group's parent run while a
+    group (repeats, folds) runs its members, else its multirun's, else (None, None).
 
-    Workers that started together may each have opened a parent: all use the one
+    Workers of a multirun that started together may each have opened a parent: all use the one
     `sweep_parent` picks.
     """
+    mlflow_client = client()
+    if group := os.environ.get(GROUP_PARENT_ENV):
+        return mlflow_client.get_run(group).info.experiment_id, group
     parent = os.environ.get(PARENT_RUN_ENV) or None
     if not parent:
         return None, None
-    mlflow_client = client()
     experiment_id = mlflow_client.get_run(parent).info.experiment_id
     if sweep := os.environ.get(SWEEP_IDENTITY_ENV):
         parent = sweep_parent(mlflow_client, experiment_id, sweep) or parent
