@@ -51,8 +51,6 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         resume = str(cfg.get("resume", "auto"))
         if resume != "never" and (done := finished_job(cfg, identity)) is not None:
             return done
-        if is_group(cfg):  # repeats: each member is a run of this function
-            return train_group(cfg, train)
         # Before the backend is imported: it reads these settings then.
         use_compilation_cache(cfg)
         use_device_slot()
@@ -60,6 +58,8 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     with phases.phase("data"):
         task = load_task(cfg.task, cfg.paths)
         weights = resolve_weights(cfg.backbone, cfg.paths.weights_dir)
+    if is_group(cfg):  # repeats, folds: each member is a run of this function, on cached data
+        return train_group(cfg, train)
 
     from experiments.strategies import train_with_strategy
 
