@@ -134,12 +134,14 @@ def test_logged_model_takes_uint8_images_and_predicts_like_the_trained_one(tiny_
     in_memory = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
     # Stored once: in MLflow, not also as a copy in the run's output folder.
     assert not list(Path(run.data.tags["hydra_output_dir"]).rglob("*.keras"))
-    np.testing.assert_allclose(
-        np.asarray(pyfunc.predict(images)),
-        in_memory.predict(images, verbose=0),
-        rtol=1e-5,
-        atol=1e-6,
-    )
+    # The pyfunc answers in the run's class names, with the Keras model's probabilities.
+    served = pyfunc.predict(images)
+    expected = in_memory.predict(images, verbose=0)
+    names = ["class_0", "class_1", "class_2"]
+    probabilities = [[row[name] for name in names] for row in served["probabilities"]]
+    np.testing.assert_allclose(probabilities, expected, rtol=1e-5, atol=1e-6)
+    assert list(served["class"]) == [names[i] for i in expected.argmax(axis=1)]
+    np.testing.assert_allclose(served["confidence"], expected.max(axis=1), rtol=1e-5)
     assert pyfunc.metadata.get_input_schema().inputs[0].type == np.dtype(np.uint8)
 
 

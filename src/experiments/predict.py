@@ -13,7 +13,6 @@ order of the folders here.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def predict(cfg: DictConfig) -> int:
 
     tracking.open_store(str(cfg.tracking.uri), cfg.tracking.get("outbox_dir"))
     source = tracking.registry.source_run(str(cfg.model))
-    class_names = recorded_classes(source)
+    class_names = tracking.registry.class_names(source)
     files = image_files(Path(str(cfg.input)).expanduser())
     model = tracking.load_model(str(cfg.model))
     images, kept = decode_all(files, tuple(model.input_shape[1:3]))
@@ -95,20 +94,6 @@ def decode_all(files: list[Path], size: tuple[int, int]) -> tuple[np.ndarray, li
             advance(1)
     shape = (0, *size, 3)
     return (np.stack(images) if images else np.zeros(shape, np.uint8)), kept
-
-
-def recorded_classes(source) -> list[str]:
-    """The class names the model's source run recorded, in the model's output order."""
-    from experiments import tracking
-
-    try:
-        text = tracking.load_text(f"runs:/{source.run_id}/data/classes.json")
-    except Exception as err:
-        raise ExperimentError(
-            f"run {source.run_id} recorded no class names (data/classes.json: "
-            f"{str(err).splitlines()[0][:200]}); use a model logged by experiments.train"
-        ) from None
-    return list(json.loads(text)["class_names"])
 
 
 def write_predictions(path: Path, files, probabilities, class_names, top_k: int) -> None:

@@ -55,6 +55,47 @@ def evaluate_split(model, split, num_classes: int, batch_size: int = 64) -> Eval
     )
 
 
+@dataclass
+class PairedComparison:
+    """Two models' predictions on the same images: accuracies, difference and McNemar's test."""
+
+    accuracy: float
+    other_accuracy: float
+    only_this_right: int  # images this model gets right and the other wrong
+    only_other_right: int
+    p_value: float  # McNemar's exact test: a two-sided binomial test on the discordant images
+    ci95: tuple[float, float]  # the difference's 95% interval (Wald, for paired proportions)
+
+    @property
+    def difference(self) -> float:
+        return self.accuracy - self.other_accuracy
+
+
+def paired_comparison(this: Evaluation, other: Evaluation) -> PairedComparison:
+    """Whether `this` and `other`, evaluated on the same images, differ in accuracy.
+
+    McNemar's exact test looks only at the images where the two disagree on being right; the
+    shared ones say nothing about the difference. scipy's binomial test computes it.
+    """
+    from scipy import stats
+
+    if not np.array_equal(this.labels, other.labels):
+        raise ValueError("the two evaluations are not of the same images")
+    right, other_right = this.predictions == this.labels, other.predictions == other.labels
+    b, c, n = int((right & ~other_right).sum()), int((~right & other_right).sum()), len(right)
+    p_value = stats.binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    difference = (b - c) / n
+    half = 1.96 * np.sqrt(max((b + c) / n - difference**2, 0.0) / n)
+    return PairedComparison(
+        accuracy=this.accuracy,
+        other_accuracy=other.accuracy,
+        only_this_right=b,
+        only_other_right=c,
+        p_value=float(p_value),
+        ci95=(float(difference - half), float(difference + half)),
+    )
+
+
 def write_reports(
     outdir: Path,
     evaluation: Evaluation,

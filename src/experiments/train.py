@@ -175,7 +175,7 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
         for path in [*reports, *scaled_png]:
             tracking.log_artifact(path, artifact_path="evaluation")
         if cfg.tracking.log_model:
-            tracking.log_model(serving, task.image_shape, task.num_classes)
+            tracking.log_model(serving, task.image_shape, task.class_names)
         value = optimized_values(cfg.optimized_metric, trained.history, metrics)
         tracking.set_tags({tags.RETURNED_VALUE: json.dumps(value)})
     tracking.log_metrics(phases.metrics() | compilation_cache_metrics())

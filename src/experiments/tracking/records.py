@@ -167,8 +167,9 @@ def _distributions() -> dict[str, list[str]]:
 
 
 @uninterrupted
-def log_model(model, image_shape, num_classes: int) -> None:
-    """Log the Keras model with a uint8-image signature (no input example: mlflow#16183).
+def log_model(model, image_shape, class_names: list[str]) -> None:
+    """Log the Keras model with a uint8-image signature (no input example: mlflow#16183) and a
+    pyfunc flavor that answers in `class_names` (`tracking.serving`).
 
     While the tracking server is lost the model is saved in MLflow's format into the outbox and
     sent later as the run's `model/` artifacts, which `runs:/<id>/model` loads the same way.
@@ -176,24 +177,19 @@ def log_model(model, image_shape, num_classes: int) -> None:
     import tempfile
 
     import keras
-    import mlflow
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
-    outputs = 1 if num_classes == 2 else num_classes
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, *image_shape), "image")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, outputs), "probabilities")]),
-    )
+    from experiments.tracking import serving
+
     model_spec = {
-        "signature": signature,
+        "keras_model": model,
+        "class_names": class_names,
+        "signature": serving.signature(image_shape),
         "pip_requirements": serving_requirements(keras.backend.backend()),
     }
     outbox = active_run().outbox
     if not outbox.is_down() and not outbox.pending():
         try:
-            mlflow.keras.log_model(model, name="model", **model_spec)
+            serving.log_model(**model_spec)
             return
         except Exception as err:
             if not outbox.remote or not unreachable(err):
@@ -201,5 +197,5 @@ def log_model(model, image_shape, num_classes: int) -> None:
             outbox.went_down(err)
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "model"
-        mlflow.keras.save_model(model, str(saved), **model_spec)
+        serving.save_model(saved, **model_spec)
         log_artifact(saved, "model")

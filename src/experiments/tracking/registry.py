@@ -4,11 +4,12 @@ to the run that logged it."""
 
 from __future__ import annotations
 
+import json
 import re
 
 from experiments.errors import ExperimentError
 from experiments.tracking.client import client
-from experiments.tracking.queries import RunRow, find_run
+from experiments.tracking.queries import RunRow, find_run, load_text
 
 # MLflow caps a model version's tag value at 5,000 characters.
 MAX_VERSION_TAG_CHARS = 5000
@@ -83,3 +84,15 @@ def dataset_digests(run_id: str) -> dict[str, str]:
         context = next((t.value for t in item.tags if t.key == "mlflow.data.context"), "")
         out[context or item.dataset.name] = item.dataset.digest
     return out
+
+
+def class_names(run: RunRow) -> list[str]:
+    """The class names `run` recorded (`data/classes.json`), in its model's output order."""
+    try:
+        text = load_text(f"runs:/{run.run_id}/data/classes.json")
+    except Exception as err:
+        raise ExperimentError(
+            f"run {run.run_id} recorded no class names (data/classes.json: "
+            f"{str(err).splitlines()[0][:200]}); use a model logged by experiments.train"
+        ) from None
+    return list(json.loads(text)["class_names"])

@@ -1,0 +1,167 @@
+"""Export a logged or registered model for use outside Keras and MLflow:
+
+    python -m experiments.export models:/flowers-classifier@champion --format saved_model
+    python -m experiments.export runs:/<run id>/model --format onnx --output flowers.onnx
+
+The export is Keras' own (`Model.export`); it takes float32 0-255 RGB images of the model's size
+and returns the model's probabilities, with the class names beside it (`classes.json`). Before
+it is moved into place it must predict as the logged model does on random images; otherwise
+nothing is written.
+
+Which format works on which backend (checked with TensorFlow 2.21, JAX 0.10, Keras 3.15):
+saved_model on tensorflow and jax; onnx needs tf2onnx on tensorflow, jax2onnx on jax or torch's
+exporter, none of them installed by this project (tf2onnx 1.17 turns the VGG/ResNet
+preprocessing constant into a second input, which the check below refuses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from experiments import compose_project_config
+from experiments.errors import ExperimentError
+
+# Our name -> Keras' name, and the backends where Keras can write it.
+FORMATS = {
+    "saved_model": ("tf_saved_model", ("tensorflow", "jax")),
+    "onnx": ("onnx", ("tensorflow", "jax", "torch")),
+}
+CHECK_IMAGES = 16
+# Exported graphs reorder float32 arithmetic; a probability may move by a few ulps.
+TOLERANCE = 1e-4
+
+
+def default_output(uri: str, run_id: str, fmt: str) -> Path:
+    """exports/<name>-v<version> (or <name>-<alias>, run-<id>), `.onnx` for ONNX."""
+    stem = uri.split(":/", 1)[1].replace("@", "-").replace("/", "-v")
+    if uri.startswith("runs:/"):
+        stem = f"run-{run_id[:8]}"
+    return Path("exports") / (stem + (".onnx" if fmt == "onnx" else ""))
+
+
+def export(model, fmt: str, output: Path) -> None:
+    """Write `model` to `output` in `fmt` with Keras; an exporter that is missing is one line."""
+    keras_format, _ = FORMATS[fmt]
+    model(np.zeros((1, *model.input_shape[1:]), "float32"))  # JAX's exporters need a call
+    try:
+        model.export(str(output), format=keras_format, verbose=False)
+    except ImportError as err:
+        raise ExperimentError(
+            f"--format {fmt} needs a package this environment lacks: {err}; or use --format "
+            f"saved_model"
+        ) from None
+
+
+def exported_predict(path: Path, fmt: str):
+    """A function of float32 images to the exported model's outputs."""
+    if fmt == "saved_model":
+        import tensorflow as tf
+
+        loaded = tf.saved_model.load(str(path))
+        return lambda images: np.asarray(loaded.serve(tf.constant(images)))
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExperimentError(
+            "checking an ONNX export needs onnxruntime: pip install onnxruntime"
+        ) from None
+    session = onnxruntime.InferenceSession(str(path))
+    inputs = [i.name for i in session.get_inputs()]
+    if len(inputs) != 1:
+        raise ExperimentError(
+            f"the ONNX exporter gave a model of {len(inputs)} inputs ({', '.join(inputs)}), not "
+            f"one image input; nothing written: use --format saved_model"
+        )
+    return lambda images: session.run(None, {inputs[0]: images})[0]
+
+
+def check(model, predict, images: np.ndarray) -> float:
+    """The largest difference between the exported and the logged model's outputs on `images`;
+    one line if they differ beyond `TOLERANCE` or in any predicted class."""
+    logged = model.predict(images, verbose=0)
+    exported = np.asarray(predict(images.astype("float32"))).reshape(logged.shape)
+    gap = float(np.abs(exported - logged).max())
+    same_class = np.array_equal(exported.argmax(axis=1), logged.argmax(axis=1))
+    if gap > TOLERANCE or (logged.shape[1] > 1 and not same_class):
+        raise ExperimentError(
+            f"the export predicts other probabilities than the logged model (largest "
+            f"difference {gap:.3g} on {len(images)} images); nothing written"
+        )
+    return gap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m experiments.export`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="models:/<name>@<alias>, models:/<name>/<version>, runs:/…")
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
+    parser.add_argument("--output", type=Path, default=None, help="default: exports/<model>")
+    parser.add_argument("--tracking-uri", default=None, help="default: tracking.uri")
+    args = parser.parse_args(argv)
+    project = compose_project_config()
+    try:
+        return run(args, project)
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args, project) -> int:
+    from experiments.backend import use_backend
+
+    backend = use_backend(str(project.backend))
+    if backend not in FORMATS[args.format][1]:
+        raise ExperimentError(
+            f"--format {args.format} cannot be written on the {backend} backend; use one of "
+            f"{', '.join(FORMATS[args.format][1])} (KERAS_BACKEND=...)"
+        )
+    from experiments import tracking
+
+    tracking.open_store(args.tracking_uri or str(project.tracking.uri), project.tracking.outbox_dir)
+    source = tracking.registry.source_run(args.model)
+    if not tracking.registry.has_model(source.run_id):
+        raise ExperimentError(f"run {source.run_id} ({source.name}) logged no model")
+    output = args.output or default_output(args.model, source.run_id, args.format)
+    if output.exists():
+        raise ExperimentError(f"--output {output} exists; remove it or choose another path")
+    class_names = tracking.registry.class_names(source)
+    model = tracking.load_model(args.model)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    images = np.random.default_rng(0).integers(
+        0, 256, (CHECK_IMAGES, *model.input_shape[1:]), dtype=np.uint8
+    )
+    # Written beside its place and moved there whole, so a failed export leaves nothing.
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
+        staged = Path(tmp) / output.name
+        export(model, args.format, staged)
+        gap = check(model, exported_predict(staged, args.format), images)
+        classes = {"class_names": class_names, "source_run_id": source.run_id}
+        if args.format == "saved_model":
+            (staged / "classes.json").write_text(json.dumps(classes, indent=2))
+            staged.rename(output)
+        else:
+            classes_file = output.with_suffix(".classes.json")
+            classes_file.write_text(json.dumps(classes, indent=2))
+            shutil.move(str(staged), output)
+    print(
+        f"exported {args.model} (run {source.run_id}) as {args.format} to {output}: "
+        f"{CHECK_IMAGES} images predicted as the logged model does (largest difference "
+        f"{gap:.2g}); it takes float32 0-255 RGB images of shape {model.input_shape[1:]}, "
+        f"classes {', '.join(class_names)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
