@@ -36,6 +36,9 @@ class MlflowServer:
     sqlite store there or the database `store`; it can be killed and started again on the same
     port and store. `make=True` starts it the way users do, with `make server`."""
 
+    health = "/health"  # the path that answers once the server is up
+    env: dict[str, str] | None = None
+
     def __init__(self, root: Path, store: str | None = None, make: bool = False):
         self.root = root
         self.store = store or f"sqlite:///{root}/server.db"
@@ -66,12 +69,12 @@ class MlflowServer:
         import urllib.request
 
         self.process = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=self.env
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=2)
+                urllib.request.urlopen(f"{self.url}{self.health}", timeout=2)
                 return self
             except OSError:
                 if self.process.poll() is not None:
@@ -104,6 +107,47 @@ class MlflowServer:
             if child.is_running():
                 child.kill()
         self.process = None
+
+
+class ModelServer(MlflowServer):
+    """`mlflow models serve` of `model_uri` on 127.0.0.1, as the README runs it: the project's
+    environment (`--env-manager local`, its bin/ on PATH for uvicorn) and its tracking store."""
+
+    health = "/ping"
+
+    def __init__(self, model_uri: str, tracking_uri: str):
+        import os
+        import sys
+
+        super().__init__(Path("."))
+        self.model_uri = model_uri
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": path}
+
+    def command(self) -> list[str]:
+        import sys
+
+        return [
+            sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri,
+            "--env-manager", "local", "--host", "127.0.0.1", "--port", str(self.port),
+        ]  # fmt: skip
+
+    def invoke(self, body: dict) -> tuple[int, dict]:
+        """POST `body` as JSON to /invocations: the status and the decoded answer."""
+        import json
+        import urllib.error
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"{self.url}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as err:
+            return err.code, json.load(err)
 
 
 def env_without(tmp_path: Path, *packages: str) -> dict[str, str]:

@@ -1,5 +1,6 @@
-"""From a run to a model people use: register it (with an alias), predict with it; the
-predictions are the run's, and a bad input is one line with nothing registered."""
+"""From a run to a model people use: register it (with an alias), predict with it, serve it
+over HTTP, export it, compare a challenger with the champion; the predictions are the run's
+everywhere, and a bad input is one line with nothing registered or written."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import compose_config, tiny_overrides
-from helpers import client_for, runs_of
+from helpers import MlflowServer, ModelServer, client_for, env_without, runs_of
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +148,249 @@ def test_predict_refuses_a_folder_without_images(store, tmp_path):
         assert result.returncode == 2, result.stderr[-2000:]
         (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
         assert says in line
+
+
+def store_uri(root: Path) -> str:
+    return f"sqlite:///{root}/mlruns/mlflow.db"
+
+
+def decoded_test_split(root: Path, image_folder):
+    """The run's test split, decoded as training decoded it."""
+    from experiments.tasks import load_task
+
+    cfg = compose_config(tiny_overrides(root, image_folder))
+    return load_task(cfg.task, cfg.paths).splits["test"]
+
+
+def test_served_model_answers_http_with_class_names_and_the_runs_accuracy(store, image_folder):
+    """A real `mlflow models serve` of models:/clf@champion answers a real HTTP request of
+    uint8 images with class names and probabilities: the run's test accuracy."""
+    root, run, _ = store
+    register(root, f"runs:/{run.info.run_id}/model", "--name", "clf", "--alias", "champion")
+    test = decoded_test_split(root, image_folder)
+    server = ModelServer("models:/clf@champion", store_uri(root)).start(timeout=240)
+    try:
+        status, answer = server.invoke({"inputs": test.images.tolist()})
+        assert status == 200, answer
+        rows = answer["predictions"]
+        names = ["class_0", "class_1", "class_2"]
+        assert len(rows) == len(test.labels)
+        for row in rows:
+            assert row["class"] in names and set(row["probabilities"]) == set(names)
+            assert sum(row["probabilities"].values()) == pytest.approx(1.0)
+            assert row["confidence"] == max(row["probabilities"].values())
+        accuracy = np.mean([r["class"] == names[y] for r, y in zip(rows, test.labels, strict=True)])
+        assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
+        # An image the model cannot take: a 400 that names the shape it wants.
+        status, answer = server.invoke({"inputs": np.zeros((1, 16, 16, 3), np.uint8).tolist()})
+        assert (
+            status == 400 and "does not match expected shape (-1, 32, 32, 3)" in answer["message"]
+        )
+    finally:
+        server.stop()
+
+
+def export_cli(root: Path, *args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.export", *args, "--tracking-uri", store_uri(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+
+
+def test_export_saved_model_predicts_the_runs_test_accuracy(store, image_folder, tmp_path):
+    import json
+
+    import tensorflow as tf
+
+    root, run, _ = store
+    register(root, f"runs:/{run.info.run_id}/model", "--name", "clf", "--alias", "champion")
+    output = tmp_path / "clf"
+    result = export_cli(
+        root, "models:/clf@champion", "--format", "saved_model", "--output", str(output)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"as saved_model to {output}" in result.stdout
+    classes = json.loads((output / "classes.json").read_text())
+    assert classes == {
+        "class_names": ["class_0", "class_1", "class_2"],
+        "source_run_id": run.info.run_id,
+    }
+    test = decoded_test_split(root, image_folder)
+    exported = tf.saved_model.load(str(output))
+    predicted = np.asarray(exported.serve(tf.constant(test.images.astype("float32"))))
+    accuracy = np.mean(predicted.argmax(axis=1) == test.labels)
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
+    # Never over an earlier export.
+    again = export_cli(
+        root, "models:/clf@champion", "--format", "saved_model", "--output", str(output)
+    )
+    assert again.returncode == 2 and f"--output {output} exists" in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["models:/clf@nobody", "--format", "saved_model"], "the registry has no alias 'nobody'"),
+        (["models:/clf@champion", "--format", "onnx"], "needs a package this environment lacks"),
+    ],
+)
+def test_a_failed_export_is_one_line_and_writes_nothing(store, tmp_path, args, says):
+    root, run, _ = store
+    register(root, f"runs:/{run.info.run_id}/model", "--name", "clf", "--alias", "champion")
+    output = tmp_path / "out" / "model.onnx"
+    # ONNX without its exporter, as this project installs it (tf2onnx is not a dependency).
+    env = env_without(tmp_path, "tf2onnx")
+    result = export_cli(root, *args, "--output", str(output), env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert says in line
+    assert not output.exists() and not list(output.parent.glob(".export-*"))
+
+
+@pytest.fixture(scope="module")
+def challenger(store, image_folder):
+    """A second model, trained for one epoch on another seed: champion and challenger."""
+    from experiments.train import train
+
+    root, run, _ = store
+    train(
+        compose_config([*tiny_overrides(root, image_folder), "trainer.epochs=1", "trainer.seed=11"])
+    )
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    newest = runs_of(root, "folder")[-1]
+    register(root, f"runs:/{run.info.run_id}/model", "--name", "cmp", "--alias", "champion")
+    register(root, f"runs:/{newest.info.run_id}/model", "--name", "cmp", "--alias", "challenger")
+    return root, run, newest
+
+
+def evaluate_cli(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate", f"paths.root_dir={root}", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_a_challenger_is_compared_with_the_champion_on_the_same_images(challenger, image_folder):
+    import mlflow
+    from scipy import stats
+
+    root, champion, newest = challenger
+    result = evaluate_cli(root, "model=models:/cmp@challenger", "compare_to=champion")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    challenger_accuracy = newest.data.metrics["test_accuracy"]
+    champion_accuracy = champion.data.metrics["test_accuracy"]
+    assert f"test accuracy of models:/cmp@challenger  {challenger_accuracy:.4f}" in log
+    assert f"test accuracy of models:/cmp@champion    {champion_accuracy:.4f}" in log
+    assert f"difference {challenger_accuracy - champion_accuracy:+.4f}" in log
+    # McNemar's exact test, recomputed here from both models' predictions on the test split.
+    test = decoded_test_split(root, image_folder)
+    client_for(root)
+    right = [
+        mlflow.keras.load_model(f"models:/cmp@{alias}").predict(test.images, verbose=0).argmax(1)
+        == test.labels
+        for alias in ("challenger", "champion")
+    ]
+    b, c = int((right[0] & ~right[1]).sum()), int((~right[0] & right[1]).sum())
+    expected = stats.binomtest(b, b + c).pvalue if b + c else 1.0
+    assert f"{b} right only by the first, {c} only by the second" in log
+    (evaluation,) = runs_of(root, "folder", "tags.run_type = 'evaluate'")
+    metrics = evaluation.data.metrics
+    assert metrics["mcnemar_p_value"] == pytest.approx(expected)
+    assert metrics["compared_test_accuracy"] == pytest.approx(champion_accuracy)
+    assert metrics["test_accuracy"] == pytest.approx(challenger_accuracy)
+    assert evaluation.data.tags["compare_to"] == "models:/cmp@champion"
+    assert evaluation.data.tags["source_run_id"] == newest.info.run_id
+
+
+def test_compare_to_an_alias_needs_a_registered_model(store):
+    root, run, _ = store
+    result = evaluate_cli(root, f"model=runs:/{run.info.run_id}/model", "compare_to=champion")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "needs model=models:/<name>@..." in line
+
+
+def test_paired_comparison_counts_the_images_only_one_model_gets_right():
+    from scipy import stats
+
+    from experiments.reports import Evaluation, paired_comparison
+
+    labels = np.zeros(20, np.int32)
+    first = np.array([0] * 15 + [1] * 5)  # right on the first 15
+    second = np.array([1] * 3 + [0] * 9 + [1] * 8)  # right on images 3..11
+
+    def evaluation(predictions):
+        return Evaluation(
+            0.0, float(np.mean(predictions == labels)), labels, predictions, None, None
+        )
+
+    paired = paired_comparison(evaluation(first), evaluation(second))
+    assert (paired.only_this_right, paired.only_other_right) == (6, 0)
+    assert paired.difference == pytest.approx(15 / 20 - 9 / 20)
+    assert paired.p_value == pytest.approx(stats.binomtest(6, 6).pvalue)  # 2 * 0.5**6
+    low, high = paired.ci95
+    assert low < paired.difference < high
+    same = paired_comparison(evaluation(first), evaluation(first))
+    assert same.p_value == 1.0 and same.ci95 == (0.0, 0.0)
+
+
+def test_a_registry_on_a_real_mlflow_server(tmp_path, image_folder):
+    """Train against a real `mlflow server`, register there with an alias, move the alias, and
+    predict through models:/ from the server: the run's test accuracy."""
+    from experiments.train import train
+
+    server = MlflowServer(tmp_path / "server").start()
+    try:
+        root = tmp_path / "client"
+        train(
+            compose_config(
+                [
+                    *tiny_overrides(root, image_folder),
+                    f"tracking.uri={server.url}",
+                    "tracking.log_model=true",
+                ]
+            )
+        )
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        import mlflow
+
+        client = mlflow.MlflowClient(server.url)
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("folder").experiment_id],
+            "attributes.status = 'FINISHED'",
+        )
+        from experiments.register import main
+
+        uri = f"runs:/{run.info.run_id}/model"
+        for _ in range(2):
+            assert (
+                main([uri, "--name", "remote", "--alias", "champion", "--tracking-uri", server.url])
+                == 0
+            )
+        version = client.get_model_version_by_alias("remote", "champion")
+        assert version.version == "2" and version.run_id == run.info.run_id
+        folder = tmp_path / "images"
+        test = decoded_test_split(root, image_folder)
+        names = sorted(p.name for p in Path(image_folder).iterdir())
+        for index, source in enumerate(test.sources):
+            target = folder / f"{index:03d}.png"
+            target.parent.mkdir(exist_ok=True)
+            shutil.copy(Path(image_folder) / source, target)
+        output = tmp_path / "predictions.csv"
+        result = predict_cli(
+            root, "model=models:/remote@champion", f"input={folder}", f"output={output}",
+            f"tracking.uri={server.url}",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = list(csv.DictReader(output.open()))
+        truth = [names[y] for y in test.labels]
+        accuracy = np.mean([r["class"] == t for r, t in zip(rows, truth, strict=True)])
+        assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
+    finally:
+        server.stop()

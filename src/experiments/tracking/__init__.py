@@ -15,6 +15,7 @@ its study; and reading the store back. One module per concern:
 | `system` | a run's system metrics, sampled by MLflow's monitors |
 | `views` | how MLflow's UI opens an experiment: model training, the comparison view |
 | `registry` | the model registry: versions, aliases, a model URI's source run |
+| `serving` | the logged model's pyfunc flavor: class names and probabilities |
 | `tags` | the names of every tag the project writes or reads |
 
 MLflow is imported inside the functions, so composing a config never pays for it.
