@@ -39,9 +39,14 @@ TOLERANCE = 1e-4
 
 
 def default_output(uri: str, run_id: str, fmt: str) -> Path:
-    """exports/<name>-v<version> (or <name>-<alias>, run-<id>), `.onnx` for ONNX."""
-    stem = uri.split(":/", 1)[1].replace("@", "-").replace("/", "-v")
-    if uri.startswith("runs:/"):
+    """exports/<name>-v<version> for a registered model (an alias moves, a version does not),
+    exports/run-<id> for a run's; `.onnx` for ONNX."""
+    from experiments import tracking
+
+    version = tracking.registry.version_of(uri)
+    if version is not None:
+        stem = f"{uri.split(':/', 1)[1].split('@')[0].split('/')[0]}-v{version}"
+    else:
         stem = f"run-{run_id[:8]}"
     return Path("exports") / (stem + (".onnx" if fmt == "onnx" else ""))
 

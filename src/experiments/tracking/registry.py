@@ -56,6 +56,15 @@ def source_run(model_uri: str) -> RunRow:
     return run
 
 
+def version_of(model_uri: str) -> str | None:
+    """The registered version `models:/<name>@<alias>` or `models:/<name>/<n>` stands for."""
+    match = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", str(model_uri))
+    if not match:
+        return None
+    name, alias, version = match.groups()
+    return client().get_model_version_by_alias(name, alias).version if alias else version
+
+
 def register(run_id: str, name: str, tags: dict[str, str], alias: str | None):
     """Register run `run_id`'s model as a new version of `name` with `tags`, and move `alias`
     onto it; (the new version, the version the alias left or None)."""
@@ -70,10 +79,20 @@ def register(run_id: str, name: str, tags: dict[str, str], alias: str | None):
         except MlflowException:  # a new model, or a new alias
             previous = None
     values = {k: str(v)[:MAX_VERSION_TAG_CHARS] for k, v in tags.items()}
-    version = mlflow.register_model(f"runs:/{run_id}/model", name, tags=values).version
+    version = mlflow.register_model(model_source(run_id), name, tags=values).version
     if alias:
         mlflow_client.set_registered_model_alias(name, alias, version)
     return version, previous
+
+
+def model_source(run_id: str) -> str:
+    """Where the run's model is: its MLflow 3 logged model (`models:/m-...`), or for a model sent
+    from the outbox as plain artifacts, `runs:/<id>/model`."""
+    outputs = client().get_run(run_id).outputs
+    logged = [m.model_id for m in (outputs.model_outputs if outputs else [])]
+    # A run logs one model; registering by its id spares MLflow's warning that runs:/ has no
+    # artifacts under model/ (MLflow 3 keeps them with the logged model).
+    return f"models:/{logged[-1]}" if logged else f"runs:/{run_id}/model"
 
 
 def dataset_digests(run_id: str) -> dict[str, str]:
