@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -53,10 +55,15 @@ def default_output(uri: str, run_id: str, fmt: str) -> Path:
 
 def export(model, fmt: str, output: Path) -> None:
     """Write `model` to `output` in `fmt` with Keras; an exporter that is missing is one line."""
+    from experiments.backend import start_up_chatter, stderr_without
+
     keras_format, _ = FORMATS[fmt]
     model(np.zeros((1, *model.input_shape[1:]), "float32"))  # JAX's exporters need a call
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        model.export(str(output), format=keras_format, verbose=False)
+        # On JAX, the SavedModel exporter imports TensorFlow here: its start-up lines are chatter.
+        with stderr_without(start_up_chatter()):
+            model.export(str(output), format=keras_format, verbose=False)
     except ImportError as err:
         raise ExperimentError(
             f"--format {fmt} needs a package this environment lacks: {err}; or use --format "
@@ -69,6 +76,11 @@ def exported_predict(path: Path, fmt: str):
     if fmt == "saved_model":
         import tensorflow as tf
 
+        # A JAX export holds no gradients, and the check asks for none: absl's warning that
+        # they were not saved is not news.
+        logging.getLogger("absl").addFilter(
+            lambda record: "unsaved custom gradients" not in record.getMessage()
+        )
         loaded = tf.saved_model.load(str(path))
         return lambda images: np.asarray(loaded.serve(tf.constant(images)))
     try:
