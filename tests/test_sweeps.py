@@ -100,6 +100,16 @@ def test_search_records_a_parent_with_its_trials_and_resumes(tmp_path, image_fol
         second.data.metrics["best_value"] == pytest.approx(best)
         or best >= second.data.metrics["best_value"]
     )
+    # register --sweep finds the study's best trial under either command's parent; these trials
+    # logged no model, which it says in one line, registering nothing.
+    from experiments.register import main as register
+
+    registry = ["--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db"]
+    number = str(study(storage).best_trial.number)
+    (best_run,) = [r for c in children.values() for r in c if r.data.tags["optuna_trial"] == number]
+    assert register(["--sweep", second.info.run_id, "--name", "s", *registry]) == 2
+    error = capsys.readouterr().err
+    assert f"run {best_run.info.run_id}" in error and "logged no model" in error
 
 
 def test_the_same_command_resumes_its_study_from_the_default_journal(tmp_path, image_folder):
@@ -319,6 +329,7 @@ def test_accuracy_against_cost_puts_the_pareto_front_in_mlflow(tmp_path, image_f
         "head.units=choice([8],[64,32])",  # replaces the preset's choices
         "hydra.sweeper.n_trials=3",
         "trainer.epochs=2",
+        "tracking.log_model=true",  # for register --sweep below
     )
     study_dir = tmp_path / "multirun" / "accuracy_vs_cost-folder-two_stage"
     results = yaml.safe_load((study_dir / "optimization_results.yaml").read_text())
@@ -363,3 +374,19 @@ def test_accuracy_against_cost_puts_the_pareto_front_in_mlflow(tmp_path, image_f
     assert set(compared[compared["pareto"]]["trial"].astype(str)) == on_front
     assert compare(["--sweep", children[0].info.run_id, *store]) == 2
     assert "is not a sweep's parent run" in capsys.readouterr().err
+    # register --sweep: two objectives have no single best trial; the user names one of the front.
+    from experiments.register import main as register
+
+    registry = ["--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db", "--name", "pareto"]
+    assert register(["--sweep", parent.info.run_id, *registry]) == 2
+    assert "choose one of its Pareto front with --trial" in capsys.readouterr().err
+    for off in {r.data.tags["optuna_trial"] for r in children} - on_front:
+        assert register(["--sweep", parent.info.run_id, "--trial", off, *registry]) == 2
+        assert "is not on the sweep's Pareto front" in capsys.readouterr().err
+    assert not client.search_model_versions("name = 'pareto'")
+    chosen = min(on_front)
+    (trial_run,) = [r for r in children if r.data.tags["optuna_trial"] == chosen]
+    sweep_args = ["--sweep", parent.info.run_id, "--trial", chosen, "--alias", "champion"]
+    assert register([*sweep_args, *registry]) == 0
+    version = client.get_model_version_by_alias("pareto", "champion")
+    assert version.run_id == trial_run.info.run_id

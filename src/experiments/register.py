@@ -50,9 +50,18 @@ def sweep_run(parent_id: str, trial: int | None):
     parent = tracking.find_run(parent_id)
     if parent is None or parent.tags.get(T.SWEEP) != "true":
         raise ExperimentError(f"--sweep {parent_id}: not a sweep's parent run in this store")
+    # A study resumed by a later command has a parent run for each command, all of one identity:
+    # its best trial may be a child of any of them.
+    identity = parent.tags.get(T.SWEEP_IDENTITY)
+    parents = (
+        [r.run_id for r in tracking.run_rows(f"tags.{T.SWEEP_IDENTITY} = '{identity}'")]
+        if identity
+        else [parent_id]
+    )
     trials = {
         int(r.tags[T.OPTUNA_TRIAL]): r
-        for r in tracking.run_rows(f"tags.{T.PARENT_RUN} = '{parent_id}'")
+        for p in parents
+        for r in tracking.run_rows(f"tags.{T.PARENT_RUN} = '{p}'")
         if T.OPTUNA_TRIAL in r.tags and r.status == "FINISHED"
     }
     front = sorted(n for n, r in trials.items() if r.tags.get(T.PARETO) == "true")
