@@ -94,13 +94,18 @@ def test_an_unknown_model_is_one_line(store, model, says, tmp_path):
     assert says in line
 
 
-def predict_cli(root: Path, *args: str) -> subprocess.CompletedProcess:
+def hydra_cli(module: str, root: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m experiments.<module>` (predict, evaluate) on the store under `root`."""
     return subprocess.run(
-        [sys.executable, "-m", "experiments.predict", f"paths.root_dir={root}", *args],
+        [sys.executable, "-m", f"experiments.{module}", f"paths.root_dir={root}", *args],
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def predict_cli(root: Path, *args: str) -> subprocess.CompletedProcess:
+    return hydra_cli("predict", root, *args)
 
 
 def test_predict_gives_the_runs_test_accuracy_with_its_recorded_classes(
@@ -267,12 +272,7 @@ def challenger(store, image_folder):
 
 
 def evaluate_cli(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.evaluate", f"paths.root_dir={root}", *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return hydra_cli("evaluate", root, *args)
 
 
 def test_a_challenger_is_compared_with_the_champion_on_the_same_images(challenger, image_folder):
