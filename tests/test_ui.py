@@ -104,6 +104,37 @@ def test_the_view_keeps_what_a_user_saved_in_it(tmp_path):
     assert kept["selectedColumns"].index("params.`optimizer.lr`") == 4  # after the varied ones
 
 
+def test_workers_preparing_one_experiment_at_once_all_go_on(tmp_path, monkeypatch):
+    """The workers of a sweep on PostgreSQL prepare its experiment at the same moment; the
+    loser of the race to insert a tag gets a unique-key error, which must not stop its sweep
+    (Hydra reduces a callback's error to a warning, and the sweep went on without its parent)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+    from omegaconf import OmegaConf
+
+    from experiments import tracking
+    from experiments.tracking.client import client
+    from experiments.tracking.views import KIND_TAG, MODEL_TRAINING
+
+    settings = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "e"}
+    tracking.set_tracking(OmegaConf.create(settings))
+    experiment = client().create_experiment("raced")
+    original = MlflowClient.set_experiment_tag
+    raced = []
+
+    def another_process_first(self, experiment_id, key, value):
+        if not raced:  # another worker inserts the tag between our read and our insert
+            raced.append(key)
+            original(self, experiment_id, key, value)
+            raise MlflowException("duplicate key value violates unique constraint")
+        return original(self, experiment_id, key, value)
+
+    monkeypatch.setattr(MlflowClient, "set_experiment_tag", another_process_first)
+    tracking.prepare_experiment(experiment, ["optimizer.lr"])
+    assert raced == [KIND_TAG]
+    assert client().get_experiment(experiment).tags[KIND_TAG] == MODEL_TRAINING
+
+
 def test_system_and_per_class_metrics_are_recorded(store):
     client = client_for(store)
     run = by_name(store)["folder-vgg16-inline-none"]

@@ -15,6 +15,8 @@ TRIAL_ENV = "EXPERIMENTS_OPTUNA_TRIAL"
 # The multirun's own overrides (JSON), set by tracking.MlflowSweepCallback: a job's other
 # overrides are what its sweep gave it.
 SWEEP_OVERRIDES_ENV = "EXPERIMENTS_SWEEP_OVERRIDES"
+# MLflow's SQL stores hold a run name in 250 characters; PostgreSQL refuses a longer one.
+MAX_RUN_NAME_CHARS = 250
 
 
 def defining_overrides(overrides) -> list[str]:
@@ -148,7 +150,7 @@ def job_run_name(default: str) -> str:
     if len(set(short.values())) < len(short):  # two keys end alike: say them whole
         short = {key: key for key in values}
     parts = [f"{short[key]}={short_value(value)}" for key, value in values.items()]
-    return " ".join([f"trial-{number}", *parts])
+    return " ".join([f"trial-{number}", *parts])[:MAX_RUN_NAME_CHARS]
 
 
 def short_value(value) -> str:

@@ -47,8 +47,7 @@ def prepare_experiment(experiment_id: str, swept: list[str] = ()) -> None:
     swept param columns to what the view holds already (a user's override of it included).
 
     Not the expanded rows: the UI takes those from the browser alone, never from a view."""
-    mlflow_client = client()
-    tags = mlflow_client.get_experiment(experiment_id).tags
+    tags = client().get_experiment(experiment_id).tags
     state = _view_state(tags.get(VIEW_TAG_PREFIX + VIEW_KEY))
     columns = state["selectedColumns"]
     wanted = [column("params", key) for key in [*VARIED, *swept]] + [
@@ -61,9 +60,24 @@ def prepare_experiment(experiment_id: str, swept: list[str] = ()) -> None:
     kinds += [[c for c in every if c.startswith(kind)] for kind in ("params.", "metrics.")]
     state["selectedColumns"] = [c for kind in kinds for c in kind]
     if tags.get(KIND_TAG) != MODEL_TRAINING:
-        mlflow_client.set_experiment_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
+        _set_tag(experiment_id, KIND_TAG, MODEL_TRAINING)
     if state["selectedColumns"] != columns:
-        mlflow_client.set_experiment_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, _saved(state))
+        _set_tag(experiment_id, VIEW_TAG_PREFIX + VIEW_KEY, _saved(state))
+
+
+def _set_tag(experiment_id: str, key: str, value: str) -> None:
+    """Set an experiment tag that other processes may be setting at the same moment: the workers
+    of one sweep all start by preparing its experiment. On PostgreSQL, MLflow's first write of a
+    tag is an insert, and the loser of that race gets a unique-key error; its second try is an
+    update, which succeeds."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client().set_experiment_tag(experiment_id, key, value)
+    except MlflowException:
+        if key not in client().get_experiment(experiment_id).tags:
+            raise
+        client().set_experiment_tag(experiment_id, key, value)
 
 
 def _view_state(saved: str | None) -> dict:
