@@ -73,6 +73,9 @@ def test_the_best_run_is_found_and_a_run_without_a_model_is_refused(store, capsy
     assert register(root, f"runs:/{without.info.run_id}/model", "--name", "best") == 2
     error = capsys.readouterr().err
     assert "logged no model (tracking.log_model=false)" in error
+    # A run that logs no model keeps its one copy in its output folder, and says its size.
+    (kept,) = Path(without.data.tags["hydra_output_dir"]).glob("model.keras")
+    assert without.data.metrics["model_size_mb"] == pytest.approx(kept.stat().st_size / 1e6)
     after = len(client.search_model_versions("name = 'best'"))
     assert after == before + (1 if best is run else 0)
 

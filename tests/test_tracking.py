@@ -132,8 +132,12 @@ def test_logged_model_takes_uint8_images_and_predicts_like_the_trained_one(tiny_
         0, 256, (5, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8
     )
     in_memory = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
-    # Stored once: in MLflow, not also as a copy in the run's output folder.
+    # Stored once: in MLflow, not also as a copy in the run's output folder; its size is the
+    # logged Keras file's.
     assert not list(Path(run.data.tags["hydra_output_dir"]).rglob("*.keras"))
+    logged = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model"))
+    size = (logged / "data" / "model.keras").stat().st_size / 1e6
+    assert run.data.metrics["model_size_mb"] == pytest.approx(size, rel=1e-9)
     # The pyfunc answers in the run's class names, with the Keras model's probabilities.
     served = pyfunc.predict(images)
     expected = in_memory.predict(images, verbose=0)

@@ -153,7 +153,12 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
         # The model that is saved and logged: Keras' own layers only, so that it loads with
         # Keras alone; augmentation is the identity at inference
         serving = without_augmentation(trained.model)
-        metrics["model_size_mb"] = model_size_mb(serving, workdir, cfg.tracking.log_model)
+        if cfg.tracking.log_model:  # saved once, into MLflow, which gives its size
+            metrics["model_size_mb"] = tracking.log_model(
+                serving, task.image_shape, task.class_names
+            )
+        else:  # saved into the run's output folder, the only copy
+            metrics["model_size_mb"] = saved_model_mb(serving, workdir)
         tracking.log_metrics(metrics)
         if trained.feature_cache:
             tracking.set_tags({tags.FEATURE_CACHE: trained.feature_cache})
@@ -174,8 +179,6 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
         )
         for path in [*reports, *scaled_png]:
             tracking.log_artifact(path, artifact_path="evaluation")
-        if cfg.tracking.log_model:
-            tracking.log_model(serving, task.image_shape, task.class_names)
         value = optimized_values(cfg.optimized_metric, trained.history, metrics)
         tracking.set_tags({tags.RETURNED_VALUE: json.dumps(value)})
     tracking.log_metrics(phases.metrics() | compilation_cache_metrics())
@@ -252,15 +255,11 @@ def finished_job(cfg: DictConfig, identity: str) -> float | tuple[float, ...] | 
     return value
 
 
-def model_size_mb(model, workdir: Path, logged: bool) -> float:
-    """The size of the saved `.keras` file. The file stays in `workdir` only when the model is
-    not `logged` to MLflow, so that a model is stored once."""
+def saved_model_mb(model, workdir: Path) -> float:
+    """Save `model` as `workdir/model.keras`, for a run that logs no model; its size in MB."""
     path = workdir / "model.keras"
     model.save(path)
-    size = path.stat().st_size / 1e6
-    if logged:
-        path.unlink()
-    return size
+    return path.stat().st_size / 1e6
 
 
 def release_earlier_jobs() -> None:

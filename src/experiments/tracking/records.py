@@ -167,9 +167,10 @@ def _distributions() -> dict[str, list[str]]:
 
 
 @uninterrupted
-def log_model(model, image_shape, class_names: list[str]) -> None:
+def log_model(model, image_shape, class_names: list[str]) -> float:
     """Log the Keras model with a uint8-image signature (no input example: mlflow#16183) and a
-    pyfunc flavor that answers in `class_names` (`tracking.serving`).
+    pyfunc flavor that answers in `class_names` (`tracking.serving`); the size of its Keras file
+    in MB.
 
     While the tracking server is lost the model is saved in MLflow's format into the outbox and
     sent later as the run's `model/` artifacts, which `runs:/<id>/model` loads the same way.
@@ -189,13 +190,13 @@ def log_model(model, image_shape, class_names: list[str]) -> None:
     outbox = active_run().outbox
     if not outbox.is_down() and not outbox.pending():
         try:
-            serving.log_model(**model_spec)
-            return
+            return serving.log_model(**model_spec) / 1e6
         except Exception as err:
             if not outbox.remote or not unreachable(err):
                 raise
             outbox.went_down(err)
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "model"
-        serving.save_model(saved, **model_spec)
+        size = serving.save_model(saved, **model_spec)
         log_artifact(saved, "model")
+    return size / 1e6

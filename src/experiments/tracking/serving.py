@@ -14,7 +14,6 @@ installed: `mlflow models serve -m ... --env-manager local` in the project's vir
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +40,10 @@ def signature(image_shape):
     )
 
 
-def save_model(path, mlflow_model=None, *, keras_model, class_names, **keras_spec):
+def save_model(path, mlflow_model=None, *, keras_model, class_names, **keras_spec) -> int:
     """Save `keras_model` in MLflow's Keras format at `path`, with `class_names` and this
-    module as its pyfunc loader. `mlflow.models.Model.log` calls it as a flavor's save_model."""
+    module as its pyfunc loader; the size of the Keras file in bytes. `mlflow.models.Model.log`
+    calls it as a flavor's save_model."""
     import mlflow.keras
     from mlflow.models import Model
 
@@ -53,21 +53,29 @@ def save_model(path, mlflow_model=None, *, keras_model, class_names, **keras_spe
     (data / CLASSES_FILE).write_text(json.dumps({"class_names": list(class_names)}, indent=2))
     mlflow_model.flavors["python_function"]["loader_module"] = __name__
     mlflow_model.save(str(Path(path) / "MLmodel"))
+    return sum(f.stat().st_size for f in data.glob("*.keras"))
 
 
-def log_model(keras_model, class_names, **keras_spec) -> None:
-    """Log the model of the active run under `model/`, as `mlflow.keras.log_model` would."""
+def log_model(keras_model, class_names, **keras_spec) -> int:
+    """Log the model of the active run under `model/`, as `mlflow.keras.log_model` would; the
+    size of its Keras file in bytes (measured as it is saved, so the model is saved once)."""
+    from types import SimpleNamespace
+
     from mlflow.models import Model
 
+    sizes = []
+    # MLflow calls a flavor's save_model and keeps no return value: this one keeps the size.
+    flavor = SimpleNamespace(save_model=lambda **kwargs: sizes.append(save_model(**kwargs)))
     Model.log(
         artifact_path=None,
         name="model",
-        flavor=sys.modules[__name__],
+        flavor=flavor,
         flavor_name="keras",
         keras_model=keras_model,
         class_names=class_names,
         **keras_spec,
     )
+    return sizes[0]
 
 
 class ImageClassifier:
