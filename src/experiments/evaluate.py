@@ -12,7 +12,6 @@ difference with its 95% interval, and McNemar's exact test of the paired predict
 from __future__ import annotations
 
 import logging
-import re
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -98,13 +97,15 @@ def compared_uri(model: str, compare_to) -> str | None:
     other = str(compare_to)
     if ":/" in other:
         return other
-    registered = re.fullmatch(r"models:/([^@/]+)(?:@[^/]+|/\d+)", model)
-    if not registered:
+    from experiments import tracking
+
+    registered = tracking.registry.registered(model)
+    if registered is None:
         raise ExperimentError(
             f"compare_to={other} names an alias or version, which needs model=models:/<name>@... "
             f"(a registered model); or give compare_to a whole model URI, e.g. runs:/<id>/model"
         )
-    name = registered.group(1)
+    name = registered[0]
     return f"models:/{name}/{other}" if other.isdigit() else f"models:/{name}@{other}"
 
 

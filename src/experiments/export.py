@@ -45,9 +45,9 @@ def default_output(uri: str, run_id: str, fmt: str) -> Path:
     exports/run-<id> for a run's; `.onnx` for ONNX."""
     from experiments import tracking
 
-    version = tracking.registry.version_of(uri)
-    if version is not None:
-        stem = f"{uri.split(':/', 1)[1].split('@')[0].split('/')[0]}-v{version}"
+    parts = tracking.registry.registered(uri)
+    if parts is not None:
+        stem = f"{parts[0]}-v{tracking.registry.version_of(uri)}"
     else:
         stem = f"run-{run_id[:8]}"
     return Path("exports") / (stem + (".onnx" if fmt == "onnx" else ""))
@@ -147,8 +147,7 @@ def run(args, project) -> int:
 
     tracking.open_store(args.tracking_uri or str(project.tracking.uri), project.tracking.outbox_dir)
     source = tracking.registry.source_run(args.model)
-    if not tracking.registry.has_model(source.run_id):
-        raise ExperimentError(f"run {source.run_id} ({source.name}) logged no model")
+    tracking.registry.require_model(source)
     output = args.output or default_output(args.model, source.run_id, args.format)
     if output.exists():
         raise ExperimentError(f"--output {output} exists; remove it or choose another path")

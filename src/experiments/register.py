@@ -130,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             run = best_run(args.best, args.metric)
         else:
             run = sweep_run(args.sweep, args.trial)
-        if not tracking.registry.has_model(run.run_id):
-            raise ExperimentError(
-                f"run {run.run_id} ({run.name}) logged no model (tracking.log_model=false); "
-                f"train it again with tracking.log_model=true, or register another run"
-            )
+        tracking.registry.require_model(run)
         tags = version_tags(run)
         version, previous = tracking.registry.register(run.run_id, args.name, tags, args.alias)
     except ExperimentError as err:

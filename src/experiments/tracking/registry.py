@@ -20,6 +20,22 @@ def has_model(run_id: str) -> bool:
     return any(a.path == "model/MLmodel" for a in client().list_artifacts(run_id, "model"))
 
 
+def registered(model_uri: str) -> tuple[str, str | None, str | None] | None:
+    """(name, alias, version) of `models:/<name>@<alias>` or `models:/<name>/<version>`, one of
+    the two None; None for any other URI."""
+    match = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", str(model_uri))
+    return match.groups() if match else None
+
+
+def require_model(run: RunRow) -> None:
+    """One line if `run` logged no model."""
+    if not has_model(run.run_id):
+        raise ExperimentError(
+            f"run {run.run_id} ({run.name}) logged no model (tracking.log_model=false); "
+            f"train it again with tracking.log_model=true, or use another run"
+        )
+
+
 def source_run(model_uri: str) -> RunRow:
     """The run that logged the model at `model_uri`; one line naming what is unknown."""
     from mlflow.exceptions import MlflowException
@@ -30,13 +46,13 @@ def source_run(model_uri: str) -> RunRow:
         if run is None:
             raise ExperimentError(f"{uri}: no run {match.group(1)} in {client().tracking_uri}")
         return run
-    match = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", uri)
-    if not match:
+    parts = registered(uri)
+    if parts is None:
         raise ExperimentError(
             f"{uri} is not a model URI; give runs:/<run id>/model, models:/<name>@<alias> or "
             f"models:/<name>/<version>"
         )
-    name, alias, version = match.groups()
+    name, alias, version = parts
     try:
         found = (
             client().get_model_version_by_alias(name, alias)
@@ -58,10 +74,10 @@ def source_run(model_uri: str) -> RunRow:
 
 def version_of(model_uri: str) -> str | None:
     """The registered version `models:/<name>@<alias>` or `models:/<name>/<n>` stands for."""
-    match = re.fullmatch(r"models:/([^@/]+)(?:@([^/]+)|/(\d+))", str(model_uri))
-    if not match:
+    parts = registered(model_uri)
+    if parts is None:
         return None
-    name, alias, version = match.groups()
+    name, alias, version = parts
     return client().get_model_version_by_alias(name, alias).version if alias else version
 
 

@@ -91,13 +91,9 @@ class ImageClassifier:
 
         from experiments.calibration import class_probabilities
 
+        # MLflow has checked the images against the signature (uint8, the model's shape); a
+        # request of named inputs arrives as a dict.
         images = np.asarray(data["image"] if isinstance(data, dict) else data)
-        expected = tuple(self.model.input_shape[1:])
-        if images.ndim != 4 or images.shape[1:] != expected:
-            raise ValueError(
-                f"images of shape {images.shape[1:]} given; this model takes uint8 images of "
-                f"shape {expected} (height, width, RGB), a batch of them as (n, *{expected})"
-            )
         outputs = self.model.predict(images, batch_size=64, verbose=0)
         probabilities = class_probabilities(outputs)
         best = probabilities.argmax(axis=1)
