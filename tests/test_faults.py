@@ -179,6 +179,29 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(moment, tmp_path, image_fold
     assert f"continues after epoch {kept}" in again.stdout
 
 
+def test_a_kill_9_after_the_model_is_logged_leaves_one_model(tmp_path, image_folder):
+    """Killed while it records its reports, after its model is logged: the same command finishes
+    the run with that one model, not a second."""
+    process = start(tmp_path, image_folder, "trainer.epochs=2")
+    wait_until(lambda: any((tmp_path / "mlruns").rglob("model.keras")), process)
+    process.kill()
+    process.communicate(timeout=60)
+    (run,) = runs_of(tmp_path, "folder")
+    assert run.info.status == "RUNNING" and len(run.outputs.model_outputs) == 1
+    again = rerun(tmp_path, image_folder, "trainer.epochs=2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    (finished,) = runs_of(tmp_path, "folder")
+    assert finished.info.run_id == run.info.run_id and finished.info.status == "FINISHED"
+    assert [m.model_id for m in finished.outputs.model_outputs] == [
+        m.model_id for m in run.outputs.model_outputs
+    ]
+    size = client_for(tmp_path).list_artifacts(run.info.run_id, "model/data")
+    (keras_file,) = [a for a in size if a.path.endswith(".keras")]
+    assert finished.data.metrics["model_size_mb"] == pytest.approx(keras_file.file_size / 1e6)
+    artifacts = {a.path for a in client_for(tmp_path).list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/confusion_matrix.png" in artifacts
+
+
 def test_a_finished_run_is_never_resumed_and_resume_never_starts_afresh(tmp_path, image_folder):
     process = start(tmp_path, image_folder, "trainer.epochs=2")
     process.communicate(timeout=600)

@@ -180,6 +180,7 @@ def log_model(model, image_shape, class_names: list[str]) -> float:
     import keras
 
     from experiments.tracking import serving
+    from experiments.tracking.registry import logged_model_mb
 
     model_spec = {
         "keras_model": model,
@@ -190,6 +191,10 @@ def log_model(model, image_shape, class_names: list[str]) -> float:
     outbox = active_run().outbox
     if not outbox.is_down() and not outbox.pending():
         try:
+            # A run resumed after a kill that came after its model was logged (the recording
+            # that follows, its reports) keeps that model: the same best weights, logged once.
+            if (size := logged_model_mb(active_run().run_id)) is not None:
+                return size
             return serving.log_model(**model_spec) / 1e6
         except Exception as err:
             if not outbox.remote or not unreachable(err):

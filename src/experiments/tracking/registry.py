@@ -20,6 +20,19 @@ def has_model(run_id: str) -> bool:
     return any(a.path == "model/MLmodel" for a in client().list_artifacts(run_id, "model"))
 
 
+def logged_model_mb(run_id: str) -> float | None:
+    """The size in MB of the Keras file of the model the run logged whole (its MLmodel and its
+    Keras file both there), else None."""
+    if not has_model(run_id):
+        return None
+    sizes = [
+        a.file_size
+        for a in client().list_artifacts(run_id, "model/data")
+        if a.path.endswith(".keras")
+    ]
+    return sizes[0] / 1e6 if sizes and sizes[0] else None
+
+
 def registered(model_uri: str) -> tuple[str, str | None, str | None] | None:
     """(name, alias, version) of `models:/<name>@<alias>` or `models:/<name>/<version>`, one of
     the two None; None for any other URI."""
