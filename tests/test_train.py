@@ -215,6 +215,113 @@ def test_a_backup_restores_the_optimizer_state_and_the_epoch(tmp_path):
     assert not list((tmp_path / "run").rglob(".*"))  # no temporary file left behind
 
 
+def _base_and_head(seed: int):
+    """A frozen 'base' layer under a trained head, its initial weights drawn from `seed`."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    base = keras.layers.Dense(8, activation="relu", name="base")
+    base.trainable = False
+    model = keras.Sequential(
+        [keras.Input((4,)), base, keras.layers.Dense(1, activation="sigmoid", name="head")]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="binary_crossentropy")
+    return model
+
+
+@pytest.mark.backends
+def test_epoch_backups_leave_the_frozen_base_out_and_a_resume_restores_it(tmp_path):
+    """Every epoch writes only what training changes; the frozen base is written once as the
+    phase begins, and a resumed run takes it from there, not from its own fresh build."""
+    import h5py
+    import keras
+
+    from experiments.checkpoints import RunCheckpoints, frozen_layers
+
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    y = (x[:, 0] > 0).astype("float32")
+    state = RunCheckpoints(tmp_path / "run")
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("killed after epoch 2")
+
+    first = _base_and_head(0)
+    assert [layer.name for layer in frozen_layers(first)] == ["base"]
+    callbacks = [state.backup("head", 0), state.best_checkpoint("head", "loss")]
+    with pytest.raises(RuntimeError):
+        first.fit(x, y, batch_size=8, epochs=5, verbose=0, callbacks=[*callbacks, Stop()])
+    phase = tmp_path / "run" / "backup" / "head"
+    # Keras names a file's layer groups by class and order: the base and the head are two.
+    for name, layers in (("latest", 1), ("best", 1), ("start", 2)):
+        with h5py.File(phase / f"{name}.weights.h5") as saved:
+            assert len(saved["layers"]) == layers, (name, list(saved["layers"]))
+
+    second = _base_and_head(1)  # another draw of the base: only the start file can restore it
+    assert not np.allclose(second.get_layer("base").kernel, first.get_layer("base").kernel)
+    callbacks = [state.backup("head", 0), state.best_checkpoint("head", "loss")]
+    second.fit(x, y, batch_size=8, epochs=5, verbose=0, callbacks=callbacks)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(second.get_layer("base").kernel),
+        keras.ops.convert_to_numpy(first.get_layer("base").kernel),
+    )
+    assert int(second.optimizer.iterations.numpy()) == 5 * 4  # the trained part resumed too
+
+
+@pytest.mark.backends
+@pytest.mark.parametrize("second_phase_improves", [True, False])
+def test_the_best_epoch_is_restored_across_phases(second_phase_improves, tmp_path):
+    """Fine-tuning unfreezes the base, so each phase leaves out other layers: the weights
+    restored at the end are those of the best epoch of either phase, whole."""
+    import keras
+
+    from experiments.checkpoints import RunCheckpoints
+
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] + x[:, 1] > 0).astype("float32")
+    state = RunCheckpoints(tmp_path / "run")
+    model = _base_and_head(0)
+
+    class Snapshots(keras.callbacks.Callback):
+        """Each epoch's weights and loss."""
+
+        def __init__(self):
+            super().__init__()
+            self.taken: list[tuple[float, list]] = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.taken.append((logs["val_loss"], [np.array(w) for w in self.model.get_weights()]))
+
+    snapshots = Snapshots()
+
+    def fit(phase, epochs, initial_epoch=0):
+        callbacks = [state.backup(phase, initial_epoch), state.best_checkpoint(phase, "val_loss")]
+        model.fit(
+            x,
+            y,
+            validation_data=(x, y),
+            batch_size=8,
+            epochs=epochs,
+            verbose=0,
+            initial_epoch=initial_epoch,
+            callbacks=[*callbacks, snapshots],
+        )
+        state.restore_best(phase, model)
+
+    fit("head", 3)
+    model.get_layer("base").trainable = True
+    rate = 1e-2 if second_phase_improves else 50.0  # 50 only makes it worse
+    model.compile(optimizer=keras.optimizers.Adam(rate), loss="binary_crossentropy")
+    fit("fine_tune", 6, initial_epoch=3)
+
+    losses = [loss for loss, _ in snapshots.taken]
+    best = int(np.argmin(losses))
+    assert (best >= 3) == second_phase_improves, losses
+    for restored, expected in zip(model.get_weights(), snapshots.taken[best][1], strict=True):
+        np.testing.assert_allclose(np.array(restored), expected, rtol=0, atol=0)
+
+
 @pytest.mark.backends
 def test_fit_callbacks_leave_training_steps_asynchronous(make_config, monkeypatch):
     """A callback with a batch-end hook makes Keras wait for every step's logs (no asynchronous

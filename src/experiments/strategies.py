@@ -191,7 +191,7 @@ def fit(
         model.load_weights(state.done_path(phase))
         return state.history(initial_epoch, end)
     callbacks = [*ctx.callbacks, state.backup(phase, initial_epoch)]
-    callbacks.append(state.best_checkpoint(cfg.trainer.monitor))
+    callbacks.append(state.best_checkpoint(phase, cfg.trainer.monitor))
     for name in ("early_stopping", "reduce_lr"):
         node = cfg.trainer[name]
         if node.enabled:
@@ -207,8 +207,8 @@ def fit(
             shuffle=False,  # the batches shuffle themselves
             verbose=2,
         )
-    if cfg.trainer.restore_best and state.best_path.is_file():
-        model.load_weights(state.best_path)
+    if cfg.trainer.restore_best:
+        state.restore_best(phase, model)
     state.mark_phase_done(phase, model)
     return state.history(initial_epoch, end)
 
