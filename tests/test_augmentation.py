@@ -98,6 +98,42 @@ def test_identity_at_inference_and_a_new_draw_per_image_and_per_step():
     assert model.jit_compile
 
 
+def test_the_augmented_views_report_shows_training_draws(monkeypatch):
+    """The report's views go through the augmentation in training mode, in one compiled call:
+    never the eager one, whose every op compiles on its own on JAX."""
+    import keras
+
+    from experiments.augmentation import augmented_views, build_augmentation
+
+    augmentation = build_augmentation(compose_config(["augmentation=reference"]).augmentation)
+    eager = keras.Sequential.__call__
+
+    def traced(x) -> bool:
+        if keras.backend.is_keras_tensor(x) or keras.backend.backend() == "torch":
+            return True
+        if keras.backend.backend() == "jax":
+            import jax
+
+            return isinstance(x, jax.core.Tracer)
+        import tensorflow as tf
+
+        return not tf.executing_eagerly()
+
+    def refuse_eager(self, *args, **kwargs):
+        if self is augmentation and not traced(args[0]):
+            raise AssertionError("the augmentation ran eagerly")
+        return eager(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras.Sequential, "__call__", refuse_eager)
+    images = np.repeat(
+        np.random.default_rng(3).uniform(0, 255, (1, 32, 32, 3)).astype("float32"), 9, axis=0
+    )
+    views = augmented_views(augmentation, images)
+    assert views.shape == images.shape and np.isfinite(views).all()
+    assert all(np.abs(view - images[0]).mean() > 1.0 for view in views)  # each one drawn
+    assert np.abs(views[0] - views[1]).mean() > 1.0  # and drawn anew
+
+
 @pytest.mark.parametrize("augmentation", ["reference", "strong"])
 @pytest.mark.parametrize("strategy", ["inline", "fine_tune"])
 def test_training_compiles_with_augmentation(augmentation, strategy, tmp_path, image_folder):

@@ -168,6 +168,26 @@ def _reflect(index, size):
     return ops.where(period < size, period, 2 * size - 1 - period)
 
 
+def augmented_views(augmentation, images):
+    """`images` (a float32 batch) through `augmentation` in training mode, as numpy, in one
+    compiled call. Called eagerly, each of the warp's ops compiles on its own on JAX: 1.4 s for
+    nine 180 px views on this project's CPU, against 0.3 s compiled, which a warm compilation
+    cache keeps."""
+    model = keras.Sequential([keras.Input(images.shape[1:]), _Training(augmentation)])
+    return model.predict(images, batch_size=len(images), verbose=0)
+
+
+class _Training(keras.layers.Layer):
+    """Calls `layer` in training mode, also where Keras calls for inference (`predict`)."""
+
+    def __init__(self, layer, **kwargs):
+        super().__init__(**kwargs)
+        self.layer = layer
+
+    def call(self, inputs):
+        return self.layer(inputs, training=True)
+
+
 def without_augmentation(model):
     """`model` with its augmentation replaced by the identity, sharing every weight.
 

@@ -234,8 +234,9 @@ def augmented_views_png(path: Path, image: np.ndarray, augmentation) -> Path:
     """A 3x3 grid of one training image through the augmentation layers in training mode."""
     import matplotlib.pyplot as plt
 
-    batch = np.repeat(image[None].astype("float32"), GRID_VIEWS, axis=0)
-    views = np.asarray(augmentation(batch, training=True))
+    from experiments.augmentation import augmented_views
+
+    views = augmented_views(augmentation, np.repeat(image[None].astype("float32"), GRID_VIEWS, 0))
     fig, axes = plt.subplots(3, 3, figsize=(7, 7))
     for ax, view in zip(axes.flat, views, strict=True):
         ax.imshow(np.clip(view, 0, 255).astype(np.uint8))
