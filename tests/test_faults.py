@@ -659,3 +659,47 @@ def test_fine_tune_resumes_in_its_second_phase(tmp_path, image_folder):
     rates = client_for(tmp_path).get_metric_history(run.info.run_id, "learning_rate")
     assert all(m.value == pytest.approx(1e-5) for m in rates if m.step >= 3)
     assert all(m.value == pytest.approx(3e-3) for m in rates if m.step < 3)
+
+
+ENDING = """
+import atexit, logging, sys
+from experiments.cli import ending_without_teardown
+
+class Teardown:
+    def __del__(self):
+        print("torn down", flush=True)
+
+kept = Teardown()  # freed only by the interpreter's teardown
+logging.basicConfig(filename=sys.argv[1], level=logging.INFO)
+with ending_without_teardown():
+    atexit.register(lambda: print("exit handler", file=sys.stderr, flush=True))
+    logging.getLogger("t").info("logged last")
+    print("printed last", end="")  # no newline: flushed by the end, not by the line
+    {body}
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [("pass", 0), ("sys.exit(2)", 2), ("sys.exit(143)", 143), ("raise RuntimeError('x')", 1)],
+)
+def test_a_command_ends_without_teardown_and_loses_nothing(body, status, tmp_path):
+    """A command skips the interpreter's teardown once its exit handlers have run: its status,
+    its output and its log are whole. After an exception Python ends it as usual."""
+    log = tmp_path / "run.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # buffered, as usual
+    result = subprocess.run(
+        [sys.executable, "-c", ENDING.format(body=body), str(log)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == status, result.stderr
+    assert result.stdout.startswith("printed last")
+    assert "exit handler" in result.stderr  # registered after the command began: it ran
+    assert "logged last" in log.read_text()
+    if status == 1:  # the exception: Python reported it and tore down as usual
+        assert "RuntimeError" in result.stderr and "torn down" in result.stdout
+    else:
+        assert "torn down" not in result.stdout

@@ -7,10 +7,12 @@ resume, and exits 128 + its number. In a multirun the sweeper and the launcher h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -58,10 +60,11 @@ def run_cli(task_function, cfg: DictConfig):
 
 def cli_with_signals(entry) -> None:
     """Run a Hydra entry point with SIGTERM and SIGINT handled; a multirun stopped by one
-    prints how to complete it and exits 128 + its number."""
+    prints how to complete it and exits 128 + its number. The process then ends without the
+    interpreter's teardown (`ending_without_teardown`)."""
     from experiments.interrupts import Interrupted, handle_signals
 
-    with handle_signals():
+    with ending_without_teardown(), handle_signals():
         try:
             entry()
         except Interrupted as err:
@@ -71,6 +74,45 @@ def cli_with_signals(entry) -> None:
                 file=sys.stderr,
             )
             sys.exit(err.exit_code)
+
+
+@contextlib.contextmanager
+def ending_without_teardown() -> Iterator[None]:
+    """Once the block has returned or exited with a number, end the process with that status
+    as soon as the exit handlers registered after it have run: as Python would, without its
+    teardown.
+
+    The teardown frees every module and object one by one, and the backends' clients: 2.0 s of
+    a JAX run and 2.2 s of the TensorFlow quickstart on this project's CPU, after the run had
+    ended and been recorded. Nothing is lost by skipping it: the interpreter has joined its
+    threads by then, and the exit handlers of MLflow and the backends, registered later, have
+    run; logging's, registered earlier, runs here. The project keeps its records through a
+    `kill -9` at any moment, a harder end than this one. After any other exception (which
+    Python reports itself), or in a forked child, Python ends the process as usual.
+    """
+    import atexit
+    import logging
+
+    status: int | None = None
+    pid = os.getpid()
+
+    def end() -> None:
+        if status is None or os.getpid() != pid:
+            return
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # closed, or a broken pipe
+                stream.flush()
+        os._exit(status)
+
+    atexit.register(end)
+    try:
+        yield
+    except SystemExit as err:
+        if err.code is None or isinstance(err.code, int):
+            status = err.code or 0
+        raise
+    status = 0
 
 
 def resume_hint(cfg: DictConfig) -> str:
