@@ -11,9 +11,32 @@ from experiments.calibration import (
     calibration_metrics,
     expected_calibration_error,
     fit_temperature,
+    negative_log_likelihood,
 )
 
 from helpers import client_for, runs_of
+
+
+def test_the_test_loss_is_keras_cross_entropy():
+    """The loss a run reports, computed on the host, is the one Keras trains with: binary and
+    sparse categorical cross-entropy, certain (0 and 1) predictions clipped as Keras clips them."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    positive = rng.uniform(0, 1, (200, 1)).astype("float32")
+    positive[:3] = [[0.0], [1.0], [1.0 - labels[2]]]  # certain, and certainly wrong
+    keras_binary = keras.losses.BinaryCrossentropy()(labels[:, None].astype("float32"), positive)
+    assert negative_log_likelihood(positive, labels) == pytest.approx(
+        float(keras.ops.convert_to_numpy(keras_binary)), rel=1e-5
+    )
+    labels = rng.integers(0, 5, 200)
+    probabilities = rng.dirichlet(np.ones(5), 200).astype("float32")
+    probabilities[0] = np.eye(5)[(labels[0] + 1) % 5]  # certainly wrong
+    keras_sparse = keras.losses.SparseCategoricalCrossentropy()(labels, probabilities)
+    assert negative_log_likelihood(probabilities, labels) == pytest.approx(
+        float(keras.ops.convert_to_numpy(keras_sparse)), rel=1e-5
+    )
 
 
 def test_ece_equals_the_hand_computed_value():

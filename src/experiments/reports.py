@@ -26,8 +26,7 @@ class Evaluation:
 
 def evaluate_split(model, split, num_classes: int, batch_size: int = 64) -> Evaluation:
     """Loss, accuracy and per-image predictions of `model` on a split of raw uint8 images."""
-    import keras
-
+    from experiments.calibration import negative_log_likelihood
     from experiments.inputs import predict_in_batches
 
     outputs = []
@@ -40,13 +39,11 @@ def evaluate_split(model, split, num_classes: int, batch_size: int = 64) -> Eval
         positive = probabilities[:, 0]
         predictions = (positive >= 0.5).astype(np.int32)
         confidence = np.where(predictions == 1, positive, 1.0 - positive)
-        loss = keras.losses.BinaryCrossentropy()(labels[:, None].astype("float32"), probabilities)
     else:
         predictions = probabilities.argmax(axis=1).astype(np.int32)
         confidence = probabilities.max(axis=1)
-        loss = keras.losses.SparseCategoricalCrossentropy()(labels, probabilities)
     return Evaluation(
-        loss=float(keras.ops.convert_to_numpy(loss)),
+        loss=negative_log_likelihood(probabilities, labels),
         accuracy=float((predictions == labels).mean()),
         labels=labels,
         predictions=predictions,
