@@ -342,4 +342,6 @@ MODES = {
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from experiments.cli import exit_with
+
+    exit_with(main)

@@ -76,6 +76,13 @@ def cli_with_signals(entry) -> None:
             sys.exit(err.exit_code)
 
 
+def exit_with(main) -> None:
+    """`sys.exit(main())` for `python -m experiments.<command>`, ending without the
+    interpreter's teardown (a third of `python -m experiments.runs`: 2.4 s to 1.7 s)."""
+    with ending_without_teardown():
+        sys.exit(main())
+
+
 @contextlib.contextmanager
 def ending_without_teardown() -> Iterator[None]:
     """Once the block has returned or exited with a number, end the process with that status

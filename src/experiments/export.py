@@ -180,4 +180,6 @@ def run(args, project) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from experiments.cli import exit_with
+
+    exit_with(main)

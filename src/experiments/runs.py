@@ -130,4 +130,6 @@ def print_waiting(outbox_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from experiments.cli import exit_with
+
+    exit_with(main)
