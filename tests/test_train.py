@@ -322,6 +322,22 @@ def test_the_best_epoch_is_restored_across_phases(second_phase_improves, tmp_pat
         np.testing.assert_allclose(np.array(restored), expected, rtol=0, atol=0)
 
 
+def test_a_run_checkpointed_whole_before_still_restores_its_best(tmp_path):
+    """A run killed before epoch files left the frozen layers out kept one whole best file at
+    its root: resumed now, its best epoch is still what it ends with."""
+    from experiments.checkpoints import RunCheckpoints
+
+    state = RunCheckpoints(tmp_path / "run")
+    model = _base_and_head(0)
+    state.root.mkdir(parents=True)
+    model.save_weights(state.root / "best.weights.h5")
+    best = [np.array(w) for w in model.get_weights()]
+    model.set_weights([w + 1 for w in best])
+    state.restore_best("head", model)
+    for restored, expected in zip(model.get_weights(), best, strict=True):
+        np.testing.assert_array_equal(np.array(restored), expected)
+
+
 @pytest.mark.backends
 def test_fit_callbacks_leave_training_steps_asynchronous(make_config, monkeypatch):
     """A callback with a batch-end hook makes Keras wait for every step's logs (no asynchronous

@@ -140,6 +140,8 @@ class RunCheckpoints:
             self.load_trained(model, best)
         elif any(self.root.glob("backup/*/best.weights.h5")):
             self.begin_phase(phase, model)
+        elif (whole := self.root / "best.weights.h5").is_file():
+            model.load_weights(whole)  # a run checkpointed by an earlier version: one whole file
 
     def backup(self, phase: str, initial_epoch: int):
         return _backup_class()(self, phase, initial_epoch)
