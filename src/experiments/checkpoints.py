@@ -30,6 +30,8 @@ from omegaconf import OmegaConf
 
 from experiments.files import atomic_path, write_json
 
+BEST = "best.weights.h5"
+
 # Where a run writes, and how it is resumed, are not what the run is.
 NOT_IDENTITY = ("paths", "hydra", "tracking", "resume")
 
@@ -107,6 +109,9 @@ class RunCheckpoints:
     def phase_dir(self, phase: str) -> Path:
         return self.root / "backup" / phase
 
+    def best_path(self, phase: str) -> Path:
+        return self.phase_dir(phase) / BEST
+
     def begin_phase(self, phase: str, model) -> None:
         """Write the weights `phase` begins with, or, resuming it, read them back: the values
         of its frozen layers, which the epoch files leave out."""
@@ -135,12 +140,11 @@ class RunCheckpoints:
     def restore_best(self, phase: str, model) -> None:
         """The best epoch's weights so far, of any phase. An earlier phase's best is what this
         one began with: a finished phase hands on its best weights."""
-        best = self.phase_dir(phase) / "best.weights.h5"
-        if best.is_file():
-            self.load_trained(model, best)
-        elif any(self.root.glob("backup/*/best.weights.h5")):
+        if self.best_path(phase).is_file():
+            self.load_trained(model, self.best_path(phase))
+        elif any(self.root.glob(f"backup/*/{BEST}")):
             self.begin_phase(phase, model)
-        elif (whole := self.root / "best.weights.h5").is_file():
+        elif (whole := self.root / BEST).is_file():
             model.load_weights(whole)  # a run checkpointed by an earlier version: one whole file
 
     def backup(self, phase: str, initial_epoch: int):
@@ -232,7 +236,7 @@ def _best_class():
         def __init__(self, state: RunCheckpoints, phase: str, monitor: str):
             best = state.best_so_far(monitor)
             super().__init__(
-                str(state.phase_dir(phase) / "best.weights.h5"),
+                str(state.best_path(phase)),
                 monitor=monitor,
                 save_best_only=True,
                 save_weights_only=True,
