@@ -169,6 +169,28 @@ def env_without(tmp_path: Path, *packages: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path}
 
 
+def env_noting_import(tmp_path: Path, package: str) -> tuple[dict[str, str], Path]:
+    """The environment of a Python process that writes the stack that first imports `package`
+    to a file, and that file's path (absent while nothing imported it)."""
+    import os
+
+    folder = tmp_path / "noting"
+    folder.mkdir(exist_ok=True)
+    noted = tmp_path / f"imported-{package}.txt"
+    (folder / "sitecustomize.py").write_text(
+        "import importlib.abc, sys, traceback\n"
+        "class _Noting(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name == {package!r}:\n"
+        "            sys.meta_path.remove(self)\n"
+        f"            with open({str(noted)!r}, 'w') as out:\n"
+        "                traceback.print_stack(file=out)\n"
+        "sys.meta_path.insert(0, _Noting())\n"
+    )
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}, noted
+
+
 class PostgresServer:
     """A real PostgreSQL server from Debian's packages (`initdb`, `pg_ctl`) in a temporary
     folder, on 127.0.0.1 and a free port, with trust authentication; `stop` removes it all.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 from conftest import tiny_overrides
-from helpers import env_without, runs_of
+from helpers import env_noting_import, env_without, runs_of
 
 
 def test_a_process_keeps_the_backend_keras_was_imported_with():
@@ -80,6 +81,33 @@ def test_a_jax_run_trains_logs_and_evaluates_without_tensorflow(tmp_path, image_
     assert evaluated.data.metrics["test_loss"] == pytest.approx(
         trained.data.metrics["test_loss"], rel=1e-4
     )
+
+
+@pytest.mark.slow
+def test_a_jax_run_leaves_the_installed_tensorflow_unimported(tmp_path, image_folder):
+    """TensorFlow is installed (a dependency), yet a JAX run, its model logged, never imports
+    it: Keras would, to seed it and to serialize the model (2-4 s and its memory a process)."""
+    assert importlib.util.find_spec("tensorflow") is not None
+    env, noted = env_noting_import(tmp_path, "tensorflow")
+    env.pop("KERAS_BACKEND", None)
+    overrides = [
+        *tiny_overrides(tmp_path, image_folder),
+        "backend=jax",
+        "trainer.epochs=1",
+        "task.image_size=[48,48]",  # XLA's CPU convolutions crawl on VGG's 2x2 maps at 32 px
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.train", *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not noted.exists(), noted.read_text()[-3000:]
+    (trained,) = runs_of(tmp_path, "folder")
+    assert trained.data.tags["backend"] == "jax"
+    assert trained.data.metrics["model_size_mb"] > 0
 
 
 @pytest.mark.slow

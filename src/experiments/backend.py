@@ -90,10 +90,43 @@ def use_backend(name: str) -> str:
     return name
 
 
+@contextmanager
+def tensorflow_left_unimported() -> Iterator[None]:
+    """On a backend other than TensorFlow, Keras does not import TensorFlow inside the block,
+    installed or not: importing it cost a JAX run 2-4 s of this CPU, and its memory.
+
+    Keras imports it on any backend for two things it does only where TensorFlow is installed:
+    seeding TensorFlow's random ops (`set_random_seed`) and recognizing TensorFlow's shapes,
+    dtypes and type specs as it serializes a model. A process that has not imported TensorFlow
+    needs neither: it holds no TensorFlow object and draws no TensorFlow random number. Keras
+    asks `keras.src.utils.module_utils.tensorflow.available`, which imports TensorFlow to
+    answer; inside the block it answers False, as where TensorFlow is not installed (a JAX run
+    is tested whole there). Keras has no public setting for this, hence its private attribute,
+    left alone if a later Keras has none. A block on TensorFlow, or in a process that imported
+    it already, changes nothing.
+    """
+    import keras
+    from keras.src.utils import module_utils
+
+    lazy = getattr(module_utils, "tensorflow", None)
+    if (
+        keras.backend.backend() == "tensorflow"
+        or "tensorflow" in sys.modules
+        or getattr(lazy, "_available", True) is not None  # answered already, or another Keras
+    ):
+        yield
+        return
+    lazy._available = False
+    try:
+        yield
+    finally:
+        lazy._available = None  # asked again, it looks again
+
+
 def set_seed(seed: int) -> None:
     """Seed Python, NumPy and the backend (Keras' `set_random_seed`), and TensorFlow's random ops
-    where it is installed: Keras imports it for that on any backend, so its start-up lines are
-    filtered here too."""
+    where Keras imports it for that (on TensorFlow, or another backend outside
+    `tensorflow_left_unimported`), filtering its start-up lines."""
     import keras
 
     with stderr_without(start_up_chatter()):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
@@ -29,6 +30,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     from experiments.backend import (
         device_tags,
         set_seed,
+        tensorflow_left_unimported,
         use_backend,
         use_compilation_cache,
         use_device_slot,
@@ -63,26 +65,28 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
 
     from experiments.strategies import train_with_strategy
 
-    with phases.phase("build"):
-        release_earlier_jobs()
-        use_precision(cfg.trainer.precision)
-        set_seed(cfg.trainer.seed)
-    workdir = output_dir(cfg.paths.output_dir, cfg.task.name)
-    tags = tracking.run_tags(cfg, str(workdir)) | device_tags() | trial_tags()
-    name = job_run_name(str(cfg.tracking.run_name))
-    opening = time.perf_counter()  # opening the run is recording, up to its config and lineage
-    with tracking.start_run(cfg.tracking, name, tags, identity, resume) as active:
-        checkpoints = open_checkpoints(cfg, active)
-        record_opening(cfg, task, active)
-        phases.add("record", time.perf_counter() - opening)
+    with ExitStack() as keras_scope:
         with phases.phase("build"):
-            ctx = training_context(cfg, task, weights, workdir, checkpoints)
-        started = time.perf_counter()
-        with phases.phase("train"):
-            trained = train_with_strategy(ctx)
-        phases.split_compile(epoch_times(ctx))
-        train_time = time.perf_counter() - started
-        value = record_results(cfg, task, trained, train_time, workdir, active, phases)
+            release_earlier_jobs()
+            keras_scope.enter_context(tensorflow_left_unimported())
+            use_precision(cfg.trainer.precision)
+            set_seed(cfg.trainer.seed)
+        workdir = output_dir(cfg.paths.output_dir, cfg.task.name)
+        tags = tracking.run_tags(cfg, str(workdir)) | device_tags() | trial_tags()
+        name = job_run_name(str(cfg.tracking.run_name))
+        opening = time.perf_counter()  # opening the run is recording, up to its config, lineage
+        with tracking.start_run(cfg.tracking, name, tags, identity, resume) as active:
+            checkpoints = open_checkpoints(cfg, active)
+            record_opening(cfg, task, active)
+            phases.add("record", time.perf_counter() - opening)
+            with phases.phase("build"):
+                ctx = training_context(cfg, task, weights, workdir, checkpoints)
+            started = time.perf_counter()
+            with phases.phase("train"):
+                trained = train_with_strategy(ctx)
+            phases.split_compile(epoch_times(ctx))
+            train_time = time.perf_counter() - started
+            value = record_results(cfg, task, trained, train_time, workdir, active, phases)
     checkpoints.remove()  # FINISHED: the model is logged, the resumable state has done its job
     log.info("run %s: %s", active.run_id, phases.line())
     return value
