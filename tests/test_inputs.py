@@ -23,6 +23,13 @@ def test_batches_cover_every_row_once_as_uint8_and_reshuffle_each_epoch(tmp_path
         assert all((np.diff(labels) > 0).all() for _, labels in parts)  # ascending reads
         return np.concatenate([labels for _, labels in parts])
 
+    padded = batches(x, y, batch_size=8, pad=True)
+    images, labels = padded[6]  # the last 2 rows, then 6 rows of zeros
+    assert images.shape == (8, 4, 1, 1) and images.dtype == np.uint8 and labels.shape == (8,)
+    assert images[:2, 0, 0, 0].tolist() == labels[:2].tolist() == [48, 49]
+    assert not images[2:].any() and not labels[2:].any()
+    assert padded[0][0].shape == (8, 4, 1, 1)
+
     first = epoch()
     data.on_epoch_end()
     second = epoch()
@@ -77,6 +84,7 @@ def test_reading_a_mapped_split_keeps_resident_memory_flat(tmp_path, monkeypatch
 
 
 def test_predict_in_batches_streams_outputs_with_one_log_line(caplog, monkeypatch):
+    """...in batches of one shape: the model is compiled once, not again for the last batch."""
     import logging
 
     import keras
@@ -86,7 +94,15 @@ def test_predict_in_batches_streams_outputs_with_one_log_line(caplog, monkeypatc
 
     monkeypatch.setattr(inputs, "CHUNK_BATCHES", 2)  # 8 images a chunk
 
-    model = keras.Sequential([keras.Input((2, 2, 3)), keras.layers.Flatten()])
+    class BatchSizes(keras.layers.Layer):  # the batch sizes the model is traced with
+        seen: set = set()
+
+        def call(self, images):
+            self.seen.add(images.shape[0])
+            return images
+
+    model = keras.Sequential([keras.Input((2, 2, 3)), BatchSizes(), keras.layers.Flatten()])
+    BatchSizes.seen.clear()
     x = np.arange(10 * 12, dtype=np.uint8).reshape(10, 2, 2, 3)
     parts = []
     with caplog.at_level(logging.INFO, logger="experiments.progress"):
@@ -95,6 +111,7 @@ def test_predict_in_batches_streams_outputs_with_one_log_line(caplog, monkeypatc
         )
     assert [len(p) for p in parts] == [8, 2]
     np.testing.assert_array_equal(np.concatenate(parts), x.reshape(10, 12))
+    assert BatchSizes.seen == {4}  # the last 2 images went in a batch of 4, filled with zeros
     # No terminal under pytest: no bar, one line with the count and the rate.
     (line,) = [r.getMessage() for r in caplog.records if r.name == "experiments.progress"]
     assert line.startswith("extracting train features: 10 images in ") and "images/s" in line

@@ -44,13 +44,16 @@ def reads_wait_on_disk(x) -> bool:
 
 
 class Batches(keras.utils.PyDataset):
-    """`(x[i:j], y[i:j])` batches of arrays `x` and `y`, reshuffled every epoch when `shuffle`.
+    """`(x[i:j], y[i:j])` batches of arrays `x` and `y`, reshuffled every epoch when `shuffle`;
+    with `pad`, the last batch is filled up to `batch_size` with rows of zeros.
 
     Each batch reads its rows in ascending order, which a memory-mapped array serves with
     sequential reads; the order of the rows inside a batch does not matter to training.
     """
 
-    def __init__(self, x, y, batch_size: int, shuffle: bool = False, seed: int = 0):
+    def __init__(
+        self, x, y, batch_size: int, shuffle: bool = False, seed: int = 0, pad: bool = False
+    ):
         threads = WORKERS if reads_wait_on_disk(x) else 1
         super().__init__(workers=threads, use_multiprocessing=False, max_queue_size=QUEUE)
         if len(x) != len(y):
@@ -58,6 +61,7 @@ class Batches(keras.utils.PyDataset):
         self.x, self.y = x, np.asarray(y)
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
+        self.pad = pad
         self._rng = np.random.default_rng(seed)
         self._order = self._rng.permutation(len(self.y)) if shuffle else None
 
@@ -73,6 +77,8 @@ class Batches(keras.utils.PyDataset):
             rows = np.sort(self._order[start : start + self.batch_size])
             batch = np.asarray(self.x[rows]), self.y[rows]
         release(self.x)  # the rows just read no longer count as this process's memory
+        if self.pad and len(batch[1]) < self.batch_size:
+            batch = tuple(_filled_up(part, self.batch_size) for part in batch)
         return batch
 
     def on_epoch_end(self) -> None:
@@ -80,9 +86,18 @@ class Batches(keras.utils.PyDataset):
             self._order = self._rng.permutation(len(self.y))
 
 
-def batches(x, y=None, *, batch_size: int, shuffle: bool = False, seed: int = 0) -> Batches:
+def _filled_up(rows: np.ndarray, count: int) -> np.ndarray:
+    """`rows` followed by rows of zeros, `count` rows in all."""
+    filler = np.zeros((count - len(rows), *rows.shape[1:]), rows.dtype)
+    return np.concatenate([rows, filler])
+
+
+def batches(
+    x, y=None, *, batch_size: int, shuffle: bool = False, seed: int = 0, pad: bool = False
+) -> Batches:
     """A `Batches` of `x` and `y` (zeros when only inputs are given, for `predict`)."""
-    return Batches(x, np.zeros(len(x), np.int32) if y is None else y, batch_size, shuffle, seed)
+    labels = np.zeros(len(x), np.int32) if y is None else y
+    return Batches(x, labels, batch_size, shuffle, seed, pad)
 
 
 # Batches `predict_in_batches` hands to one `model.predict`: Keras' loop keeps the device busy
@@ -96,8 +111,10 @@ def predict_in_batches(model, x, *, batch_size: int, what: str, write) -> None:
     """`model`'s outputs on `x`, a chunk of batches at a time, passed to `write` as numpy arrays.
 
     Used instead of one `model.predict`, which keeps every output in memory until the end:
-    features of a dataset larger than memory go to disk as they come. A progress bar shows on a
-    terminal.
+    features of a dataset larger than memory go to disk as they come. Every batch has one shape:
+    the last is filled up with zeros and its extra outputs dropped, since a compiled backend
+    compiles the model again for each new shape (the base's forward pass once more for each
+    split a two-stage run extracts). A progress bar shows on a terminal.
     """
     from experiments.progress import progress
 
@@ -105,6 +122,7 @@ def predict_in_batches(model, x, *, batch_size: int, what: str, write) -> None:
     with progress(what, len(x)) as advance:
         for start in range(0, len(x), chunk):
             part = x[start : start + chunk]
-            write(np.asarray(model.predict(batches(part, batch_size=batch_size), verbose=0)))
+            data = batches(part, batch_size=batch_size, pad=True)
+            write(np.asarray(model.predict(data, verbose=0))[: len(part)])
             release(x)
             advance(len(part))
