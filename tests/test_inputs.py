@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
 def test_batches_cover_every_row_once_as_uint8_and_reshuffle_each_epoch(tmp_path, monkeypatch):
@@ -115,3 +116,46 @@ def test_predict_in_batches_streams_outputs_with_one_log_line(caplog, monkeypatc
     # No terminal under pytest: no bar, one line with the count and the rate.
     (line,) = [r.getMessage() for r in caplog.records if r.name == "experiments.progress"]
     assert line.startswith("extracting train features: 10 images in ") and "images/s" in line
+
+
+def test_validation_batches_of_one_size_score_as_keras_batches_do():
+    """The validation split goes in batches of one size where one near the batch size divides
+    it (one compiled test step, not two), and Keras' loss and accuracy stay the same."""
+    from types import SimpleNamespace
+
+    import keras
+    from omegaconf import OmegaConf
+
+    from experiments.inputs import batches, even_batch_size
+    from experiments.strategies import images_dataset
+
+    assert even_batch_size(2000, 16) == 16  # divides already
+    assert even_batch_size(1000, 16) == 20  # 62 x 16 + 8 otherwise
+    assert even_batch_size(24, 16) == 12  # nearer than 24
+    assert even_batch_size(100, 32) == 25
+    assert even_batch_size(10, 16) == 10  # one batch
+    assert even_batch_size(997, 16) == 16  # a prime: none does
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (30, 4, 4, 3), dtype=np.uint8)
+    y = rng.integers(0, 3, 30)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4, 4, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten()]
+        + [keras.layers.Dense(3, activation="softmax")]
+    )
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    uneven = model.evaluate(batches(x, y, batch_size=16), return_dict=True, verbose=0)
+    size = even_batch_size(len(x), 16)
+    assert size == 15
+    even = model.evaluate(batches(x, y, batch_size=size), return_dict=True, verbose=0)
+    assert even["loss"] == pytest.approx(uneven["loss"], rel=1e-6)
+    assert even["accuracy"] == uneven["accuracy"]
+    # What a run validates on; training keeps the batch size asked.
+    split = SimpleNamespace(images=x, labels=y)
+    ctx = SimpleNamespace(
+        cfg=OmegaConf.create({"trainer": {"batch_size": 16, "seed": 0}}),
+        task=SimpleNamespace(splits={"train": split, "val": split}),
+    )
+    assert images_dataset(ctx, "val").batch_size == 15
+    assert images_dataset(ctx, "train").batch_size == 16

@@ -100,6 +100,21 @@ def batches(
     return Batches(x, labels, batch_size, shuffle, seed, pad)
 
 
+def even_batch_size(rows: int, batch_size: int) -> int:
+    """A batch size that cuts `rows` into batches of one size: `batch_size` if it does, else the
+    size that does nearest to it between half and twice it (the larger of two as near), else
+    `batch_size`.
+
+    For the validation split: a compiled backend compiles the test step once more for a last
+    batch of another size, and Keras' validation loss and accuracy are means over the images
+    whatever the batches (the loss of each batch is weighted by its size), so they do not change.
+    """
+    if rows <= 0 or rows % batch_size == 0:
+        return batch_size
+    sizes = [n for n in range(max(1, batch_size // 2), 2 * batch_size + 1) if rows % n == 0]
+    return min(sizes, key=lambda n: (abs(n - batch_size), -n)) if sizes else batch_size
+
+
 # Batches `predict_in_batches` hands to one `model.predict`: Keras' loop keeps the device busy
 # (the next batch is sent while one computes) and copies the model's state back once per call,
 # where `predict_on_batch` does both for every batch (on JAX, every weight, every batch: a GPU

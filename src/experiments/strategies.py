@@ -265,8 +265,12 @@ def images_dataset(ctx: Context, split: str):
 
 
 def _dataset(x: np.ndarray, y: np.ndarray | None, batch_size: int, ctx: Context, shuffle: bool):
-    from experiments.inputs import batches
+    """Batches for training (`shuffle`), or validation, in batches of one size where one near
+    `batch_size` divides the split (`inputs.even_batch_size`)."""
+    from experiments.inputs import batches, even_batch_size
 
+    if not shuffle:
+        batch_size = even_batch_size(len(x), batch_size)
     return batches(x, y, batch_size=batch_size, shuffle=shuffle, seed=int(ctx.cfg.trainer.seed))
 
 
