@@ -104,18 +104,22 @@ def test_predict_in_batches_streams_outputs_with_one_log_line(caplog, monkeypatc
 
     model = keras.Sequential([keras.Input((2, 2, 3)), BatchSizes(), keras.layers.Flatten()])
     BatchSizes.seen.clear()
-    x = np.arange(10 * 12, dtype=np.uint8).reshape(10, 2, 2, 3)
+    x = np.arange(11 * 12, dtype=np.uint8).reshape(11, 2, 2, 3)
     parts = []
     with caplog.at_level(logging.INFO, logger="experiments.progress"):
         predict_in_batches(
             model, x, batch_size=4, what="extracting train features", write=parts.append
         )
-    assert [len(p) for p in parts] == [8, 2]
-    np.testing.assert_array_equal(np.concatenate(parts), x.reshape(10, 12))
-    assert BatchSizes.seen == {4}  # the last 2 images went in a batch of 4, filled with zeros
+    assert [len(p) for p in parts] == [8, 3]
+    np.testing.assert_array_equal(np.concatenate(parts), x.reshape(11, 12))
+    assert BatchSizes.seen == {4}  # 11 rows: the last 3 went in a batch of 4, filled with zeros
+    model = keras.Sequential([keras.Input((2, 2, 3)), BatchSizes(), keras.layers.Flatten()])
+    BatchSizes.seen.clear()
+    predict_in_batches(model, x[:10], batch_size=4, what="predicting", write=parts.append)
+    assert BatchSizes.seen == {5} and len(parts[-1]) == 10  # 10 rows: two batches of 5
     # No terminal under pytest: no bar, one line with the count and the rate.
     (line,) = [r.getMessage() for r in caplog.records if r.name == "experiments.progress"]
-    assert line.startswith("extracting train features: 10 images in ") and "images/s" in line
+    assert line.startswith("extracting train features: 11 images in ") and "images/s" in line
 
 
 def test_validation_batches_of_one_size_score_as_keras_batches_do():

@@ -105,9 +105,10 @@ def even_batch_size(rows: int, batch_size: int) -> int:
     size that does nearest to it between half and twice it (the larger of two as near), else
     `batch_size`.
 
-    For the validation split: a compiled backend compiles the test step once more for a last
-    batch of another size, and Keras' validation loss and accuracy are means over the images
-    whatever the batches (the loss of each batch is weighted by its size), so they do not change.
+    For the validation split and for predictions: a compiled backend compiles the step once more
+    for a last batch of another size, and Keras' validation loss and accuracy are means over the
+    images whatever the batches (the loss of each batch is weighted by its size), so they do not
+    change.
     """
     if rows <= 0 or rows % batch_size == 0:
         return batch_size
@@ -126,13 +127,15 @@ def predict_in_batches(model, x, *, batch_size: int, what: str, write) -> None:
     """`model`'s outputs on `x`, a chunk of batches at a time, passed to `write` as numpy arrays.
 
     Used instead of one `model.predict`, which keeps every output in memory until the end:
-    features of a dataset larger than memory go to disk as they come. Every batch has one shape:
-    the last is filled up with zeros and its extra outputs dropped, since a compiled backend
-    compiles the model again for each new shape (the base's forward pass once more for each
-    split a two-stage run extracts). A progress bar shows on a terminal.
+    features of a dataset larger than memory go to disk as they come. Every batch has one shape,
+    since a compiled backend compiles the model again for each new shape (the base's forward
+    pass once more for each split a two-stage run extracts): the batch size is one that divides
+    `x` where one near `batch_size` does (`even_batch_size`), else the last batch is filled up
+    with zeros and its extra outputs dropped. A progress bar shows on a terminal.
     """
     from experiments.progress import progress
 
+    batch_size = even_batch_size(len(x), batch_size)
     chunk = batch_size * CHUNK_BATCHES
     with progress(what, len(x)) as advance:
         for start in range(0, len(x), chunk):
