@@ -175,6 +175,32 @@ def test_jobs_in_one_process_release_earlier_graphs(make_config):
     assert live_graphs() == after_one
 
 
+def test_a_later_job_still_collects_what_jobs_left_but_no_longer_walks_the_imports():
+    """Each job collects the garbage earlier jobs left (reference cycles such as traced
+    graphs); what the process imported is set aside once, so that collecting stays short."""
+    import gc
+    import weakref
+
+    from experiments.train import release_earlier_jobs
+
+    class Node:
+        pass
+
+    release_earlier_jobs()
+    assert gc.get_freeze_count() > 0  # the imports: no later collection walks them
+    gc.disable()  # only release_earlier_jobs may collect now
+    try:
+        first, second = Node(), Node()
+        first.other, second.other = second, first  # a cycle: only a collection frees it
+        left = weakref.ref(first)
+        del first, second
+        assert left() is not None
+        release_earlier_jobs()
+        assert left() is None
+    finally:
+        gc.enable()
+
+
 @pytest.mark.backends
 def test_a_backup_restores_the_optimizer_state_and_the_epoch(tmp_path):
     """Keras' BackupAndRestore (our atomic subclass): a second fit resumes where the first

@@ -276,12 +276,27 @@ def release_earlier_jobs() -> None:
     keras-team/tf-keras#898, is unreleased). No library call drops them, so we do: nothing traced
     by an earlier job runs again, and the registry is private, so a TensorFlow without it is left
     alone.
+
+    The garbage collection that then frees them walks every object the process tracks, most of
+    them what it imported (TensorFlow, MLflow, Hydra), which live as long as it: 0.4-0.5 s a
+    trial of the quickstart sweep. Once the first job has collected, it moves what is left to the
+    collector's permanent generation (`gc.freeze`), so that each later collection walks only what
+    jobs made (0.08 s).
     """
+    import gc
+
     import keras
 
+    global _imports_frozen
     if keras.backend.backend() == "tensorflow":
         _drop_custom_gradients()
     keras.backend.clear_session(free_memory=True)  # also collects the graphs now unpinned
+    if not _imports_frozen:  # what is left is what the process imported, and lives as long
+        gc.freeze()
+        _imports_frozen = True
+
+
+_imports_frozen = False  # whether a job of this process froze what the process had imported
 
 
 def _drop_custom_gradients() -> None:
