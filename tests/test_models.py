@@ -397,3 +397,30 @@ def test_a_registry_on_a_real_mlflow_server(tmp_path, image_folder):
         assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
     finally:
         server.stop()
+
+
+def test_the_misclassified_grid_shows_the_wrong_images_most_confident_first(tmp_path):
+    from types import SimpleNamespace
+
+    import matplotlib
+    from PIL import Image
+
+    from experiments.reports import Evaluation, misclassified_png
+
+    matplotlib.use("Agg")
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]  # right, wrong at 60%, wrong at 90%
+    images = np.array([np.full((40, 40, 3), c, np.uint8) for c in colors])
+    probabilities = np.array([[0.8, 0.2], [0.4, 0.6], [0.1, 0.9]], np.float32)
+    labels, predictions = np.array([0, 0, 0]), probabilities.argmax(1)
+    evaluation = Evaluation(0.5, 1 / 3, labels, predictions, probabilities.max(1), probabilities)
+    path = misclassified_png(
+        tmp_path / "m.png", evaluation, SimpleNamespace(images=images), ["cat", "dog"]
+    )
+    picture = np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+    def columns_of(color) -> np.ndarray:
+        return np.flatnonzero((np.abs(picture - color).sum(-1) < 30).any(0))
+
+    assert not columns_of(colors[0]).size  # a right prediction is not shown
+    assert columns_of(colors[2]).size and columns_of(colors[1]).size
+    assert columns_of(colors[2]).max() < columns_of(colors[1]).min()  # 90% before 60%
