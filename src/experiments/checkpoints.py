@@ -140,8 +140,8 @@ class RunCheckpoints:
     def restore_best(self, phase: str, model) -> None:
         """The best epoch's weights so far, of any phase. An earlier phase's best is what this
         one began with: a finished phase hands on its best weights."""
-        if self.best_path(phase).is_file():
-            self.load_trained(model, self.best_path(phase))
+        if (best := self.best_path(phase)).is_file():
+            self.load_trained(model, best)
         elif any(self.root.glob(f"backup/*/{BEST}")):
             self.begin_phase(phase, model)
         elif (whole := self.root / BEST).is_file():

@@ -287,16 +287,11 @@ def release_earlier_jobs() -> None:
 
     import keras
 
-    global _imports_frozen
     if keras.backend.backend() == "tensorflow":
         _drop_custom_gradients()
     keras.backend.clear_session(free_memory=True)  # also collects the graphs now unpinned
-    if not _imports_frozen:  # what is left is what the process imported, and lives as long
+    if not gc.get_freeze_count():  # the first job: what is left lives as long as the process
         gc.freeze()
-        _imports_frozen = True
-
-
-_imports_frozen = False  # whether a job of this process froze what the process had imported
 
 
 def _drop_custom_gradients() -> None:
