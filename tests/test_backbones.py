@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments.backbones import build_backbone, resolve_weights
+from experiments.backbones import _file_digest, build_backbone, resolve_weights, weights_id
 from experiments.errors import ExperimentError
 
 from conftest import compose_config, tiny_overrides
@@ -50,6 +50,25 @@ def test_bad_weight_values_are_explained(weights, message, tmp_path):
     cfg = compose_config([*tiny_overrides(tmp_path), f"backbone.weights={weights}"])
     with pytest.raises(ExperimentError, match=message):
         resolve_weights(cfg.backbone, cfg.paths.weights_dir)
+
+
+def test_a_weights_file_is_read_once_until_it_is_rewritten(tmp_path):
+    """The trials of a sweep share the digest; a file rewritten in place, even to the same size
+    with its modification time set back, gets a new one (a stale feature cache is never used)."""
+    import os
+
+    path = tmp_path / "w.h5"
+    path.write_bytes(b"a" * 1000)
+    first = weights_id(str(path))
+    hits = _file_digest.cache_info().hits
+    assert weights_id(str(path)) == first
+    assert _file_digest.cache_info().hits == hits + 1
+    times = path.stat().st_atime_ns, path.stat().st_mtime_ns
+    with open(path, "r+b") as f:  # the same inode, the same size
+        f.write(b"b")
+    os.utime(path, ns=times)
+    assert weights_id(str(path)) != first
+    assert weights_id(None) == "random"
 
 
 @pytest.mark.slow

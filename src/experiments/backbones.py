@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -65,14 +66,28 @@ def resolve_weights(cfg, weights_dir: str) -> str | None:
 
 
 def weights_id(path: str | None) -> str:
-    """A content digest of the weights file ('random' for none): part of the feature-cache key."""
+    """A content digest of the weights file ('random' for none): part of the feature-cache key.
+
+    The trials of a sweep share a process and a weights file: the digest is read once per
+    version of the file, known by its inode, size, modification and change times (the change
+    time moves on every write and no user call sets it back, so a rewritten file is read
+    again).
+    """
     if path is None:
         return "random"
+    stat = Path(path).stat()
+    version = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    return f"{Path(path).name}:{_file_digest(str(path), version)}"
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, version: tuple) -> str:
+    """The first 16 hex digits of `path`'s SHA-256; `version` keys the cache."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
-    return f"{Path(path).name}:{digest.hexdigest()[:16]}"
+    return digest.hexdigest()[:16]
 
 
 def build_backbone(cfg, input_shape, weights_path: str | None):
