@@ -10,6 +10,9 @@ import numpy as np
 
 GRID_VIEWS = 9
 MAX_MISCLASSIFIED = 16
+# The misclassified grid: the longer side of each image, and its captions' size, in pixels
+GRID_CELL = 256
+GRID_FONT = 18
 
 
 @dataclass
@@ -102,27 +105,49 @@ def write_reports(
     augmentation=None,
 ) -> list[Path]:
     """Write the evaluation artifacts into `outdir`; the files written."""
-    import matplotlib
+    from experiments import figures
 
-    matplotlib.use("Agg")
-    outdir.mkdir(parents=True, exist_ok=True)
+    drawing = figures.draw(
+        report_figures(outdir, evaluation, split, class_names, history, augmentation)
+    )
+    return [*classification_reports(outdir, evaluation, class_names), *drawing.results()]
+
+
+def report_figures(
+    outdir: Path,
+    evaluation: Evaluation,
+    split,
+    class_names: list[str],
+    history: dict[str, list[float]] | None = None,
+    augmentation=None,
+) -> list:
+    """The report's figures as calls `(function, arguments)` of plain arrays, each writing one
+    PNG into `outdir` and returning its path: they can be drawn in another process
+    (`experiments.figures`). What needs the model or the whole split is computed here."""
     from experiments.calibration import reliability_png
 
-    written = [
-        *classification_reports(outdir, evaluation, class_names),
-        confusion_matrix_png(outdir / "confusion_matrix.png", evaluation, class_names),
-        misclassified_png(outdir / "misclassified.png", evaluation, split, class_names),
-        reliability_png(
-            outdir / "reliability.png", evaluation.probabilities, evaluation.labels, "test"
+    outdir = Path(outdir).absolute()  # where the worker writes, whatever its directory
+    outdir.mkdir(parents=True, exist_ok=True)
+    calls = [
+        (confusion_matrix_png, (outdir / "confusion_matrix.png", evaluation, class_names)),
+        (
+            misclassified_grid_png,
+            (outdir / "misclassified.png", *misclassified(evaluation, split, class_names)),
+        ),
+        (
+            reliability_png,
+            (outdir / "reliability.png", evaluation.probabilities, evaluation.labels, "test"),
         ),
     ]
     if history:
-        written.append(learning_curves_png(outdir / "learning_curves.png", history))
+        calls.append((learning_curves_png, (outdir / "learning_curves.png", history)))
     if augmentation is not None:
-        written.append(
-            augmented_views_png(outdir / "augmented_views.png", split.images[0], augmentation)
-        )
-    return written
+        from experiments.augmentation import augmented_views
+
+        image = split.images[0].astype("float32")
+        views = augmented_views(augmentation, np.repeat(image[None], GRID_VIEWS, 0))
+        calls.append((views_png, (outdir / "augmented_views.png", views)))
+    return calls
 
 
 def classification_reports(outdir: Path, evaluation: Evaluation, class_names) -> list[Path]:
@@ -201,52 +226,74 @@ def learning_curves_png(path: Path, history: dict[str, list[float]]) -> Path:
 
 
 def misclassified_png(path: Path, evaluation: Evaluation, split, class_names) -> Path:
-    """Up to 16 misclassified images, most confident first, with true, predicted, confidence.
+    """Up to 16 misclassified images, most confident first, with true, predicted, confidence."""
+    return misclassified_grid_png(path, *misclassified(evaluation, split, class_names))
 
-    The images are tiled into one picture drawn on one plot with a caption each: 16 plots of one
-    image took 0.3 s of every run, most of a sweep trial's reports.
-    """
-    import matplotlib.pyplot as plt
 
+def misclassified(evaluation: Evaluation, split, class_names) -> tuple[np.ndarray, list[str]]:
+    """The up to 16 misclassified images of `split`, most confident first, and their captions:
+    true class, predicted class and confidence."""
     wrong = np.flatnonzero(evaluation.predictions != evaluation.labels)
     wrong = wrong[np.argsort(-evaluation.confidence[wrong])][:MAX_MISCLASSIFIED]
+    captions = [
+        f"true {class_names[evaluation.labels[i]]}\n"
+        f"pred {class_names[evaluation.predictions[i]]} ({evaluation.confidence[i]:.0%})"
+        for i in wrong
+    ]
+    images = np.asarray(split.images[np.sort(wrong)])[np.argsort(np.argsort(wrong))]
+    return images, captions
+
+
+def misclassified_grid_png(path: Path, images: np.ndarray, captions: list[str]) -> Path:
+    """`images` in rows of four, each under its caption, scaled to about GRID_CELL pixels.
+
+    Drawn with Pillow in matplotlib's font: matplotlib laid out the 32 lines of captions in
+    0.2-0.3 s, most of a sweep trial's figures; Pillow draws them in milliseconds.
+    """
+    from matplotlib import font_manager
+    from PIL import Image, ImageDraw, ImageFont
+
+    height, width = images.shape[1:3]
+    scale = GRID_CELL / max(height, width)
+    if scale >= 1:  # small images grow by whole pixels, as they are
+        scale, resample = float(int(scale)), Image.NEAREST
+    else:
+        resample = Image.BILINEAR
+    size = (round(width * scale), round(height * scale))
+    font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), GRID_FONT)
+    line = GRID_FONT + 4
+    gap, caption = 12, 2 * line + 6
+    cell_w, cell_h = max(size[0], 14 * GRID_FONT) + gap, caption + size[1] + gap
     cols = 4
-    rows = max(1, int(np.ceil(len(wrong) / cols)))
-    height, width = split.images.shape[1:3]
-    gap, caption = max(2, width // 8), max(8, height // 3)  # in image pixels
-    cell_h, cell_w = caption + height + gap, width + gap
-    tiles = np.full((rows * cell_h, cols * cell_w, 3), 255, np.uint8)
-    fig = plt.figure(figsize=(3 * cols, 3 * cols * tiles.shape[0] / tiles.shape[1]))
-    ax = fig.add_axes((0, 0, 1, 1))
-    ax.axis("off")
-    for k, i in enumerate(wrong):
-        top, left = (k // cols) * cell_h + caption, (k % cols) * cell_w + gap // 2
-        tiles[top : top + height, left : left + width] = split.images[i]
-        ax.text(
-            left + width / 2,
-            top - 1,
-            f"true {class_names[evaluation.labels[i]]}\n"
-            f"pred {class_names[evaluation.predictions[i]]} "
-            f"({evaluation.confidence[i]:.0%})",
-            ha="center",
-            va="bottom",
-            fontsize=9,
+    rows = max(1, int(np.ceil(len(images) / cols)))
+    grid = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (image, text) in enumerate(zip(images, captions, strict=True)):
+        left, top = (k % cols) * cell_w + gap // 2, (k // cols) * cell_h + caption
+        center = left + (cell_w - gap) // 2
+        grid.paste(Image.fromarray(image).resize(size, resample), (center - size[0] // 2, top))
+        lines = text.split("\n")
+        for i, words in enumerate(lines):
+            while len(words) > 2 and draw.textlength(words, font=font) > cell_w - gap:
+                words = words[:-2] + "…"  # a long class name, cut to its cell
+            y = top - 4 - (len(lines) - 1 - i) * line
+            draw.text((center, y), words, fill="black", font=font, anchor="md")
+    if not len(images):
+        draw.text(
+            (grid.width // 2, grid.height // 2),
+            "no misclassified images",
+            fill="black",
+            font=font,
+            anchor="mm",
         )
-    ax.imshow(tiles, interpolation="nearest")
-    if not len(wrong):
-        ax.text(tiles.shape[1] / 2, tiles.shape[0] / 2, "no misclassified images", ha="center")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    grid.save(path)
     return path
 
 
-def augmented_views_png(path: Path, image: np.ndarray, augmentation) -> Path:
-    """A 3x3 grid of one training image through the augmentation layers in training mode."""
+def views_png(path: Path, views: np.ndarray) -> Path:
+    """Nine augmented views of one image in a 3x3 grid."""
     import matplotlib.pyplot as plt
 
-    from experiments.augmentation import augmented_views
-
-    views = augmented_views(augmentation, np.repeat(image[None].astype("float32"), GRID_VIEWS, 0))
     fig, axes = plt.subplots(3, 3, figsize=(7, 7))
     for ax, view in zip(axes.flat, views, strict=True):
         ax.imshow(np.clip(view, 0, 255).astype(np.uint8))

@@ -25,7 +25,7 @@ log = logging.getLogger("experiments.train")
 def train(cfg: DictConfig) -> float | tuple[float, ...]:
     """Run the experiment `cfg` describes and return its `optimized_metric` (a tuple of values
     when it names several)."""
-    from experiments import tracking
+    from experiments import figures, tracking
     from experiments.backbones import resolve_weights
     from experiments.backend import (
         device_tags,
@@ -68,6 +68,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     with ExitStack() as keras_scope:
         with phases.phase("build"):
             release_earlier_jobs()
+            figures.start()  # to draw the reports while the run records its model
             keras_scope.enter_context(tensorflow_left_unimported())
             use_precision(cfg.trainer.precision)
             set_seed(cfg.trainer.seed)
@@ -141,16 +142,35 @@ def training_context(cfg: DictConfig, task, weights, workdir: Path, checkpoints)
 def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: Path, run, phases):
     """Evaluate on the test split and record the metrics, reports, model and where the time
     went; the value the job returns to a sweeper."""
-    from experiments import tracking
+    from experiments import figures, tracking
     from experiments.augmentation import without_augmentation
     from experiments.calibration import calibration_metrics
-    from experiments.reports import evaluate_split, per_class_metrics, write_reports
+    from experiments.reports import (
+        classification_reports,
+        evaluate_split,
+        per_class_metrics,
+        report_figures,
+    )
 
     tags = tracking.tags
+    reports = (workdir / "reports").absolute()  # the figure worker may not share our directory
     with phases.phase("evaluate"):
         test = evaluate_split(trained.eval_model, trained.eval_split(task), task.num_classes)
-        scaled, scaled_png = temperature_scaled(cfg, trained, task, test, workdir / "reports")
+        scaled, scaled_figure = temperature_scaled(cfg, trained, task, test, reports)
     with phases.phase("record"):
+        augmentation = (
+            trained.model.get_layer("augmentation")
+            if any(layer.name == "augmentation" for layer in trained.model.layers)
+            else None
+        )
+        # Drawn by the figure worker while the model is saved and logged here
+        drawing = figures.draw(
+            report_figures(
+                reports, test, task.splits["test"], task.class_names, trained.history, augmentation
+            )
+            + scaled_figure
+        )
+        written = classification_reports(reports, test, task.class_names)
         metrics = summary_metrics(trained, test, train_time, task)
         metrics |= per_class_metrics(test, task.class_names)
         metrics |= calibration_metrics(test.probabilities, test.labels) | scaled
@@ -166,22 +186,9 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
         tracking.log_metrics(metrics)
         if trained.feature_cache:
             tracking.set_tags({tags.FEATURE_CACHE: trained.feature_cache})
-        augmentation = (
-            trained.model.get_layer("augmentation")
-            if any(layer.name == "augmentation" for layer in trained.model.layers)
-            else None
-        )
         # The `augmentation` tag is what was asked; two_stage trains without it.
         tracking.set_tags({tags.AUGMENTATION_APPLIED: str(augmentation is not None).lower()})
-        reports = write_reports(
-            workdir / "reports",
-            test,
-            task.splits["test"],
-            task.class_names,
-            trained.history,
-            augmentation,
-        )
-        for path in [*reports, *scaled_png]:
+        for path in [*written, *drawing.results()]:
             tracking.log_artifact(path, artifact_path="evaluation")
         value = optimized_values(cfg.optimized_metric, trained.history, metrics)
         tracking.set_tags({tags.RETURNED_VALUE: json.dumps(value)})
@@ -200,7 +207,7 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
 def temperature_scaled(cfg: DictConfig, trained, task, test, outdir: Path):
     """With `evaluation.temperature_scaling`: (the temperature fitted on the validation split,
     the validation NLL before and after it and the test split's calibration after it, as
-    metrics; its reliability diagram); else ({}, [])."""
+    metrics; the call that draws its reliability diagram, for `figures.draw`); else ({}, [])."""
     if not OmegaConf.select(cfg, "evaluation.temperature_scaling", default=False):
         return {}, []
     from experiments.calibration import calibration_metrics, fit_temperature, reliability_png
@@ -220,8 +227,8 @@ def temperature_scaled(cfg: DictConfig, trained, task, test, outdir: Path):
     }
     outdir.mkdir(parents=True, exist_ok=True)
     title = f"test, T={temperature.value:.2f}:"
-    png = reliability_png(outdir / "reliability_scaled.png", scaled_test, test.labels, title)
-    return metrics, [png]
+    figure = (reliability_png, (outdir / "reliability_scaled.png", scaled_test, test.labels, title))
+    return metrics, [figure]
 
 
 def epoch_times(ctx) -> list[list[float]]:
