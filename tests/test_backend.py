@@ -178,3 +178,40 @@ def test_parallel_jobs_each_take_a_gpu_of_their_own_and_memory_as_needed(tmp_pat
     assert job("2/3", "4,6") == ["4", "'4'", "false", "False"]  # more jobs than GPUs: they share
     assert job("1/2", "") == ["None", "''", "false", "False"]  # no GPU: memory settings only
     assert job(None, "4,6") == ["None", "'4,6'", "None", "False"]  # a job run alone: untouched
+
+
+def test_a_tensorflow_fit_traces_its_train_step_once():
+    """Built before `fit`, the optimizer and metrics are not created inside the first trace, so
+    TensorFlow does not trace the step a second time."""
+    keras = pytest.importorskip("keras")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("the TensorFlow trainer's tracing")
+    import numpy as np
+
+    from experiments.backend import build_for_training
+    from experiments.inputs import batches
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 8), np.float32), rng.integers(0, 3, 64)
+    traces = []
+    for built in (False, True):
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, activation="softmax")])
+        model.compile(
+            optimizer="adam",
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+            jit_compile=False,
+        )
+        step, count = model.train_step, [0]
+
+        def counted(data, step=step, count=count):
+            count[0] += 1
+            return step(data)
+
+        model.train_step = counted
+        train = batches(x, y, batch_size=16, shuffle=True)
+        if built:
+            build_for_training(model, train[0])
+        model.fit(train, epochs=2, verbose=0)
+        traces.append(count[0])
+    assert traces == [2, 1]

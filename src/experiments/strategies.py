@@ -180,6 +180,7 @@ def fit(
     from hydra.utils import instantiate
 
     from experiments import interrupts
+    from experiments.backend import build_for_training
     from experiments.callbacks import StopOnSignal
 
     cfg = ctx.cfg
@@ -196,6 +197,7 @@ def fit(
         node = cfg.trainer[name]
         if node.enabled:
             callbacks.append(instantiate({k: v for k, v in node.items() if k != "enabled"}))
+    build_for_training(model, train[0])
     with interrupts.deferred():
         model.fit(
             train,
