@@ -96,20 +96,12 @@ def paired_comparison(this: Evaluation, other: Evaluation) -> PairedComparison:
     )
 
 
-def write_reports(
-    outdir: Path,
-    evaluation: Evaluation,
-    split,
-    class_names: list[str],
-    history: dict[str, list[float]] | None = None,
-    augmentation=None,
-) -> list[Path]:
-    """Write the evaluation artifacts into `outdir`; the files written."""
+def write_reports(outdir: Path, evaluation: Evaluation, split, class_names) -> list[Path]:
+    """Write the evaluation artifacts of `split` into `outdir`; the files written. (A training
+    run writes its own, with its curves, while it logs its model: `train.record_results`.)"""
     from experiments import figures
 
-    drawing = figures.draw(
-        report_figures(outdir, evaluation, split, class_names, history, augmentation)
-    )
+    drawing = figures.draw(report_figures(outdir, evaluation, split, class_names))
     return [*classification_reports(outdir, evaluation, class_names), *drawing.results()]
 
 
