@@ -89,10 +89,15 @@ def _stop_at_exit() -> None:
 
 def stop() -> None:
     """End the worker, if one was started."""
+    if _worker is not None:
+        _discard(_worker)
+
+
+def _discard(worker: _Worker) -> None:
+    """End `worker`: the next run starts another."""
     global _worker
-    worker, _worker = _worker, None
-    if worker is None:
-        return
+    if _worker is worker:
+        _worker = None
     for pipe in (worker.calls, worker.answers):
         with contextlib.suppress(OSError):  # a call half-written when the worker died
             pipe.close()  # the worker reads the end of its calls and returns
@@ -134,10 +139,10 @@ class Drawing:
                     break
         except (EOFError, OSError, pickle.UnpicklingError):  # the worker died
             log.warning("the figure worker ended (exit code %s); drawing here", _exit(worker))
-            stop()
+            _discard(worker)
             return [_NOT_MADE] * len(self.calls)
         except BaseException:  # a signal while waiting: the worker goes with the run
-            stop()
+            _discard(worker)
             raise
         for (function, _), answer in zip(self.calls, answers, strict=True):
             if isinstance(answer, Failed):
@@ -160,7 +165,7 @@ def draw(calls: Sequence[Call]) -> Drawing:
             worker.calls.flush()
         except Exception as err:  # a call that does not pickle, or the worker died
             log.warning("the figure worker could not take the figures (%s); drawing here", err)
-            stop()
+            _discard(worker)
             worker = None
     return Drawing(calls, worker, serial)
 
