@@ -580,6 +580,8 @@ BAD_VALUES = [
     ("trainer.epochs=0", "trainer.epochs=0"),
     ("trainer.epochs=many", "is not an integer"),
     ("trainer.steps_per_execution=0", "trainer.steps_per_execution=0 must be at least 1"),
+    ("trainer.data_on_device=gpu", "trainer.data_on_device=gpu is not auto, true or false"),
+    ("trainer.data_on_device=true backend=tensorflow", "add backend=jax"),
     ("trainer.class_weight=heavy", "trainer.class_weight=heavy"),
     ("strategy=fine_tune strategy.unfreeze_blocks=99", "at most 5"),
     ("strategy=fine_tune strategy.unfreeze_blocks=0", "strategy.unfreeze_blocks=0"),

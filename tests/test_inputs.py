@@ -163,3 +163,116 @@ def test_validation_batches_of_one_size_score_as_keras_batches_do():
     )
     assert images_dataset(ctx, "val").batch_size == 15
     assert images_dataset(ctx, "train").batch_size == 16
+
+
+def _tiny_classifier():
+    import keras
+
+    model = keras.Sequential(
+        [keras.Input((4, 4, 3)), keras.layers.Rescaling(1 / 255), keras.layers.Flatten()]
+        + [keras.layers.Dense(3, activation="softmax")]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+@pytest.mark.backends
+def test_a_split_kept_on_the_device_gives_the_same_batches_and_the_same_training():
+    """trainer.data_on_device: the split is copied to the JAX device once and each batch is
+    gathered there; the batches, and what Keras trains on them, are those read from the host."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        pytest.skip("batches on a device are a JAX path (make test-jax runs this)")
+    import jax
+
+    from experiments.inputs import batches
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (45, 4, 4, 3), dtype=np.uint8)
+    y = rng.integers(0, 3, 45)
+    host = batches(x, y, batch_size=8, shuffle=True, seed=5)
+    device = batches(x, y, batch_size=8, shuffle=True, seed=5, device=True)
+    for _ in range(2):  # two epochs: the same reshuffle
+        for i in range(len(host)):
+            (hx, hy), (dx, dy) = host[i], device[i]
+            assert isinstance(dx, jax.Array) and dx.dtype == np.uint8
+            assert np.array_equal(np.asarray(dx), hx) and np.array_equal(dy, hy)
+        host.on_epoch_end()
+        device.on_epoch_end()
+    assert device[5][0].shape == (5, 4, 4, 3)  # the last 5 rows
+    padded = batches(x, y, batch_size=8, pad=True, device=True)
+    images, labels = padded[5]
+    assert images.shape == (8, 4, 4, 3) and labels.shape == (8,)
+    assert np.array_equal(np.asarray(images[:5]), x[40:]) and not np.asarray(images[5:]).any()
+    assert labels[:5].tolist() == y[40:].tolist() and not labels[5:].any()
+
+    histories, weights = [], []
+    for on_device in (False, True):
+        keras.utils.set_random_seed(0)
+        model = _tiny_classifier()
+        train = batches(x, y, batch_size=8, shuffle=True, seed=1, device=on_device)
+        val = batches(x[:15], y[:15], batch_size=5, device=on_device)
+        history = model.fit(train, validation_data=val, epochs=3, shuffle=False, verbose=0)
+        histories.append(history.history)
+        weights.append(model.get_weights())
+    assert histories[0] == histories[1]
+    assert all(np.array_equal(a, b) for a, b in zip(*weights, strict=True))
+
+
+@pytest.mark.backends
+def test_data_on_device_auto_keeps_a_split_on_an_accelerator_that_has_room(monkeypatch, caplog):
+    """auto: on a JAX GPU or TPU when the split takes at most a quarter of its free memory;
+    never on a CPU or another backend; true on any JAX device; false never. A run's fit gets
+    what the setting says."""
+    import logging
+    from types import SimpleNamespace
+
+    import keras
+    from omegaconf import OmegaConf
+
+    from experiments import inputs
+    from experiments.inputs import on_device
+    from experiments.strategies import images_dataset
+
+    x = np.zeros((100, 4, 4, 3), np.uint8)  # 4,800 bytes
+    if keras.backend.backend() != "jax":
+        assert not any(on_device(s, x, "training data") for s in ("auto", "true", "false"))
+        return
+    import jax
+
+    assert not on_device("auto", x, "training data")  # a CPU: the host is the device
+    assert on_device("true", x, "training data") and not on_device("false", x, "training data")
+
+    class Accelerator:
+        platform = "gpu"
+        free = 20_000
+
+        def memory_stats(self):
+            return {"bytes_limit": self.free + 1_000, "bytes_in_use": 1_000}
+
+        def __str__(self):
+            return "cuda:0"
+
+    monkeypatch.setattr(jax, "devices", lambda *_: [Accelerator()])
+    caplog.set_level(logging.INFO, logger="experiments.inputs")
+    assert on_device("auto", x, "training data")  # 4,800 <= 5,000
+    assert "training data: 0.0 MB kept on cuda:0" in caplog.text
+    Accelerator.free = 19_000
+    assert not on_device("auto", x, "validation data")  # 4,800 > 4,750
+    assert "validation data: 0.0 MB stay on the host (more than 25% of cuda:0's" in caplog.text
+    monkeypatch.setattr(inputs, "reads_wait_on_disk", lambda _: True)
+    Accelerator.free = 10**9
+    assert not on_device("auto", x, "training data")  # too large for memory: read from disk
+    monkeypatch.undo()
+
+    split = SimpleNamespace(images=x, labels=np.zeros(100, int))
+    for setting, kind in (("true", jax.Array), ("false", np.ndarray), ("auto", np.ndarray)):
+        ctx = SimpleNamespace(
+            cfg=OmegaConf.create(
+                {"trainer": {"batch_size": 16, "seed": 0, "data_on_device": setting}}
+            ),
+            task=SimpleNamespace(splits={"train": split, "val": split}),
+        )
+        for name in ("train", "val"):
+            assert isinstance(images_dataset(ctx, name)[0][0], kind), (setting, name)

@@ -268,12 +268,16 @@ def images_dataset(ctx: Context, split: str):
 
 def _dataset(x: np.ndarray, y: np.ndarray | None, batch_size: int, ctx: Context, shuffle: bool):
     """Batches for training (`shuffle`), or validation, in batches of one size where one near
-    `batch_size` divides the split (`inputs.even_batch_size`)."""
-    from experiments.inputs import batches, even_batch_size
+    `batch_size` divides the split (`inputs.even_batch_size`), gathered on the accelerator
+    where `trainer.data_on_device` keeps the split there (`inputs.on_device`)."""
+    from experiments.inputs import batches, even_batch_size, on_device
 
     if not shuffle:
         batch_size = even_batch_size(len(x), batch_size)
-    return batches(x, y, batch_size=batch_size, shuffle=shuffle, seed=int(ctx.cfg.trainer.seed))
+    setting = ctx.cfg.trainer.get("data_on_device", "auto")
+    device = on_device(setting, x, "training data" if shuffle else "validation data")
+    seed = int(ctx.cfg.trainer.seed)
+    return batches(x, y, batch_size=batch_size, shuffle=shuffle, seed=seed, device=device)
 
 
 def feature_key(ctx: Context) -> str:

@@ -184,7 +184,7 @@ class _Bench:
 
         from experiments.backend import steps_per_execution
         from experiments.callbacks import EpochLogger
-        from experiments.inputs import batches
+        from experiments.inputs import batches, on_device
 
         model.compile(
             optimizer=keras.optimizers.Adam(1e-4),
@@ -192,7 +192,8 @@ class _Bench:
             jit_compile=self.compiled,
             steps_per_execution=steps_per_execution(self.cfg.trainer.get("steps_per_execution", 1)),
         )
-        data = batches(inputs, labels, batch_size=self.batch, shuffle=True)
+        device = on_device(self.cfg.trainer.get("data_on_device", "auto"), inputs, "images")
+        data = batches(inputs, labels, batch_size=self.batch, shuffle=True, device=device)
         callbacks = [EpochLogger(len(labels))]
         logs = model.fit(data, epochs=1 + self.repeats, verbose=0, callbacks=callbacks).history
         seconds = logs["epoch_time_s"]

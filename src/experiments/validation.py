@@ -75,8 +75,8 @@ def check_trainer(cfg) -> None:
 
 
 def check_runtime(cfg) -> None:
-    """`backend`, `trainer.jit_compile`, `trainer.precision` and
-    `trainer.steps_per_execution`."""
+    """`backend`, `trainer.jit_compile`, `trainer.precision`, `trainer.steps_per_execution`
+    and `trainer.data_on_device`."""
     from experiments.backend import PRECISIONS, known_backend
 
     known_backend(cfg.backend)
@@ -92,6 +92,16 @@ def check_runtime(cfg) -> None:
         )
     if str(cfg.trainer.get("steps_per_execution", "auto")).lower() != "auto":
         number(cfg, "trainer.steps_per_execution", int, low=1)
+    placing = str(cfg.trainer.get("data_on_device", "auto")).lower()
+    if placing not in ("auto", "true", "false"):
+        raise ExperimentError(
+            f"trainer.data_on_device={cfg.trainer.data_on_device} is not auto, true or false"
+        )
+    if placing == "true" and str(cfg.backend) != "jax":
+        raise ExperimentError(
+            f"trainer.data_on_device=true keeps the training data on a JAX device, but "
+            f"backend={cfg.backend}; add backend=jax, or use trainer.data_on_device=auto"
+        )
 
 
 def check_strategy(cfg) -> None:
