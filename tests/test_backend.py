@@ -156,10 +156,11 @@ def test_parallel_jobs_each_take_a_gpu_of_their_own_and_memory_as_needed(tmp_pat
     before the backend is imported, and allocates as it needs (no job grabs a whole GPU)."""
     script = (
         "import os, sys\n"
-        "from experiments.backend import use_device_slot\n"
+        "from experiments.backend import jobs_sharing_device, use_device_slot\n"
         "gpu = use_device_slot()\n"
         "print(gpu, repr(os.environ.get('CUDA_VISIBLE_DEVICES')),"
-        " os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'), 'jax' in sys.modules)\n"
+        " os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'), 'jax' in sys.modules,"
+        " jobs_sharing_device())\n"
     )
 
     def job(slot: str | None, visible: str) -> list[str]:
@@ -173,11 +174,12 @@ def test_parallel_jobs_each_take_a_gpu_of_their_own_and_memory_as_needed(tmp_pat
         )
         return result.stdout.split()
 
-    assert job("0/3", "4,6") == ["4", "'4'", "false", "False"]
-    assert job("1/3", "4,6") == ["6", "'6'", "false", "False"]
-    assert job("2/3", "4,6") == ["4", "'4'", "false", "False"]  # more jobs than GPUs: they share
-    assert job("1/2", "") == ["None", "''", "false", "False"]  # no GPU: memory settings only
-    assert job(None, "4,6") == ["None", "'4,6'", "None", "False"]  # a job run alone: untouched
+    # The last: how many jobs share the GPU (each keeps its part of the memory for its data).
+    assert job("0/3", "4,6") == ["4", "'4'", "false", "False", "2"]  # jobs 0 and 2
+    assert job("1/3", "4,6") == ["6", "'6'", "false", "False", "1"]
+    assert job("2/3", "4,6") == ["4", "'4'", "false", "False", "2"]  # more jobs than GPUs: shared
+    assert job("1/2", "") == ["None", "''", "false", "False", "1"]  # no GPU: memory settings only
+    assert job(None, "4,6") == ["None", "'4,6'", "None", "False", "1"]  # alone: untouched
 
 
 def test_a_tensorflow_fit_traces_its_train_step_once():

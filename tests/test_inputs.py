@@ -222,16 +222,16 @@ def test_a_split_kept_on_the_device_gives_the_same_batches_and_the_same_training
 
 @pytest.mark.backends
 def test_data_on_device_auto_keeps_a_split_on_an_accelerator_that_has_room(monkeypatch, caplog):
-    """auto: on a JAX GPU or TPU when the split takes at most a quarter of its free memory;
-    never on a CPU or another backend; true on any JAX device; false never. A run's fit gets
-    what the setting says."""
+    """auto: on a JAX GPU or TPU when the split takes at most a quarter of its free memory (a
+    quarter of each job's part where a sweep's jobs share the GPU); never on a CPU or another
+    backend; true on any JAX device; false never. A run's fit gets what the setting says."""
     import logging
     from types import SimpleNamespace
 
     import keras
     from omegaconf import OmegaConf
 
-    from experiments import inputs
+    from experiments import backend, inputs
     from experiments.inputs import on_device
     from experiments.strategies import images_dataset
 
@@ -260,7 +260,11 @@ def test_data_on_device_auto_keeps_a_split_on_an_accelerator_that_has_room(monke
     assert "training data: 0.0 MB kept on cuda:0" in caplog.text
     Accelerator.free = 19_000
     assert not on_device("auto", x, "validation data")  # 4,800 > 4,750
-    assert "validation data: 0.0 MB stay on the host (more than 25% of cuda:0's" in caplog.text
+    assert "validation data: 0.0 MB stay on the host (more than 25.0% of cuda:0's" in caplog.text
+    Accelerator.free = 20_000
+    monkeypatch.setattr(backend, "jobs_sharing_device", lambda: 3)  # a sweep's n_jobs on one GPU
+    assert not on_device("auto", x, "training data")  # 4,800 > 20,000 / 4 / 3
+    assert "more than 8.3% of cuda:0's" in caplog.text
     monkeypatch.setattr(inputs, "reads_wait_on_disk", lambda _: True)
     Accelerator.free = 10**9
     assert not on_device("auto", x, "training data")  # too large for memory: read from disk

@@ -257,6 +257,8 @@ def compilation_cache_counts(reset: bool = False) -> dict[str, int]:
 
 # "i/n": this job is the i-th of n that a sweep runs at the same time (hydra.sweeper.n_jobs).
 DEVICE_SLOT_ENV = "EXPERIMENTS_DEVICE_SLOT"
+# How many of those jobs share this process's GPU (`use_device_slot`), 1 outside them.
+_device_sharing = {"jobs": 1}
 
 
 def visible_gpus() -> list[str]:
@@ -284,16 +286,18 @@ def use_device_slot() -> str | None:
     all of it (JAX preallocates 75% of every GPU it sees, TensorFlow all of it). The GPU id,
     or None outside such a job or without a GPU. Runs before the backend is imported.
     """
+    _device_sharing["jobs"] = 1
     slot = os.environ.get(DEVICE_SLOT_ENV)
     if not slot:
         return None
-    index = int(slot.split("/")[0])
+    index, jobs = (int(part) for part in slot.split("/"))
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     gpus = visible_gpus()
     if not gpus:
         return None
     gpu = gpus[index % len(gpus)]
+    _device_sharing["jobs"] = len(range(index % len(gpus), jobs, len(gpus)))
     if "jax" in sys.modules:  # a worker process reused from an earlier job: choose by default
         import jax
 
@@ -310,6 +314,11 @@ def use_device_slot() -> str | None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     log.info("job %s of the sweep's parallel jobs runs on GPU %s", slot, gpu)
     return gpu
+
+
+def jobs_sharing_device() -> int:
+    """How many jobs of a sweep share this job's GPU: each takes its part of the memory."""
+    return _device_sharing["jobs"]
 
 
 def current_backend() -> str:

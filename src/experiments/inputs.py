@@ -58,7 +58,8 @@ def reads_wait_on_disk(x) -> bool:
 def on_device(setting, x, what: str) -> bool:
     """Whether `trainer.data_on_device=setting` keeps the split `x` on the accelerator while it
     trains. `auto`: on JAX with a GPU or TPU, when `x` takes at most DEVICE_SHARE of the
-    device's free memory and its reads do not wait on the disk; `true`: on any JAX device (the
+    device's free memory (divided among the sweep's jobs that share the device) and its reads
+    do not wait on the disk; `true`: on any JAX device (the
     CPU included); `false`: never. Only JAX consumes batches that are already on a device
     (`validate_config` refuses `true` on another backend)."""
     text = str(setting).lower()
@@ -70,14 +71,18 @@ def on_device(setting, x, what: str) -> bool:
     if not hasattr(device, "memory_stats"):  # unset, or a platform's name
         device = jax.devices()[0]
     if text == "auto":
+        from experiments.backend import jobs_sharing_device
+
         stats = device.memory_stats() if device.platform != "cpu" else None
         if not stats or reads_wait_on_disk(x):
             return False
+        # A job sees its own use only, not that of the sweep's other jobs on the same GPU
         free = stats.get("bytes_limit", 0) - stats.get("bytes_in_use", 0)
-        if x.nbytes > DEVICE_SHARE * free:
+        share = DEVICE_SHARE / jobs_sharing_device()
+        if x.nbytes > share * free:
             log.info(
-                "%s: %.1f MB stay on the host (more than %.0f%% of %s's %.0f MB free)",
-                what, x.nbytes / 2**20, 100 * DEVICE_SHARE, device, free / 2**20,
+                "%s: %.1f MB stay on the host (more than %.1f%% of %s's %.0f MB free)",
+                what, x.nbytes / 2**20, 100 * share, device, free / 2**20,
             )  # fmt: skip
             return False
     log.info("%s: %.1f MB kept on %s, batches gathered there", what, x.nbytes / 2**20, device)
