@@ -59,9 +59,9 @@ def on_device(setting, x, what: str) -> bool:
     """Whether `trainer.data_on_device=setting` keeps the split `x` on the accelerator while it
     trains. `auto`: on JAX with a GPU or TPU, when `x` takes at most DEVICE_SHARE of the
     device's free memory (divided among the sweep's jobs that share the device) and its reads
-    do not wait on the disk; `true`: on any JAX device (the
-    CPU included); `false`: never. Only JAX consumes batches that are already on a device
-    (`validate_config` refuses `true` on another backend)."""
+    do not wait on the disk; `true`: on any JAX device (the CPU included); `false`: never.
+    Only JAX consumes batches that are already on a device (`validate_config` refuses `true`
+    on another backend)."""
     text = str(setting).lower()
     if text == "false" or keras.backend.backend() != "jax":
         return False
@@ -137,10 +137,8 @@ class Batches(keras.utils.PyDataset):
             rows = np.sort(self._order[start : start + self.batch_size])
         if self._resident is not None:
             return self._gathered(rows)
-        if isinstance(rows, slice):
-            batch = np.array(self.x[rows]), self.y[rows]
-        else:
-            batch = np.asarray(self.x[rows]), self.y[rows]
+        images = self.x[rows]  # a slice of a mapped array is a view of it: copied
+        batch = np.array(images) if isinstance(rows, slice) else np.asarray(images), self.y[rows]
         release(self.x)  # the rows just read no longer count as this process's memory
         if self.pad and len(batch[1]) < self.batch_size:
             batch = tuple(_filled_up(part, self.batch_size) for part in batch)
