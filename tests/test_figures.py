@@ -161,3 +161,19 @@ def test_the_worker_ends_with_the_run_whatever_ends_it(how):
     finally:
         if run.poll() is None:
             run.kill()
+
+
+def test_a_run_without_the_worker_draws_its_figures_itself(worker, make_config, tmp_path):
+    """evaluation.figure_worker=false: the run ends the worker an earlier run of the process
+    started, starts none, and still logs every figure."""
+    from experiments.train import train
+
+    from helpers import client_for, runs_of
+
+    earlier = worker.process
+    train(make_config("trainer.epochs=1", "evaluation.figure_worker=false"))
+    assert earlier.poll() is not None and figures._worker is None
+    (run,) = runs_of(tmp_path, "folder")
+    logged = {a.path for a in client_for(tmp_path).list_artifacts(run.info.run_id, "evaluation")}
+    names = ("confusion_matrix", "misclassified", "learning_curves", "reliability")
+    assert {f"evaluation/{name}.png" for name in names} <= logged

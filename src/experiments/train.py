@@ -68,7 +68,10 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     with ExitStack() as keras_scope:
         with phases.phase("build"):
             release_earlier_jobs()
-            figures.start()  # to draw the reports while the run records its model
+            if OmegaConf.select(cfg, "evaluation.figure_worker", default=True):
+                figures.start()  # to draw the reports while the run records its model
+            else:  # an earlier run of this process may have started one
+                figures.stop()
             keras_scope.enter_context(tensorflow_left_unimported())
             use_precision(cfg.trainer.precision)
             set_seed(cfg.trainer.seed)

@@ -251,15 +251,17 @@ def check_metric(cfg) -> None:
 
 
 def check_recording(cfg) -> None:
-    """`tracking.system_metrics*` and `evaluation.temperature_scaling`."""
+    """`tracking.system_metrics*`, `evaluation.temperature_scaling` and
+    `evaluation.figure_worker`."""
     if not isinstance(cfg.tracking.get("system_metrics", True), bool):
         raise ExperimentError(
             f"tracking.system_metrics={cfg.tracking.system_metrics} must be true or false"
         )
     number(cfg, "tracking.system_metrics_interval_s", float, low=0, low_open=True)
-    scaling = OmegaConf.select(cfg, "evaluation.temperature_scaling", default=False)
-    if not isinstance(scaling, bool):
-        raise ExperimentError(f"evaluation.temperature_scaling={scaling} must be true or false")
+    for key, default in (("temperature_scaling", False), ("figure_worker", True)):
+        value = OmegaConf.select(cfg, f"evaluation.{key}", default=default)
+        if not isinstance(value, bool):
+            raise ExperimentError(f"evaluation.{key}={value} must be true or false")
 
 
 CHECKS: list[Callable[[DictConfig], None]] = [
