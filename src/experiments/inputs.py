@@ -223,14 +223,21 @@ def predict_in_batches(model, x, *, batch_size: int, what: str, write) -> None:
     `x` where one near `batch_size` does (`even_batch_size`), else the last batch is filled up
     with zeros and its extra outputs dropped. A progress bar shows on a terminal.
     """
+    from experiments.forward import prepared
     from experiments.progress import progress
 
     batch_size = even_batch_size(len(x), batch_size)
     chunk = batch_size * CHUNK_BATCHES
+    forward = prepared(model, batch_size)  # compiled while the model trained
     with progress(what, len(x)) as advance:
         for start in range(0, len(x), chunk):
             part = x[start : start + chunk]
             data = batches(part, batch_size=batch_size, pad=True)
-            write(np.asarray(model.predict(data, verbose=0))[: len(part)])
+            if forward is None:
+                outputs = np.asarray(model.predict(data, verbose=0))
+            else:  # every batch dispatched before the first is read back
+                pending = [forward(data[i][0]) for i in range(len(data))]
+                outputs = np.concatenate([np.asarray(o) for o in pending])
+            write(outputs[: len(part)])
             release(x)
             advance(len(part))

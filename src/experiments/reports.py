@@ -27,7 +27,13 @@ class Evaluation:
     probabilities: np.ndarray  # as the model outputs them
 
 
-def evaluate_split(model, split, num_classes: int, batch_size: int = 64) -> Evaluation:
+# Images a batch when a split is evaluated (or the size near it that divides the split).
+EVALUATION_BATCH = 64
+
+
+def evaluate_split(
+    model, split, num_classes: int, batch_size: int = EVALUATION_BATCH
+) -> Evaluation:
     """Loss, accuracy and per-image predictions of `model` on a split of raw uint8 images."""
     from experiments.calibration import negative_log_likelihood
     from experiments.inputs import predict_in_batches

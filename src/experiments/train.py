@@ -125,10 +125,17 @@ def training_context(cfg: DictConfig, task, weights, workdir: Path, checkpoints)
     """The backbone built on the task's images, with the callbacks a run trains with."""
     from experiments.backbones import build_backbone, weights_id
     from experiments.callbacks import EpochLogger, TrackEpochs
+    from experiments.forward import CompileAhead, compile_ahead
+    from experiments.reports import EVALUATION_BATCH
     from experiments.strategies import Context
     from experiments.sweep import trial_callbacks
 
     base, preprocess = build_backbone(cfg.backbone, task.image_shape, weights)
+    callbacks = [EpochLogger(len(task.splits["train"].labels))]
+    if compile_ahead(OmegaConf.select(cfg, "evaluation.compile_ahead", default="auto")):
+        test = task.splits["test"]
+        shape, dtype = task.image_shape, test.images.dtype
+        callbacks.append(CompileAhead(len(test.labels), EVALUATION_BATCH, shape, dtype))
     return Context(
         cfg,
         task,
@@ -137,7 +144,7 @@ def training_context(cfg: DictConfig, task, weights, workdir: Path, checkpoints)
         workdir,
         weights_id(weights),
         checkpoints,
-        callbacks=[EpochLogger(len(task.splits["train"].labels))],
+        callbacks=callbacks,
         reporters=[TrackEpochs(), *trial_callbacks(cfg)],
     )
 

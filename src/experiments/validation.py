@@ -251,8 +251,7 @@ def check_metric(cfg) -> None:
 
 
 def check_recording(cfg) -> None:
-    """`tracking.system_metrics*`, `evaluation.temperature_scaling` and
-    `evaluation.figure_worker`."""
+    """`tracking.system_metrics*` and `evaluation.*`."""
     if not isinstance(cfg.tracking.get("system_metrics", True), bool):
         raise ExperimentError(
             f"tracking.system_metrics={cfg.tracking.system_metrics} must be true or false"
@@ -262,6 +261,9 @@ def check_recording(cfg) -> None:
         value = OmegaConf.select(cfg, f"evaluation.{key}", default=default)
         if not isinstance(value, bool):
             raise ExperimentError(f"evaluation.{key}={value} must be true or false")
+    ahead = str(OmegaConf.select(cfg, "evaluation.compile_ahead", default="auto")).lower()
+    if ahead not in ("auto", "true", "false"):
+        raise ExperimentError(f"evaluation.compile_ahead={ahead} is not auto, true or false")
 
 
 CHECKS: list[Callable[[DictConfig], None]] = [
