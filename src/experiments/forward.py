@@ -80,11 +80,9 @@ class Forward:
         except Exception as err:  # evaluation falls back to Keras' predict
             self._error = err
 
-    def usable(self, model, batch_size: int) -> bool:
-        """Whether this program predicts `model` on batches of `batch_size` (waiting for it)."""
-        if model is not self.model or batch_size != self.batch_shape[0]:
-            return False
-        if _layout(model) != self._layout:  # trained since with other layers frozen
+    def usable(self) -> bool:
+        """Whether this program predicts its model as the model is now (waiting for it)."""
+        if _layout(self.model) != self._layout:  # trained since with other layers frozen
             return False
         self._thread.join()
         if self._error is not None:
@@ -118,10 +116,10 @@ def prepared(model, batch_size: int) -> Forward | None:
     """The forward pass compiled ahead for `model` and `batch_size`, if one was and it holds;
     it is given up to the caller."""
     forward = _prepared.get("latest")
-    if forward is None or not forward.usable(model, batch_size):
+    if forward is None or forward.model is not model or forward.batch_shape[0] != batch_size:
         return None
     del _prepared["latest"]
-    return forward
+    return forward if forward.usable() else None
 
 
 class CompileAhead(keras.callbacks.Callback):
