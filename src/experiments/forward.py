@@ -123,22 +123,19 @@ def prepared(model, batch_size: int) -> Forward | None:
 
 
 class CompileAhead(keras.callbacks.Callback):
-    """As each `fit` begins, compile the model's forward pass for the test split: `rows` of
-    it, in the batch size evaluation uses (`inputs.even_batch_size`). A model of the task's
+    """As each `fit` begins, compile the model's forward pass for batches of `batch_size`: the
+    one evaluation uses on the test split (`inputs.even_batch_size`). A model of the task's
     images gets them as they are stored (uint8, cast inside the program, as Keras casts them);
     two-stage's head gets the features."""
 
-    def __init__(self, rows: int, batch_size: int, image_shape: tuple, image_dtype):
+    def __init__(self, batch_size: int, image_shape: tuple, image_dtype):
         super().__init__()
-        self.rows = rows
         self.batch_size = batch_size
         self.image_shape = tuple(image_shape)
         self.image_dtype = image_dtype
 
     def on_train_begin(self, logs=None):
-        from experiments.inputs import even_batch_size
-
         model = self.model
         sample = tuple(model.inputs[0].shape[1:])
         dtype = self.image_dtype if sample == self.image_shape else model.inputs[0].dtype
-        prepare(model, (even_batch_size(self.rows, self.batch_size), *sample), dtype)
+        prepare(model, (self.batch_size, *sample), dtype)

@@ -126,6 +126,7 @@ def training_context(cfg: DictConfig, task, weights, workdir: Path, checkpoints)
     from experiments.backbones import build_backbone, weights_id
     from experiments.callbacks import EpochLogger, TrackEpochs
     from experiments.forward import CompileAhead, compile_ahead
+    from experiments.inputs import even_batch_size
     from experiments.reports import EVALUATION_BATCH
     from experiments.strategies import Context
     from experiments.sweep import trial_callbacks
@@ -135,7 +136,8 @@ def training_context(cfg: DictConfig, task, weights, workdir: Path, checkpoints)
     if compile_ahead(OmegaConf.select(cfg, "evaluation.compile_ahead", default="auto")):
         test = task.splits["test"]
         shape, dtype = task.image_shape, test.images.dtype
-        callbacks.append(CompileAhead(len(test.labels), EVALUATION_BATCH, shape, dtype))
+        batch_size = even_batch_size(len(test.labels), EVALUATION_BATCH)
+        callbacks.append(CompileAhead(batch_size, shape, dtype))
     return Context(
         cfg,
         task,
