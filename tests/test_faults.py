@@ -602,6 +602,7 @@ BAD_VALUES = [
     ("tracking.system_metrics=maybe", "tracking.system_metrics=maybe must be true or false"),
     ("evaluation.figure_worker=maybe", "evaluation.figure_worker=maybe must be true or false"),
     ("evaluation.compile_ahead=soon", "evaluation.compile_ahead=soon is not auto, true or false"),
+    ("evaluation.compile_ahead=true backend=tensorflow", "compiles the forward pass with JAX"),
     ("tracking.system_metrics_interval_s=0", "system_metrics_interval_s=0 must be greater than 0"),
     ("evaluation.temperature_scaling=maybe", "temperature_scaling=maybe must be true or false"),
     ("trainer.repeats=0", "trainer.repeats=0 must be at least 1"),

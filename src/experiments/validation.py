@@ -264,6 +264,11 @@ def check_recording(cfg) -> None:
     ahead = str(OmegaConf.select(cfg, "evaluation.compile_ahead", default="auto")).lower()
     if ahead not in ("auto", "true", "false"):
         raise ExperimentError(f"evaluation.compile_ahead={ahead} is not auto, true or false")
+    if ahead == "true" and str(cfg.backend) != "jax":
+        raise ExperimentError(
+            f"evaluation.compile_ahead=true compiles the forward pass with JAX, but "
+            f"backend={cfg.backend}; add backend=jax, or use evaluation.compile_ahead=auto"
+        )
 
 
 CHECKS: list[Callable[[DictConfig], None]] = [
