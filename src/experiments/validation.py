@@ -92,15 +92,19 @@ def check_runtime(cfg) -> None:
         )
     if str(cfg.trainer.get("steps_per_execution", "auto")).lower() != "auto":
         number(cfg, "trainer.steps_per_execution", int, low=1)
-    placing = str(cfg.trainer.get("data_on_device", "auto")).lower()
-    if placing not in ("auto", "true", "false"):
+    jax_switch(cfg, "trainer.data_on_device", "keeps the training data on a JAX device")
+
+
+def jax_switch(cfg, key: str, does: str) -> None:
+    """A setting that is `auto`, `true` or `false`, where `true` asks for what only the JAX
+    backend `does`."""
+    given = OmegaConf.select(cfg, key, default="auto")
+    value = str(given).lower()
+    if value not in ("auto", "true", "false"):
+        raise ExperimentError(f"{key}={given} is not auto, true or false")
+    if value == "true" and str(cfg.backend) != "jax":
         raise ExperimentError(
-            f"trainer.data_on_device={cfg.trainer.data_on_device} is not auto, true or false"
-        )
-    if placing == "true" and str(cfg.backend) != "jax":
-        raise ExperimentError(
-            f"trainer.data_on_device=true keeps the training data on a JAX device, but "
-            f"backend={cfg.backend}; add backend=jax, or use trainer.data_on_device=auto"
+            f"{key}=true {does}, but backend={cfg.backend}; add backend=jax, or use {key}=auto"
         )
 
 
@@ -261,14 +265,7 @@ def check_recording(cfg) -> None:
         value = OmegaConf.select(cfg, f"evaluation.{key}", default=default)
         if not isinstance(value, bool):
             raise ExperimentError(f"evaluation.{key}={value} must be true or false")
-    ahead = str(OmegaConf.select(cfg, "evaluation.compile_ahead", default="auto")).lower()
-    if ahead not in ("auto", "true", "false"):
-        raise ExperimentError(f"evaluation.compile_ahead={ahead} is not auto, true or false")
-    if ahead == "true" and str(cfg.backend) != "jax":
-        raise ExperimentError(
-            f"evaluation.compile_ahead=true compiles the forward pass with JAX, but "
-            f"backend={cfg.backend}; add backend=jax, or use evaluation.compile_ahead=auto"
-        )
+    jax_switch(cfg, "evaluation.compile_ahead", "compiles the forward pass with JAX")
 
 
 CHECKS: list[Callable[[DictConfig], None]] = [
