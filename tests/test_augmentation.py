@@ -14,7 +14,7 @@ def test_the_warp_is_bilinear_with_reflected_borders():
     """Exactly scipy's map_coordinates(order=1, mode='reflect') at the same source points."""
     from scipy import ndimage
 
-    from experiments.augmentation import affine_warp
+    from experiments.model.augmentation import affine_warp
 
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (2, 17, 23, 3)).astype("float32")
@@ -56,7 +56,7 @@ def test_factors_mean_what_they_mean_in_keras_layers(ours, theirs):
     border pixels of Keras' layers reflect the coordinate, ours the pixel grid)."""
     import keras
 
-    from experiments.augmentation import RandomAffine
+    from experiments.model.augmentation import RandomAffine
 
     images = np.random.default_rng(1).uniform(0, 255, (1, 32, 32, 3)).astype("float32")
     name, kwargs = theirs
@@ -66,7 +66,7 @@ def test_factors_mean_what_they_mean_in_keras_layers(ours, theirs):
 
 
 def test_ranges_are_keras_conventions():
-    from experiments.augmentation import RandomAffine
+    from experiments.model.augmentation import RandomAffine
 
     layer = RandomAffine(rotation=0.2, zoom=0.4, translation=(0.0, 0.1))
     assert layer.rotation == (-0.2, 0.2)  # +-72 degrees
@@ -79,7 +79,7 @@ def test_ranges_are_keras_conventions():
 def test_identity_at_inference_and_a_new_draw_per_image_and_per_step():
     import keras
 
-    from experiments.augmentation import RandomAffine
+    from experiments.model.augmentation import RandomAffine
 
     images = np.random.default_rng(2).uniform(0, 255, (4, 24, 24, 3)).astype("float32")
     images[1:] = images[0]  # four copies of one image
@@ -103,7 +103,7 @@ def test_the_augmented_views_report_shows_training_draws(monkeypatch):
     never the eager one, whose every op compiles on its own on JAX."""
     import keras
 
-    from experiments.augmentation import augmented_views, build_augmentation
+    from experiments.model.augmentation import augmented_views, build_augmentation
 
     augmentation = build_augmentation(compose_config(["augmentation=reference"]).augmentation)
     eager = keras.Sequential.__call__
@@ -139,11 +139,17 @@ def test_the_augmented_views_report_shows_training_draws(monkeypatch):
 def test_training_compiles_with_augmentation(augmentation, strategy, tmp_path, image_folder):
     """The train step of every strategy that augments compiles (XLA on TensorFlow, jit on JAX),
     also once fine-tuning has unfrozen the top blocks; the inline one trains compiled."""
-    from experiments.backbones import build_backbone, unfreeze_top_blocks
-    from experiments.checkpoints import RunCheckpoints
-    from experiments.heads import build_head
-    from experiments.strategies import Context, assemble, compile_model, fit, images_dataset
-    from experiments.tasks import load_task
+    from experiments.data.tasks import load_task
+    from experiments.model.backbones import build_backbone, unfreeze_top_blocks
+    from experiments.model.heads import build_head
+    from experiments.training.checkpoints import RunCheckpoints
+    from experiments.training.strategies import (
+        Context,
+        assemble,
+        compile_model,
+        fit,
+        images_dataset,
+    )
 
     cfg = compose_config(
         [
@@ -173,11 +179,11 @@ def test_training_compiles_with_augmentation(augmentation, strategy, tmp_path, i
 def test_keras_layers_that_cannot_compile_are_named_in_a_warning(caplog):
     from omegaconf import OmegaConf
 
-    from experiments.augmentation import build_augmentation
+    from experiments.model.augmentation import build_augmentation
 
     cfg = OmegaConf.create(
         {"name": "mine", "layers": [{"_target_": "keras.layers.RandomRotation", "factor": 0.1}]}
     )
     build_augmentation(cfg)
     assert "RandomRotation cannot be compiled" in caplog.text
-    assert "experiments.augmentation.RandomAffine" in caplog.text
+    assert "experiments.model.augmentation.RandomAffine" in caplog.text

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments.backbones import _file_digest, build_backbone, resolve_weights, weights_id
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
+from experiments.model.backbones import _file_digest, build_backbone, resolve_weights, weights_id
 
 from conftest import compose_config, tiny_overrides
 
@@ -88,7 +88,7 @@ def test_hed_weights_transfer_better_than_random_ones_on_digits(tmp_path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedShuffleSplit
 
-    from experiments.tasks import load_task
+    from experiments.data.tasks import load_task
 
     cfg = compose_config([*tiny_overrides(tmp_path), "task=digits", f"backbone.weights={HED}"])
     task = load_task(cfg.task, cfg.paths)

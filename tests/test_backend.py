@@ -16,8 +16,8 @@ from helpers import env_noting_import, env_without, runs_of
 def test_a_process_keeps_the_backend_keras_was_imported_with():
     import keras
 
-    from experiments.backend import use_backend
-    from experiments.errors import ExperimentError
+    from experiments.core.backend import use_backend
+    from experiments.core.errors import ExperimentError
 
     current = keras.backend.backend()
     assert use_backend(current) == current
@@ -156,7 +156,7 @@ def test_parallel_jobs_each_take_a_gpu_of_their_own_and_memory_as_needed(tmp_pat
     before the backend is imported, and allocates as it needs (no job grabs a whole GPU)."""
     script = (
         "import os, sys\n"
-        "from experiments.backend import jobs_sharing_device, use_device_slot\n"
+        "from experiments.core.devices import jobs_sharing_device, use_device_slot\n"
         "gpu = use_device_slot()\n"
         "print(gpu, repr(os.environ.get('CUDA_VISIBLE_DEVICES')),"
         " os.environ.get('XLA_PYTHON_CLIENT_PREALLOCATE'), 'jax' in sys.modules,"
@@ -190,8 +190,8 @@ def test_a_tensorflow_fit_traces_its_train_step_once():
         pytest.skip("the TensorFlow trainer's tracing")
     import numpy as np
 
-    from experiments.backend import build_for_training
-    from experiments.inputs import batches
+    from experiments.data.inputs import batches
+    from experiments.training.compiling import build_for_training
 
     rng = np.random.default_rng(0)
     x, y = rng.random((64, 8), np.float32), rng.integers(0, 3, 64)

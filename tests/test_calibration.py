@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments.calibration import (
+from experiments.evaluation.calibration import (
     Temperature,
     calibration_metrics,
     expected_calibration_error,
@@ -113,7 +113,7 @@ def test_a_binary_temperature_keeps_the_models_layout():
 
 
 def test_a_run_records_calibration_and_its_temperature(make_config, tmp_path):
-    from experiments.train import train
+    from experiments.pipeline.run import train
 
     train(make_config("trainer.epochs=2", "evaluation.temperature_scaling=true"))
     (run,) = runs_of(tmp_path, "folder")

@@ -76,8 +76,8 @@ def test_cats_vs_dogs_is_binary_with_rmsprop(tmp_path):
 def test_every_backbone_builds_and_predicts(backbone, tmp_path):
     import keras
 
-    from experiments.backbones import build_backbone
-    from experiments.heads import build_head
+    from experiments.model.backbones import build_backbone
+    from experiments.model.heads import build_head
 
     cfg = compose_config([*tiny_overrides(tmp_path), f"backbone={backbone}"])
     base, preprocess = build_backbone(cfg.backbone, (32, 32, 3), None)
@@ -91,7 +91,7 @@ def test_every_backbone_builds_and_predicts(backbone, tmp_path):
 
 @pytest.mark.parametrize("augmentation", ["reference", "strong"])
 def test_augmentations_change_images_only_in_training(augmentation, tmp_path):
-    from experiments.augmentation import build_augmentation
+    from experiments.model.augmentation import build_augmentation
 
     cfg = compose_config([*tiny_overrides(tmp_path), f"augmentation={augmentation}"])
     layers = build_augmentation(cfg.augmentation)
@@ -124,10 +124,10 @@ def test_reference_rotation_is_a_fraction_of_a_turn(tmp_path):
 )
 def test_reference_architectures_match_the_write_up(experiment, total, trainable, tmp_path):
     """The reference's parameter counts: VGG19 at 180x180, Flatten, 256-128-64 head."""
-    from experiments.backbones import build_backbone
-    from experiments.checkpoints import RunCheckpoints
-    from experiments.heads import build_head
-    from experiments.strategies import Context, assemble
+    from experiments.model.backbones import build_backbone
+    from experiments.model.heads import build_head
+    from experiments.training.checkpoints import RunCheckpoints
+    from experiments.training.strategies import Context, assemble
 
     cfg = compose_config(
         [f"paths.root_dir={tmp_path}", f"experiment={experiment}", "backbone.weights=null"]
@@ -147,7 +147,7 @@ def test_reference_architectures_match_the_write_up(experiment, total, trainable
 
 
 def test_optimizer_lr_override_reaches_keras(tmp_path):
-    from experiments.strategies import make_optimizer
+    from experiments.training.strategies import make_optimizer
 
     cfg = compose_config([*tiny_overrides(tmp_path), "optimizer=rmsprop", "optimizer.lr=3e-4"])
     optimizer = make_optimizer(cfg.optimizer)

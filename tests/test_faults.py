@@ -43,8 +43,8 @@ def start(root: Path, folder: Path, *extra: str, **popen) -> subprocess.Popen:
 
 
 def committed(run_dir: Path) -> int:
-    """Epochs a run's checkpoint folder has committed (see experiments.checkpoints)."""
-    from experiments.checkpoints import RunCheckpoints
+    """Epochs a run's checkpoint folder has committed (see experiments.training.checkpoints)."""
+    from experiments.training.checkpoints import RunCheckpoints
 
     return RunCheckpoints(run_dir).completed_epochs()
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import figures
+from experiments.evaluation import figures
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_answers_a_run_never_asked_for_do_not_reach_the_next_run(worker):
 
 
 def test_the_worker_draws_the_figures_the_run_would_draw(worker, tmp_path):
-    from experiments.reports import Evaluation, report_figures
+    from experiments.evaluation.reports import Evaluation, report_figures
 
     rng = np.random.default_rng(0)
     probabilities = rng.dirichlet(np.ones(3), 40).astype(np.float32)
@@ -98,7 +98,7 @@ def test_the_worker_draws_the_figures_the_run_would_draw(worker, tmp_path):
 
 RUN = """
 import os, signal, sys, time
-from experiments import figures
+from experiments.evaluation import figures
 signal.signal(signal.SIGINT, lambda *_: os._exit(3))  # the run's own handling, quietly
 signal.signal(signal.SIGTERM, lambda *_: os._exit(4))
 figures.start()
@@ -166,7 +166,7 @@ def test_the_worker_ends_with_the_run_whatever_ends_it(how):
 def test_a_run_without_the_worker_draws_its_figures_itself(worker, make_config, tmp_path):
     """evaluation.figure_worker=false: the run ends the worker an earlier run of the process
     started, starts none, and still logs every figure."""
-    from experiments.train import train
+    from experiments.pipeline.run import train
 
     from helpers import client_for, runs_of
 

@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 
-from experiments.train import train
+from experiments.pipeline.run import train
 
 from helpers import runs_of
 
@@ -37,8 +37,8 @@ def _classifier():
 def test_the_compiled_forward_pass_predicts_as_keras_with_the_current_weights(caplog):
     import keras
 
-    from experiments import forward
-    from experiments.inputs import predict_in_batches
+    from experiments.model import forward
+    from experiments.model.forward import predict_in_batches
 
     keras.utils.set_random_seed(0)
     model = _classifier()
@@ -76,7 +76,7 @@ def test_the_compiled_forward_pass_predicts_as_keras_with_the_current_weights(ca
 
     # A program that cannot be compiled (here, for images of another size) costs a warning.
     forward.prepare(model, (15, 9, 9, 3), "uint8")
-    with caplog.at_level(logging.WARNING, logger="experiments.forward"):
+    with caplog.at_level(logging.WARNING, logger="experiments.model.forward"):
         assert forward.prepared(model, 15) is None
     assert "the forward pass compiled ahead failed" in caplog.text
 
@@ -85,9 +85,9 @@ def test_the_compiled_forward_pass_predicts_as_keras_with_the_current_weights(ca
 def test_a_run_that_compiles_ahead_scores_as_one_that_does_not(strategy, make_config, tmp_path):
     """evaluation.compile_ahead=true: the forward pass compiled while training evaluates the
     test split, which scores exactly as Keras' predict scores it (auto: only on a GPU or TPU)."""
-    from experiments import forward
-    from experiments.inputs import even_batch_size
-    from experiments.reports import EVALUATION_BATCH
+    from experiments.data.inputs import even_batch_size
+    from experiments.evaluation.reports import EVALUATION_BATCH
+    from experiments.model import forward
 
     assert not forward.compile_ahead("auto")  # CI has no GPU
     calls = []

@@ -160,7 +160,7 @@ def finished_count(root: Path) -> int:
 
 
 def saved_epochs(root: Path) -> int:
-    from experiments.checkpoints import RunCheckpoints
+    from experiments.training.checkpoints import RunCheckpoints
 
     folders = (root / "checkpoints").glob("*")
     return max((RunCheckpoints(p).completed_epochs() for p in folders), default=0)
@@ -208,7 +208,7 @@ def test_a_killed_group_completes_with_exactly_its_children(signum, tmp_path, im
 
 
 def test_members_cover_each_fold_and_seed():
-    from experiments.groups import is_group, members
+    from experiments.pipeline.groups import is_group, members
 
     from conftest import compose_config
 
@@ -226,7 +226,7 @@ def test_members_cover_each_fold_and_seed():
 def test_folds_rotate_train_and_val_stratified_and_keep_the_test_split(tmp_path, image_folder):
     from omegaconf import OmegaConf
 
-    from experiments.tasks import fold_task, load_task
+    from experiments.data.tasks import fold_task, load_task
 
     from conftest import compose_config
 

@@ -9,8 +9,8 @@ import pytest
 def test_batches_cover_every_row_once_as_uint8_and_reshuffle_each_epoch(tmp_path, monkeypatch):
     import psutil
 
-    from experiments import inputs
-    from experiments.inputs import batches
+    from experiments.data import inputs
+    from experiments.data.inputs import batches
 
     x = np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1).repeat(4, axis=1)
     y = np.arange(50)
@@ -55,8 +55,8 @@ def _resident_mb() -> float:
 
 
 def test_reading_a_mapped_split_keeps_resident_memory_flat(tmp_path, monkeypatch):
-    from experiments import inputs
-    from experiments.arrays import RowWriter, open_rows
+    from experiments.data import inputs
+    from experiments.data.arrays import RowWriter, open_rows
 
     rows, shape = 2048, (128, 128, 3)  # 96 MB of images, written and read in batches
     writer = RowWriter(tmp_path / "x.npy", rows, shape, np.uint8)
@@ -90,10 +90,10 @@ def test_predict_in_batches_streams_outputs_with_one_log_line(caplog, monkeypatc
 
     import keras
 
-    from experiments import inputs
-    from experiments.inputs import predict_in_batches
+    from experiments.model import forward
+    from experiments.model.forward import predict_in_batches
 
-    monkeypatch.setattr(inputs, "CHUNK_BATCHES", 2)  # 8 images a chunk
+    monkeypatch.setattr(forward, "CHUNK_BATCHES", 2)  # 8 images a chunk
 
     class BatchSizes(keras.layers.Layer):  # the batch sizes the model is traced with
         seen: set = set()
@@ -106,7 +106,7 @@ def test_predict_in_batches_streams_outputs_with_one_log_line(caplog, monkeypatc
     BatchSizes.seen.clear()
     x = np.arange(11 * 12, dtype=np.uint8).reshape(11, 2, 2, 3)
     parts = []
-    with caplog.at_level(logging.INFO, logger="experiments.progress"):
+    with caplog.at_level(logging.INFO, logger="experiments.core.progress"):
         predict_in_batches(
             model, x, batch_size=4, what="extracting train features", write=parts.append
         )
@@ -118,7 +118,7 @@ def test_predict_in_batches_streams_outputs_with_one_log_line(caplog, monkeypatc
     predict_in_batches(model, x[:10], batch_size=4, what="predicting", write=parts.append)
     assert BatchSizes.seen == {5} and len(parts[-1]) == 10  # 10 rows: two batches of 5
     # No terminal under pytest: no bar, one line with the count and the rate.
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "experiments.progress"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "experiments.core.progress"]
     assert line.startswith("extracting train features: 11 images in ") and "images/s" in line
 
 
@@ -130,8 +130,8 @@ def test_validation_batches_of_one_size_score_as_keras_batches_do():
     import keras
     from omegaconf import OmegaConf
 
-    from experiments.inputs import batches, even_batch_size
-    from experiments.strategies import images_dataset
+    from experiments.data.inputs import batches, even_batch_size
+    from experiments.training.strategies import images_dataset
 
     assert even_batch_size(2000, 16) == 16  # divides already
     assert even_batch_size(1000, 16) == 20  # 62 x 16 + 8 otherwise
@@ -186,7 +186,7 @@ def test_a_split_kept_on_the_device_gives_the_same_batches_and_the_same_training
         pytest.skip("batches on a device are a JAX path (make test-jax runs this)")
     import jax
 
-    from experiments.inputs import batches
+    from experiments.data.inputs import batches
 
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (45, 4, 4, 3), dtype=np.uint8)
@@ -231,9 +231,10 @@ def test_data_on_device_auto_keeps_a_split_on_an_accelerator_that_has_room(monke
     import keras
     from omegaconf import OmegaConf
 
-    from experiments import backend, inputs
-    from experiments.inputs import on_device
-    from experiments.strategies import images_dataset
+    from experiments.core import devices
+    from experiments.data import inputs
+    from experiments.data.inputs import on_device
+    from experiments.training.strategies import images_dataset
 
     x = np.zeros((100, 4, 4, 3), np.uint8)  # 4,800 bytes
     if keras.backend.backend() != "jax":
@@ -255,14 +256,14 @@ def test_data_on_device_auto_keeps_a_split_on_an_accelerator_that_has_room(monke
             return "cuda:0"
 
     monkeypatch.setattr(jax, "devices", lambda *_: [Accelerator()])
-    caplog.set_level(logging.INFO, logger="experiments.inputs")
+    caplog.set_level(logging.INFO, logger="experiments.data.inputs")
     assert on_device("auto", x, "training data")  # 4,800 <= 5,000
     assert "training data: 0.0 MB kept on cuda:0" in caplog.text
     Accelerator.free = 19_000
     assert not on_device("auto", x, "validation data")  # 4,800 > 4,750
     assert "validation data: 0.0 MB stay on the host (more than 25.0% of cuda:0's" in caplog.text
     Accelerator.free = 20_000
-    monkeypatch.setattr(backend, "jobs_sharing_device", lambda: 3)  # a sweep's n_jobs on one GPU
+    monkeypatch.setattr(devices, "jobs_sharing_device", lambda: 3)  # a sweep's n_jobs on one GPU
     assert not on_device("auto", x, "training data")  # 4,800 > 20,000 / 4 / 3
     assert "more than 8.3% of cuda:0's" in caplog.text
     monkeypatch.setattr(inputs, "reads_wait_on_disk", lambda _: True)

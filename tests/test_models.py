@@ -21,7 +21,7 @@ from helpers import MlflowServer, ModelServer, client_for, env_without, runs_of
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, image_folder):
     """A run with a logged model, and one without (tracking.log_model=false)."""
-    from experiments.train import train
+    from experiments.pipeline.run import train
 
     root = tmp_path_factory.mktemp("models")
     train(compose_config([*tiny_overrides(root, image_folder), "tracking.log_model=true"]))
@@ -116,7 +116,7 @@ def test_predict_gives_the_runs_test_accuracy_with_its_recorded_classes(
 ):
     """The test split, copied under names that hide its classes and with a broken file: the
     registered model predicts the run's test accuracy, in the run's class names."""
-    from experiments.tasks import load_task
+    from experiments.data.tasks import load_task
 
     root, run, _ = store
     register(root, f"runs:/{run.info.run_id}/model", "--name", "clf", "--alias", "champion")
@@ -164,7 +164,7 @@ def store_uri(root: Path) -> str:
 
 def decoded_test_split(root: Path, image_folder):
     """The run's test split, decoded as training decoded it."""
-    from experiments.tasks import load_task
+    from experiments.data.tasks import load_task
 
     cfg = compose_config(tiny_overrides(root, image_folder))
     return load_task(cfg.task, cfg.paths).splits["test"]
@@ -261,7 +261,7 @@ def test_a_failed_export_is_one_line_and_writes_nothing(store, tmp_path, args, s
 @pytest.fixture(scope="module")
 def challenger(store, image_folder):
     """A second model, trained for one epoch on another seed: champion and challenger."""
-    from experiments.train import train
+    from experiments.pipeline.run import train
 
     root, run, _ = store
     train(
@@ -322,7 +322,7 @@ def test_compare_to_an_alias_needs_a_registered_model(store):
 def test_paired_comparison_counts_the_images_only_one_model_gets_right():
     from scipy import stats
 
-    from experiments.reports import Evaluation, paired_comparison
+    from experiments.evaluation.reports import Evaluation, paired_comparison
 
     labels = np.zeros(20, np.int32)
     first = np.array([0] * 15 + [1] * 5)  # right on the first 15
@@ -346,7 +346,7 @@ def test_paired_comparison_counts_the_images_only_one_model_gets_right():
 def test_a_registry_on_a_real_mlflow_server(tmp_path, image_folder):
     """Train against a real `mlflow server`, register there with an alias, move the alias, and
     predict through models:/ from the server: the run's test accuracy."""
-    from experiments.train import train
+    from experiments.pipeline.run import train
 
     server = MlflowServer(tmp_path / "server").start()
     try:
@@ -405,7 +405,7 @@ def test_the_misclassified_grid_shows_the_wrong_images_most_confident_first(tmp_
     import matplotlib
     from PIL import Image
 
-    from experiments.reports import Evaluation, misclassified_png
+    from experiments.evaluation.reports import Evaluation, misclassified_png
 
     matplotlib.use("Agg")
     colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]  # right, wrong at 60%, wrong at 90%

@@ -168,7 +168,7 @@ def test_a_killed_workers_trial_is_taken_over_through_the_heartbeat(
     a = sweep(tmp_path / "a", image_folder, *shared, env=env)
     checkpoints = tmp_path / "checkpoints"
     deadline = time.monotonic() + 300
-    from experiments.checkpoints import RunCheckpoints
+    from experiments.training.checkpoints import RunCheckpoints
 
     while not any(RunCheckpoints(p).completed_epochs() >= 2 for p in checkpoints.glob("*")):
         assert a.poll() is None and time.monotonic() < deadline
@@ -208,7 +208,7 @@ def test_submitit_local_requeues_a_preempted_job_which_resumes_its_run(tmp_path,
     )
     import psutil
 
-    from experiments.checkpoints import RunCheckpoints
+    from experiments.training.checkpoints import RunCheckpoints
 
     def job():
         for child in psutil.Process(process.pid).children(recursive=True):

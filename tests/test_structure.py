@@ -69,7 +69,7 @@ def test_modules_import_without_cycles():
 
 
 def test_an_owner_is_alive_until_its_process_ends():
-    from experiments.processes import RUN_KEYS, TRIAL_KEYS, Owner, this_process
+    from experiments.core.processes import RUN_KEYS, TRIAL_KEYS, Owner, this_process
 
     me = this_process()
     assert me.alive()

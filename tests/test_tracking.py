@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import strategies, validation
+from experiments.pipeline import validation
+from experiments.pipeline.run import train
 from experiments.tracking import flatten
-from experiments.train import train
+from experiments.training import strategies
 
 from conftest import IMAGE_SIZE, compose_config, tiny_overrides
 from helpers import MlflowServer, client_for, runs_of
@@ -302,7 +303,7 @@ def test_multirun_nests_jobs_under_one_parent(tmp_path, image_folder):
 
 
 def test_a_swept_value_is_named_short():
-    from experiments.sweep import short_value
+    from experiments.sweeps.trial import short_value
 
     assert [short_value(v) for v in (3e-4, 0.25, 1e-5, 12345.0, [256, 128], "vgg16")] == [
         "3e-4", "0.25", "1e-5", "1.2e4", "[256,128]", "vgg16"
@@ -310,7 +311,7 @@ def test_a_swept_value_is_named_short():
 
 
 def test_the_swept_keys_are_the_sweep_overrides_and_the_search_space_less_fixed_ones():
-    from experiments.sweep import sweep_keys
+    from experiments.core.job import sweep_keys
 
     space = {"optimizer.lr": "interval(1e-5, 1e-2)", "head.dropout": "interval(0, 0.5)"}
     overrides = ["optimizer.lr=3e-3", "backbone=vgg16,resnet50", "trainer.epochs=2"]

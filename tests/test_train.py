@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import tracking
-from experiments.train import train
+from experiments.pipeline.run import train
 
 from conftest import IMAGE_SIZE
 from helpers import client_for, runs_of
@@ -34,7 +34,7 @@ def test_each_strategy_beats_chance(strategy, make_config, tmp_path):
 def test_fine_tune_unfreezes_top_blocks_but_not_batchnorm(make_config):
     import keras
 
-    from experiments.backbones import build_backbone, unfreeze_top_blocks
+    from experiments.model.backbones import build_backbone, unfreeze_top_blocks
 
     cfg = make_config("backbone=resnet50")
     base, _ = build_backbone(cfg.backbone, (32, 32, 3), None)
@@ -72,8 +72,8 @@ def test_two_stage_evaluates_from_cached_features(make_config, tmp_path, monkeyp
     the images."""
     import keras
 
-    from experiments.reports import evaluate_split
-    from experiments.tasks import load_task
+    from experiments.data.tasks import load_task
+    from experiments.evaluation.reports import evaluate_split
 
     train(make_config("strategy=two_stage"))  # extracts the features
     shapes = []
@@ -106,7 +106,7 @@ def test_two_stage_evaluates_from_cached_features(make_config, tmp_path, monkeyp
 def test_a_run_records_where_its_time_went(make_config, tmp_path, caplog):
     import logging
 
-    from experiments.phases import PHASES
+    from experiments.core.phases import PHASES
 
     with caplog.at_level(logging.INFO, logger="experiments.train"):
         train(make_config("trainer.epochs=3"))
@@ -147,8 +147,8 @@ def test_head_follows_the_class_count(
 
 
 def test_balanced_class_weights_follow_the_train_split(make_config, tmp_path):
-    from experiments.strategies import class_weights
-    from experiments.tasks import Split, Task
+    from experiments.data.tasks import Split, Task
+    from experiments.training.strategies import class_weights
 
     labels = np.array([0] * 6 + [1] * 2)
     split = Split(np.zeros((8, 2, 2, 3), np.uint8), labels, [str(i) for i in range(8)])
@@ -181,7 +181,7 @@ def test_a_later_job_still_collects_what_jobs_left_but_no_longer_walks_the_impor
     import gc
     import weakref
 
-    from experiments.train import release_earlier_jobs
+    from experiments.pipeline.run import release_earlier_jobs
 
     class Node:
         pass
@@ -207,7 +207,7 @@ def test_a_backup_restores_the_optimizer_state_and_the_epoch(tmp_path):
     stopped, with the optimizer's step count and moments, not a fresh optimizer."""
     import keras
 
-    from experiments.checkpoints import RunCheckpoints
+    from experiments.training.checkpoints import RunCheckpoints
 
     x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
     y = (x[:, 0] > 0).astype("float32")
@@ -262,7 +262,7 @@ def test_epoch_backups_leave_the_frozen_base_out_and_a_resume_restores_it(tmp_pa
     import h5py
     import keras
 
-    from experiments.checkpoints import RunCheckpoints, frozen_layers
+    from experiments.training.checkpoints import RunCheckpoints, frozen_layers
 
     x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
     y = (x[:, 0] > 0).astype("float32")
@@ -302,7 +302,7 @@ def test_the_best_epoch_is_restored_across_phases(second_phase_improves, tmp_pat
     restored at the end are those of the best epoch of either phase, whole."""
     import keras
 
-    from experiments.checkpoints import RunCheckpoints
+    from experiments.training.checkpoints import RunCheckpoints
 
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
     y = (x[:, 0] + x[:, 1] > 0).astype("float32")
@@ -351,7 +351,7 @@ def test_the_best_epoch_is_restored_across_phases(second_phase_improves, tmp_pat
 def test_a_run_checkpointed_whole_before_still_restores_its_best(tmp_path):
     """A run killed before epoch files left the frozen layers out kept one whole best file at
     its root: resumed now, its best epoch is still what it ends with."""
-    from experiments.checkpoints import RunCheckpoints
+    from experiments.training.checkpoints import RunCheckpoints
 
     state = RunCheckpoints(tmp_path / "run")
     model = _base_and_head(0)
@@ -405,7 +405,7 @@ def test_several_steps_per_compiled_call_train_every_epoch(make_config, tmp_path
     1 on a CPU); every epoch is still trained, backed up and logged."""
     import keras
 
-    from experiments.backend import steps_per_execution
+    from experiments.training.compiling import steps_per_execution
 
     assert steps_per_execution("auto") == 1  # CI has no GPU
     seen = []

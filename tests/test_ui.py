@@ -25,7 +25,7 @@ REPORTS = Path(__file__).resolve().parents[1] / "reports"  # CI keeps what lands
 def store(tmp_path_factory, image_folder):
     """A store with one finished run (in-process) and a 2-trial Optuna sweep (the CLI), both
     sampling system metrics every 0.2 s."""
-    from experiments.train import train
+    from experiments.pipeline.run import train
 
     root = tmp_path_factory.mktemp("ui")
     common = [*tiny_overrides(root, image_folder), "tracking.system_metrics_interval_s=0.2"]

@@ -2,11 +2,11 @@
 
 - `sweep` (the default): memory and time of a sweep's trials in one process, below.
 - `throughput`: training speed against the frozen base's own inference rate, for each chosen
-  backbone (`experiments.throughput`).
+  backbone (`experiments.benchmarks.throughput`).
 - `memory`: peak memory of one run as the dataset grows from 2,000 to 32,000 images
-  (`experiments.memory`).
+  (`experiments.benchmarks.memory`).
 - `run`: where a whole run's time goes, fresh and warm, against its targets
-  (`experiments.wholerun`).
+  (`experiments.benchmarks.wholerun`).
 - `repeats`: memory of a group's members (`trainer.repeats=5`) in one process, with the sweep's
   10% growth target.
 
@@ -236,8 +236,8 @@ def parse_throughput_args(argv: list[str]) -> argparse.Namespace:
 
 def throughput_main(argv: list[str]) -> int:
     from experiments import compose_project_config
-    from experiments.backend import use_backend
-    from experiments.errors import ExperimentError
+    from experiments.core.backend import use_backend
+    from experiments.core.errors import ExperimentError
 
     args = parse_throughput_args(argv)
     backbones = [o for o in args.overrides if o.startswith("backbone=")]
@@ -251,7 +251,7 @@ def throughput_main(argv: list[str]) -> int:
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from experiments.throughput import measure, record, report
+    from experiments.benchmarks.throughput import measure, record, report
 
     rows = []
     for cfg in configs:
@@ -267,7 +267,7 @@ def throughput_main(argv: list[str]) -> int:
 
 
 def memory_main(argv: list[str]) -> int:
-    from experiments.memory import memory_main as run
+    from experiments.benchmarks.memory import memory_main as run
 
     return run(argv)
 
@@ -327,7 +327,7 @@ def repeats_main(argv: list[str]) -> int:
 
 
 def run_main(argv: list[str]) -> int:
-    from experiments.wholerun import run_main as run
+    from experiments.benchmarks.wholerun import run_main as run
 
     return run(argv)
 

@@ -10,22 +10,21 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
+from experiments.core.job import in_multirun
 
 
 def run_cli(task_function, cfg: DictConfig):
     """Call `task_function(cfg)`. In a single run a user error prints one line and exits 2, and
     a signal prints how to resume and exits 128 + its number; a multirun handles both itself."""
-    from experiments import interrupts
-    from experiments.files import DISK_FULL
-    from experiments.interrupts import Interrupted
+    from experiments.core import interrupts
+    from experiments.core.files import DISK_FULL
+    from experiments.core.interrupts import Interrupted
 
     multirun = in_multirun()
     try:
@@ -62,7 +61,7 @@ def cli_with_signals(entry) -> None:
     """Run a Hydra entry point with SIGTERM and SIGINT handled; a multirun stopped by one
     prints how to complete it and exits 128 + its number. The process then ends without the
     interpreter's teardown (`ending_without_teardown`)."""
-    from experiments.interrupts import Interrupted, handle_signals
+    from experiments.core.interrupts import Interrupted, handle_signals
 
     with ending_without_teardown(), handle_signals():
         try:
@@ -125,7 +124,7 @@ def ending_without_teardown() -> Iterator[None]:
 def resume_hint(cfg: DictConfig) -> str:
     """One line: what an interrupted run kept and how to continue it."""
     from experiments import tracking
-    from experiments.checkpoints import RunCheckpoints
+    from experiments.training.checkpoints import RunCheckpoints
 
     run_id = tracking.last_run_id()
     if run_id is None:
@@ -137,33 +136,3 @@ def resume_hint(cfg: DictConfig) -> str:
         f"run {run_id} ended KILLED with {state.completed_epochs()} complete epoch(s) saved in "
         f"{state.root}; run the same command again to resume it (resume=never starts afresh)"
     )
-
-
-def in_multirun() -> bool:
-    """Whether Hydra runs this job as one of a multirun."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-def output_dir(root: str, name: str) -> Path:
-    """Hydra's output directory for this job, or a fresh one under `root`/`name`."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        runtime = HydraConfig.get().runtime
-        if runtime.get("output_dir"):
-            return Path(runtime.output_dir)
-    parent = Path(root) / str(name)
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y-%m-%d_%H-%M-%S-"), dir=parent))
-
-
-def task_overrides() -> list[str]:
-    """The command-line overrides of this job, when Hydra launched it."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if HydraConfig.initialized():
-        return list(HydraConfig.get().overrides.task)
-    return []

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from experiments import compose_project_config
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
 from experiments.tracking import tags as T
 
 COLUMNS = {  # table column -> MLflow field

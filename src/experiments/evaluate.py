@@ -17,8 +17,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import config_dir
-from experiments.cli import cli_with_signals, output_dir, run_cli
-from experiments.errors import ExperimentError
+from experiments.cli import cli_with_signals, run_cli
+from experiments.core.errors import ExperimentError
+from experiments.core.job import output_dir
 
 log = logging.getLogger("experiments.evaluate")
 
@@ -26,10 +27,10 @@ log = logging.getLogger("experiments.evaluate")
 def evaluate(cfg: DictConfig) -> float:
     """Evaluate `cfg.model` on `cfg.split` of the task; the accuracy."""
     from experiments import tracking
-    from experiments.backend import use_backend
-    from experiments.calibration import calibration_metrics
-    from experiments.reports import evaluate_split, per_class_metrics, write_reports
-    from experiments.tasks import SPLITS, load_task
+    from experiments.core.backend import use_backend
+    from experiments.data.tasks import SPLITS, load_task
+    from experiments.evaluation.calibration import calibration_metrics
+    from experiments.evaluation.reports import evaluate_split, per_class_metrics, write_reports
 
     use_backend(cfg.backend)  # before MLflow loads the model with Keras
     if cfg.split not in SPLITS:
@@ -112,7 +113,7 @@ def compared_uri(model: str, compare_to) -> str | None:
 def compare_models(other, other_uri: str, result, task, cfg: DictConfig):
     """Evaluate `other` on the images `result` came from; logged as `compared_*` metrics."""
     from experiments import tracking
-    from experiments.reports import evaluate_split, paired_comparison
+    from experiments.evaluation.reports import evaluate_split, paired_comparison
 
     split = cfg.split
     theirs = evaluate_split(other, task.splits[split], task.num_classes, cfg.batch_size)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from experiments import compose_project_config
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
 
 # Our name -> Keras' name, and the backends where Keras can write it.
 FORMATS = {
@@ -55,7 +55,7 @@ def default_output(uri: str, run_id: str, fmt: str) -> Path:
 
 def export(model, fmt: str, output: Path) -> None:
     """Write `model` to `output` in `fmt` with Keras; an exporter that is missing is one line."""
-    from experiments.backend import start_up_chatter, stderr_without
+    from experiments.core.backend import start_up_chatter, stderr_without
 
     keras_format, _ = FORMATS[fmt]
     model(np.zeros((1, *model.input_shape[1:]), "float32"))  # JAX's exporters need a call
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args, project) -> int:
-    from experiments.backend import use_backend
+    from experiments.core.backend import use_backend
 
     backend = use_backend(str(project.backend))
     if backend not in FORMATS[args.format][1]:

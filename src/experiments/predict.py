@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from experiments import config_dir
 from experiments.cli import cli_with_signals, run_cli
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
 
 log = logging.getLogger("experiments.predict")
 
@@ -30,11 +30,11 @@ log = logging.getLogger("experiments.predict")
 def predict(cfg: DictConfig) -> int:
     """Predict every image of `cfg.input` with `cfg.model`; the number of images predicted."""
     from experiments import tracking
-    from experiments.backend import use_backend
-    from experiments.calibration import class_probabilities
+    from experiments.core.backend import use_backend
+    from experiments.evaluation.calibration import class_probabilities
 
     use_backend(cfg.backend)  # before anything imports Keras
-    from experiments.inputs import predict_in_batches
+    from experiments.model.forward import predict_in_batches
 
     tracking.open_store(str(cfg.tracking.uri), cfg.tracking.get("outbox_dir"))
     source = tracking.registry.source_run(str(cfg.model))
@@ -81,8 +81,8 @@ def image_files(path: Path) -> list[Path]:
 def decode_all(files: list[Path], size: tuple[int, int]) -> tuple[np.ndarray, list[Path]]:
     """The decodable files as uint8 images of `size`, as training decodes them (EXIF turned,
     16-bit scaled), and which files they are."""
-    from experiments.progress import progress
-    from experiments.tasks import decode_image
+    from experiments.core.progress import progress
+    from experiments.data.tasks import decode_image
 
     images, kept = [], []
     with progress("decoding images", len(files)) as advance:

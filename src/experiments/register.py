@@ -17,7 +17,7 @@ import re
 import sys
 
 from experiments import compose_project_config
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
 from experiments.tracking import tags as T
 
 KEY_METRICS = ("test_accuracy", "best_val_accuracy", "test_loss", "test_ece", "test_nll")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from experiments import compose_project_config
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
 
 ACTIONS = ("list", "sync")
 
@@ -22,8 +22,8 @@ ACTIONS = ("list", "sync")
 def unfinished_runs(checkpoint_dir: Path) -> list[dict]:
     """One row per unfinished training or sweep run in the store, newest first."""
     from experiments import tracking
-    from experiments.checkpoints import RunCheckpoints
     from experiments.tracking import tags as T
+    from experiments.training.checkpoints import RunCheckpoints
 
     rows = []
     for run in tracking.run_rows(

@@ -14,7 +14,7 @@ import sys
 from omegaconf import OmegaConf
 
 from experiments import compose_project_config
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
 
 
 def main(argv: list[str] | None = None) -> int:

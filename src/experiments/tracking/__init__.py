@@ -21,7 +21,7 @@ its study; and reading the store back. One module per concern:
 MLflow is imported inside the functions, so composing a config never pays for it.
 """
 
-from experiments.processes import GROUP_PARENT_ENV, memory_metrics
+from experiments.core.processes import GROUP_PARENT_ENV, memory_metrics
 from experiments.tracking import registry, tags
 from experiments.tracking.client import HTTP_DEFAULTS, sqlite_uri
 from experiments.tracking.outbox import Outbox, flush_outbox, pending_outboxes, sync_outboxes

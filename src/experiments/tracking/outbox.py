@@ -16,8 +16,8 @@ import shutil
 import time
 from pathlib import Path
 
-from experiments.interrupts import uninterrupted
-from experiments.processes import RUN_KEYS, Owner, this_process
+from experiments.core.interrupts import uninterrupted
+from experiments.core.processes import RUN_KEYS, Owner, this_process
 from experiments.tracking import tags as T
 from experiments.tracking.client import client, is_local, point_at, unreachable
 

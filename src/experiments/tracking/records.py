@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.interrupts import uninterrupted
+from experiments.core.interrupts import uninterrupted
 from experiments.tracking import tags as T
 from experiments.tracking.client import unreachable
 from experiments.tracking.runs import (
@@ -90,7 +90,7 @@ def log_task(task) -> None:
     import mlflow.data
     import pandas as pd
 
-    from experiments.tasks import SPLITS
+    from experiments.data.tasks import SPLITS
 
     # MLflow hints that integer columns cannot hold NaN: labels never do.
     warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")

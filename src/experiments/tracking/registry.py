@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
 from experiments.tracking.client import client
 from experiments.tracking.queries import RunRow, find_run, load_text
 

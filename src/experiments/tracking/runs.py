@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.errors import ExperimentError
-from experiments.interrupts import deferred, raise_if_pending, uninterrupted
-from experiments.processes import RUN_KEYS, memory_metrics, this_process
+from experiments.core.errors import ExperimentError
+from experiments.core.interrupts import deferred, raise_if_pending, uninterrupted
+from experiments.core.processes import RUN_KEYS, memory_metrics, this_process
 from experiments.tracking import tags as T
 from experiments.tracking.client import client
 from experiments.tracking.outbox import Outbox
@@ -58,7 +58,7 @@ def start_run(
     pruner ends FINISHED with the tag `pruned`, its curves kept. Inside a multirun the run nests
     under the sweep's parent run. Calls a lost tracking server cannot take wait in the outbox.
     """
-    # A signal while the run is opened or closed waits for it (see experiments.interrupts).
+    # A signal while the run is opened or closed waits for it (see experiments.core.interrupts).
     enclosing = _active.get("run")  # a group's parent, active around its members' runs
     if enclosing is None:
         _active.pop("cut", None)

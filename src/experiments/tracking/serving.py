@@ -89,7 +89,7 @@ class ImageClassifier:
         """A frame of one row per image: `class`, `confidence` and `probabilities` by name."""
         import pandas as pd
 
-        from experiments.calibration import class_probabilities
+        from experiments.evaluation.calibration import class_probabilities
 
         # MLflow has checked the images against the signature (uint8, the model's shape); a
         # request of named inputs arrives as a dict.

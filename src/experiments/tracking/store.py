@@ -9,9 +9,9 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from experiments.errors import ExperimentError
-from experiments.interrupts import uninterrupted
-from experiments.processes import RUN_KEYS, Owner
+from experiments.core.errors import ExperimentError
+from experiments.core.interrupts import uninterrupted
+from experiments.core.processes import RUN_KEYS, Owner
 from experiments.tracking import tags as T
 from experiments.tracking.client import (
     HTTP_DEFAULTS,

@@ -15,9 +15,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.interrupts import uninterrupted
-from experiments.processes import GROUP_PARENT_ENV, RUN_KEYS, this_process
-from experiments.sweep import SWEEP_OVERRIDES_ENV, defining_overrides, sweep_keys
+from experiments.core.interrupts import uninterrupted
+from experiments.core.job import SWEEP_OVERRIDES_ENV, defining_overrides, sweep_keys
+from experiments.core.processes import GROUP_PARENT_ENV, RUN_KEYS, this_process
 from experiments.tracking import tags as T
 from experiments.tracking.client import client
 from experiments.tracking.outbox import STALE_TRIAL
@@ -38,8 +38,6 @@ _beating: dict[str, threading.Event] = {}
 
 def sweep_identity(overrides: list[str]) -> str:
     """A digest of a multirun's overrides, minus where it writes and how it resumes."""
-    from experiments.sweep import defining_overrides
-
     return hashlib.sha256(json.dumps(defining_overrides(overrides)).encode()).hexdigest()[:24]
 
 
@@ -194,7 +192,7 @@ class MlflowSweepCallback(Callback):
         """End the parent run: `status`, or at exit KILLED after a signal and FAILED otherwise."""
         if self.run_id is None:
             return
-        from experiments import interrupts
+        from experiments.core import interrupts
 
         if (beating := _beating.pop(self.run_id, None)) is not None:
             beating.set()

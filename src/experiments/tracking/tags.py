@@ -6,7 +6,7 @@ check, `experiments.runs`, `experiments.compare`, the sweeper) cannot drift apar
 
 from __future__ import annotations
 
-from experiments.processes import RUN_KEYS
+from experiments.core.processes import RUN_KEYS
 
 # MLflow caps a param or tag value at 6,000 characters; longer ones are cut there.
 MAX_VALUE_CHARS = 6000

@@ -1,4 +1,16 @@
-"""Our Optuna sweeper for Hydra: `hydra/sweeper=experiments_optuna`."""
+"""Our Optuna sweeper for Hydra: `hydra/sweeper=experiments_optuna`.
+
+| module | holds |
+| --- | --- |
+| `optuna_sweeper` | the sweeper: ask trials, launch them as jobs, tell how each ended |
+| `workers` | the workers of one study: joining, taking over stale trials, heartbeats |
+| `samplers` | the sampler and pruner the settings configure |
+| `results` | objectives and directions, returned values, results, trial table and plots |
+| `space` | the search space from `hydra.sweeper.params` and the command line |
+| `config` | the structured configs, compatible with hydra-optuna-sweeper's |
+
+It reaches the project only through `experiments.sweeps.plugin` (an import contract).
+"""
 
 from hydra.errors import CompactHydraException
 

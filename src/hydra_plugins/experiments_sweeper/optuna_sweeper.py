@@ -5,12 +5,10 @@ fails under SQLAlchemy 2, and it cannot prune: the job never sees its trial (hyd
 configs work here unchanged (see config.py and space.py). Each job learns its storage, study and
 trial number from environment variables set through its `hydra.job.env_set`, never from task
 overrides, so `hydra.job.override_dirname` holds only the job's own parameters; the job reports
-its epochs to that trial through the storage (experiments.sweep).
+its epochs to that trial through the storage (experiments.sweeps.trial).
 """
 
-import contextlib
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +16,44 @@ from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-# A signal waits for a write to the study's storage to end (a journal line, an RDB transaction).
-from experiments.backend import DEVICE_SLOT_ENV
-from experiments.interrupts import uninterrupted
-from experiments.processes import TRIAL_KEYS, Owner, this_process
-from experiments.studies import JOURNAL_PREFIX, open_storage
-from experiments.sweep import STORAGE_ENV, STUDY_ENV, TRIAL_ENV, defining_overrides
-from experiments.tracking import tags as T
+from experiments.sweeps.plugin import (
+    DEVICE_SLOT_ENV,
+    JOURNAL_PREFIX,
+    STORAGE_ENV,
+    STUDY_ENV,
+    TRIAL_ENV,
+    TRIAL_KEYS,
+    T,
+    defining_overrides,
+    open_storage,
+    this_process,
+    uninterrupted,
+)
 from hydra_plugins.experiments_sweeper import SweepError
-from hydra_plugins.experiments_sweeper.config import MOTPE_REMOVED, register
+from hydra_plugins.experiments_sweeper.config import register
+from hydra_plugins.experiments_sweeper.results import (
+    metric_names,
+    objective_values,
+    study_directions,
+    tell,
+    write_results,
+)
+from hydra_plugins.experiments_sweeper.samplers import configured_pruner, configured_sampler
 from hydra_plugins.experiments_sweeper.space import SearchSpace, search_space
+from hydra_plugins.experiments_sweeper.workers import (
+    heartbeats,
+    join_workers,
+    retried_numbers,
+    take_over_stale_trials,
+    wait_for_other_workers,
+)
 
 log = logging.getLogger(__name__)
 
 # Asks that may be discarded as duplicates before a batch is given up.
 MAX_ASK_ATTEMPTS = 100
-# Metrics minimized when hydra.sweeper.direction is not given (names holding one of these words,
-# or seconds: `_s`); any other is maximized.
-MINIMIZED = ("loss", "time", "params", "size", "rss", "error")
 
 register()
 
@@ -52,79 +68,6 @@ def ask(study, distributions: dict):
             "ignore", message="Heartbeat of storage is supposed to be used with Study.optimize"
         )
         return study.ask(fixed_distributions=distributions)
-
-
-@uninterrupted
-def join_workers(study, attempts: int = 50) -> int:
-    """This process's number among the workers of `study`, 0 for the first.
-
-    The study's `workers` user attr lists them. Optuna has no atomic update of an attr, so two
-    workers joining at once may overwrite each other's entry: each writes, reads back, and
-    writes again until it finds itself listed.
-    """
-    import random
-    import time
-
-    me = this_process()
-    name = f"{me.host}:{me.pid}:{me.started:.2f}"
-    for _ in range(attempts):
-        workers = list(study.user_attrs.get("workers", []))
-        if name in workers:
-            return workers.index(name)
-        study.set_user_attr("workers", [*workers, name])
-        time.sleep(random.uniform(0.05, 0.2))  # let a racing write land before reading back
-    return len(study.user_attrs.get("workers", []))
-
-
-def retried_numbers(trials) -> set[int]:
-    """Numbers of the trials that were failed as stale and queued again with the same params:
-    they do not count toward n_trials, their retry does."""
-    return {t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs}
-
-
-@uninterrupted
-def take_over_stale_trials(study) -> list[int]:
-    """Fail the RUNNING trials whose process is gone and queue each again with its params.
-
-    RDB storages ask Optuna's heartbeat (a process on any host); for every storage, a trial whose
-    owner ran on this host and no longer exists is failed the same way, through the same retry
-    callback, at once (the journal file has no heartbeat).
-    The retry runs the same config, so its job resumes the interrupted run's checkpoint.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
-    # Any host's trial whose heartbeat stopped (RDB storages): failed, its retry queued.
-    optuna.storages.fail_stale_trials(study)
-    # This host's trials whose process is gone: known now, without waiting for a grace period.
-    storage = study._storage  # Optuna's own handle: the call below has no Study-level form
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = Owner.from_dict(trial.user_attrs, TRIAL_KEYS)
-        if trial.user_attrs.get("surplus") or owner is None or owner.alive():
-            continue
-        # Not study.tell(): this raises when another process failed the trial first, so
-        # exactly one process queues its retry.
-        try:
-            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        retry(study, trial)
-    after = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-    taken = sorted(t.number for t in after if t.number not in before)
-    if taken:
-        from experiments.tracking import end_stale_trial_runs
-
-        log.warning(
-            "trial(s) %s were left RUNNING by processes that are gone: each runs again with the "
-            "same params and resumes from its checkpoint",
-            taken,
-        )
-        # A process on another host left its run RUNNING too: closed KILLED, so the retry's job
-        # resumes it (a checkpoint folder on a shared disk holds its epochs).
-        end_stale_trial_runs(study.study_name, taken)
-    return taken
 
 
 class OptunaSweeper(Sweeper):
@@ -158,7 +101,7 @@ class OptunaSweeper(Sweeper):
             )
         metrics = metric_names(self.config)
         directions = study_directions(settings.direction, metrics)
-        sampler, n_trials = self._sampler(space, len(directions))
+        sampler, n_trials = configured_sampler(self.settings, space, len(directions))
         storage_url = settings.storage or f"{JOURNAL_PREFIX}{sweep_dir / 'optuna.journal'}"
         study, storage = self._open_study(storage_url, space, sampler, directions, metrics)
         sampler, self.sampler_seed = self._seeded_per_worker(study, space, len(directions))
@@ -177,7 +120,7 @@ class OptunaSweeper(Sweeper):
             self._run_trials(study, storage, space, n_trials, storage_url)
         finally:
             # Whatever ended the sweep, what the study holds so far is written out.
-            self._write_results(study, sweep_dir, metrics)
+            write_results(study, sweep_dir, metrics)
 
     def _open_study(self, storage_url: str, space: SearchSpace, sampler, directions, metrics):
         """(the study, its storage): created, or loaded to be resumed when it is the same."""
@@ -189,7 +132,7 @@ class OptunaSweeper(Sweeper):
             study_name=settings.study_name,
             storage=storage,
             sampler=sampler,
-            pruner=self._pruner(len(directions)),
+            pruner=configured_pruner(self.settings, len(directions)),
             directions=directions,
             load_if_exists=True,
         )
@@ -245,64 +188,8 @@ class OptunaSweeper(Sweeper):
                 int(seed),
                 worker,
             )
-        sampler, _ = self._sampler(space, objectives, seed=int(seed) + worker)
+        sampler, _ = configured_sampler(self.settings, space, objectives, seed=int(seed) + worker)
         return sampler, int(seed) + worker
-
-    def _sampler(self, space: SearchSpace, objectives: int, seed: int | None = None):
-        """The configured sampler and how many trials the study may have.
-
-        `auto` is TPE for one objective and NSGA-II for several. A grid is built from the search
-        space, and the study stops at its size. `seed` replaces the configured seed.
-        """
-        import functools
-
-        import optuna
-        from hydra.utils import instantiate
-
-        node = OmegaConf.to_container(self.settings.sampler or {}, resolve=True)
-        node = {k: v for k, v in node.items() if v is not None or k == "_target_"}
-        if seed is not None:
-            node["seed"] = seed
-        target = node.get("_target_", "auto")
-        n_trials = int(self.settings.n_trials)
-        if target == "auto":
-            chosen = optuna.samplers.NSGAIISampler if objectives > 1 else optuna.samplers.TPESampler
-            return chosen(seed=node.get("seed")), n_trials
-        if target.endswith("raise_motpe_removed"):
-            raise SweepError(MOTPE_REMOVED)
-        if target.endswith("GPSampler") and not _installed("torch"):
-            raise SweepError(
-                "hydra/sweeper/sampler=gp needs PyTorch, which is not installed: pip install torch "
-                "(or choose tpe, random, grid, cmaes, nsgaii or qmc)"
-            )
-        if target.endswith("CmaEsSampler") and not _installed("cmaes"):
-            raise SweepError(
-                "hydra/sweeper/sampler=cmaes needs the cmaes package, which is not installed: "
-                "pip install cmaes"
-            )
-        sampler = instantiate(node)
-        if isinstance(sampler, functools.partial) and sampler.func is optuna.samplers.GridSampler:
-            grid = space.grid()
-            size = math.prod(len(values) for values in grid.values())
-            if size < n_trials:
-                log.info("the grid has %d points: n_trials is %d, not %d", size, size, n_trials)
-            return sampler(grid), min(n_trials, size)
-        return sampler, n_trials
-
-    def _pruner(self, objectives: int):
-        import optuna
-        from hydra.utils import instantiate
-
-        if not self.settings.pruner:
-            return optuna.pruners.NopPruner()
-        if objectives > 1:
-            log.info(
-                "pruning is off: Optuna prunes on one intermediate value, and this study has "
-                "%d objectives",
-                objectives,
-            )
-            return optuna.pruners.NopPruner()
-        return instantiate(self.settings.pruner)
 
     @staticmethod
     def _check_same_study(study, space: SearchSpace, storage_url: str) -> None:
@@ -400,7 +287,7 @@ class OptunaSweeper(Sweeper):
         import optuna
         from optuna.trial import TrialState
 
-        from experiments.tracking import tag_trial_runs
+        from experiments.sweeps.plugin import tag_trial_runs
 
         if ret.status == JobStatus.COMPLETED:
             try:
@@ -436,154 +323,10 @@ class OptunaSweeper(Sweeper):
                 f"failed jobs' logs under {self.config.hydra.sweep.dir}"
             )
 
-    @uninterrupted
-    def _write_results(self, study, sweep_dir: Path, metrics: list[str] | None) -> None:
-        from experiments.tracking import log_study, tag_trial_runs
-
-        frame = study.trials_dataframe(
-            attrs=("number", "state", "value", "duration", "params", "user_attrs")
-        )
-        if frame.empty:
-            return
-        # Stale trials run again as a retry: the retry's row is the trial's.
-        frame = frame[~frame["number"].isin(retried_numbers(study.trials))]
-        if "user_attrs_surplus" in frame:  # asks discarded as duplicates never ran
-            frame = frame[frame["user_attrs_surplus"].isna()].drop(columns="user_attrs_surplus")
-        frame = frame.drop(columns=[c for c in frame if c.startswith("user_attrs_owner_")])
-        results = study_results(study, metrics)
-        if "solutions" in results:
-            front = {t.number for t in study.best_trials}
-            frame["pareto"] = frame["number"].isin(front)
-            tags = {n: {T.PARETO: str(n in front).lower()} for n in frame["number"]}
-            tag_trial_runs(study.study_name, tags)
-        frame.to_csv(sweep_dir / "trials.csv", index=False)
-        OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
-        log_study(study, sweep_dir, results, plots(study, sweep_dir, metrics))
-
-
-def metric_names(config: DictConfig) -> list[str] | None:
-    """The names of the job's objectives (`optimized_metric`), or None when it has none."""
-    metric = config.get("optimized_metric")
-    if metric is None:
-        return None
-    return [str(m) for m in metric] if isinstance(metric, ListConfig | list) else [str(metric)]
-
-
-def study_directions(direction: Any, metrics: list[str] | None) -> list[str]:
-    """One direction per objective: as given, or from each metric's name (minimize a loss, a
-    time, a size or a parameter count; maximize the rest), or minimize (hydra-optuna-sweeper's
-    default) for a task without `optimized_metric`."""
-    if direction is None:
-        if not metrics:
-            return ["minimize"]
-        return ["minimize" if any(word in m for word in MINIMIZED) else "maximize" for m in metrics]
-    given = list(direction) if isinstance(direction, ListConfig | list | tuple) else [direction]
-    given = [str(getattr(d, "name", d)) for d in given]
-    if bad := [d for d in given if d not in ("minimize", "maximize")]:
-        raise SweepError(f"hydra.sweeper.direction={bad[0]}: use minimize or maximize")
-    if metrics and len(given) != len(metrics):
-        raise SweepError(
-            f"hydra.sweeper.direction gives {len(given)} direction(s) for the {len(metrics)} "
-            f"metric(s) of optimized_metric={metrics}: give one per metric"
-        )
-    return given
-
-
-def objective_values(returned: Any, objectives: int) -> list[float]:
-    """The job's return value as one float per objective; ValueError says what is wrong."""
-    many = isinstance(returned, list | tuple | ListConfig)
-    if objectives == 1 and not many:
-        values = [returned]
-    elif objectives > 1 and many:
-        values = list(returned)
-    else:
-        shape = "a number" if objectives == 1 else f"a list or tuple of {objectives} numbers"
-        raise ValueError(
-            f"the job returned {returned!r}; a study of {objectives} objective(s) needs {shape}"
-        )
-    if len(values) != objectives:
-        raise ValueError(
-            f"the job returned {len(values)} value(s), {returned!r}, for {objectives} objectives"
-        )
-    try:
-        return [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise ValueError(f"the job returned {returned!r}, which is not numeric") from None
-
-
-def tell(study, trial, **outcome):
-    """study.tell, whose GridSampler stops the study once the grid is covered: outside
-    study.optimize that stop raises, after the trial's state is stored. The sweep ends on its
-    own then, as n_trials is capped at the grid's size."""
-    try:
-        study.tell(trial, **outcome)
-    except RuntimeError as err:
-        if "Study.stop" not in str(err):
-            raise
-    return study.get_trials(deepcopy=False)[trial.number].state
-
-
-def study_results(study, metrics: list[str] | None) -> dict[str, Any]:
-    """optimization_results.yaml as hydra-optuna-sweeper writes it: the best params and value,
-    or the Pareto front (`solutions`) of a multi-objective study."""
-    from optuna.trial import TrialState
-
-    results: dict[str, Any] = {"name": "optuna"}
-    if metrics:
-        results["metric"] = metrics[0] if len(metrics) == 1 else metrics
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        return results
-    if len(study.directions) == 1:
-        log.info("best value %.4f with %s", study.best_value, study.best_params)
-        return results | {"best_params": dict(study.best_params), "best_value": study.best_value}
-    front = study.best_trials
-    log.info("%d trial(s) on the Pareto front", len(front))
-    for t in front:
-        log.info("    trial %d: values %s, params %s", t.number, t.values, t.params)
-    return results | {
-        "directions": [d.name.lower() for d in study.directions],
-        "solutions": [{"params": dict(t.params), "values": list(t.values)} for t in front],
-    }
-
-
-def plots(study, sweep_dir: Path, metrics: list[str] | None) -> list[Path]:
-    """Optuna's plots of the study as PNG files: the history, importances and parallel
-    coordinates of one objective, or the Pareto front of several."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_plots
-
-    if len(study.directions) > 1:
-        names = metrics if metrics and len(metrics) == len(study.directions) else None
-        wanted = {
-            "pareto_front": lambda s: optuna_plots.plot_pareto_front(s, target_names=names),
-        }
-    else:
-        wanted = {
-            "optimization_history": optuna_plots.plot_optimization_history,
-            "param_importances": optuna_plots.plot_param_importances,
-            "parallel_coordinate": optuna_plots.plot_parallel_coordinate,
-        }
-    saved = []
-    for name, plot in wanted.items():
-        try:
-            axes = plot(study)
-        except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ complete trials
-            log.info("no %s plot: %s", name, err)
-            continue
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
-        path = sweep_dir / f"{name}.png"
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(figure)
-        saved.append(path)
-    return saved
-
 
 def slot(index: int, jobs: int) -> dict[str, str]:
     """The device slot of the index-th of `jobs` jobs launched together: each takes a GPU of its
-    own (experiments.backend.use_device_slot); none for a job launched alone."""
+    own (experiments.core.devices.use_device_slot); none for a job launched alone."""
     return {DEVICE_SLOT_ENV: f"{index}/{jobs}"} if jobs > 1 else {}
 
 
@@ -596,76 +339,6 @@ def hydra_env(values: dict[str, Any]) -> list[str]:
 def quoted(text: str) -> str:
     """`text` as a quoted value of Hydra's override grammar (a URL may hold = , or spaces)."""
     return "'" + text.replace("'", "\\'") + "'"
-
-
-def _installed(package: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(package) is not None
-
-
-def wait_for_other_workers(study, storage) -> bool:
-    """On an RDB storage with heartbeats, wait while other processes still run trials of the
-    study; True as soon as one of them is found dead (its trial then waits to be run again).
-
-    Without this, the last worker to run out of new trials would leave, and a trial whose
-    worker died near the end would stay RUNNING until someone ran the command again.
-    """
-    import time
-
-    import optuna
-    from optuna.trial import TrialState
-
-    if not isinstance(storage, optuna.storages.RDBStorage) or not storage.get_heartbeat_interval():
-        return False
-    announced = False
-    while True:
-        others = [
-            t.number
-            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if not t.user_attrs.get("surplus")
-        ]
-        if not others:
-            return False
-        if not announced:
-            log.info("waiting for trial(s) %s of other workers to end or go stale", others)
-            announced = True
-        time.sleep(storage.get_heartbeat_interval())
-        take_over_stale_trials(study)
-        if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            return True
-
-
-@contextlib.contextmanager
-def heartbeats(storage, trials):
-    """Record Optuna heartbeats for `trials` while their jobs run (RDB storages only).
-
-    Not Optuna's own heartbeat thread: that one is private and serves `study.optimize`, where
-    the trial runs in the same process; here the launcher runs the jobs.
-    """
-    import threading
-
-    import optuna
-
-    if not isinstance(storage, optuna.storages.RDBStorage) or not storage.get_heartbeat_interval():
-        yield
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while True:
-            for trial in trials:
-                storage.record_heartbeat(trial._trial_id)
-            if stop.wait(storage.get_heartbeat_interval()):
-                return
-
-    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def release_frames(ret) -> None:

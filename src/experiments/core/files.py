@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.validation import EPOCH_METRICS
+from experiments.pipeline.validation import EPOCH_METRICS
 
-log = logging.getLogger("experiments.groups")
+log = logging.getLogger("experiments.pipeline.groups")
 
 # Aggregated as curves (mean and std per epoch), not as final values.
 CURVES = EPOCH_METRICS
@@ -125,9 +125,9 @@ def train_group(cfg: DictConfig, train_one: Callable[[DictConfig], object]):
     """Run the group's members with `train_one` under one parent run and record the aggregate;
     the mean of their values (what a sweeper gets)."""
     from experiments import tracking
-    from experiments.checkpoints import run_identity
-    from experiments.cli import output_dir, task_overrides
-    from experiments.sweep import attached_trial, job_run_name, report_group, trial_tags
+    from experiments.core.job import output_dir, task_overrides
+    from experiments.sweeps.trial import attached_trial, job_run_name, report_group, trial_tags
+    from experiments.training.checkpoints import run_identity
 
     runs = members(cfg)
     seeds = [m.seed for m in runs]
@@ -165,8 +165,8 @@ def train_group(cfg: DictConfig, train_one: Callable[[DictConfig], object]):
 def record_group(cfg: DictConfig, parent_id: str, runs: list[Member]):
     """The aggregate of the group's FINISHED members on its parent run; the mean value."""
     from experiments import tracking
-    from experiments.checkpoints import run_identity
-    from experiments.errors import ExperimentError
+    from experiments.core.errors import ExperimentError
+    from experiments.training.checkpoints import run_identity
 
     finished = []
     for member in runs:

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.arrays import open_rows
-from experiments.backbones import unfreeze_top_blocks
-from experiments.checkpoints import RunCheckpoints
-from experiments.errors import ExperimentError
-from experiments.files import atomic_dir, read_cache
-from experiments.heads import build_head, loss_for
-from experiments.tasks import SPLITS, Split, Task, pooled_rows
+from experiments.core.errors import ExperimentError
+from experiments.core.files import atomic_dir, read_cache
+from experiments.data.arrays import open_rows
+from experiments.data.tasks import SPLITS, Split, Task, pooled_rows
+from experiments.model.backbones import unfreeze_top_blocks
+from experiments.model.heads import build_head, loss_for
+from experiments.training.checkpoints import RunCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def assemble(ctx: Context, head, augment: bool = True):
     """Raw 0-255 RGB images -> [augmentation] -> preprocess_input -> base -> head."""
     import keras
 
-    from experiments.augmentation import build_augmentation
+    from experiments.model.augmentation import build_augmentation
 
     # float32 in the model, uint8 from the pipeline: Keras casts each batch on the device.
     inputs = keras.Input(ctx.task.image_shape, name="image")
@@ -175,13 +175,13 @@ def fit(
     """Compile and fit `model`, then restore its best-validation weights; the epoch history.
 
     Resumable: every epoch is backed up, a phase that already finished is not run again, and an
-    interrupted one continues from its last complete epoch (`experiments.checkpoints`).
+    interrupted one continues from its last complete epoch (`experiments.training.checkpoints`).
     """
     from hydra.utils import instantiate
 
-    from experiments import interrupts
-    from experiments.backend import build_for_training
-    from experiments.callbacks import StopOnSignal
+    from experiments.core import interrupts
+    from experiments.training.callbacks import StopOnSignal
+    from experiments.training.compiling import build_for_training
 
     cfg = ctx.cfg
     state = ctx.checkpoints
@@ -218,7 +218,7 @@ def fit(
 def compile_model(ctx: Context, model, lr: float | None = None) -> None:
     """Compile `model` with the run's optimizer at `lr`, its loss, accuracy and compilation
     (`trainer.jit_compile`); a warning when Keras turns compilation off."""
-    from experiments.backend import check_compiled, jit_compile, steps_per_execution
+    from experiments.training.compiling import check_compiled, jit_compile, steps_per_execution
 
     compiled = jit_compile(ctx.cfg.trainer.jit_compile)
     model.compile(
@@ -270,7 +270,7 @@ def _dataset(x: np.ndarray, y: np.ndarray | None, batch_size: int, ctx: Context,
     """Batches for training (`shuffle`), or validation, in batches of one size where one near
     `batch_size` divides the split (`inputs.even_batch_size`), gathered on the accelerator
     where `trainer.data_on_device` keeps the split there (`inputs.on_device`)."""
-    from experiments.inputs import batches, even_batch_size, on_device
+    from experiments.data.inputs import batches, even_batch_size, on_device
 
     if not shuffle:
         batch_size = even_batch_size(len(x), batch_size)
@@ -296,8 +296,8 @@ def extract_features(ctx: Context) -> tuple[dict[str, np.ndarray], str]:
     extracted into it ('miss'), one `.npy` file per split written as the batches come."""
     import keras
 
-    from experiments.arrays import RowWriter
-    from experiments.inputs import predict_in_batches
+    from experiments.data.arrays import RowWriter
+    from experiments.model.forward import predict_in_batches
 
     path = (
         Path(ctx.cfg.paths.cache_dir) / "features" / f"{ctx.cfg.backbone.name}-{feature_key(ctx)}"

@@ -1,4 +1,5 @@
-"""Keras callbacks of our own: per-epoch timing, learning rate, MLflow metrics and signals."""
+"""Keras callbacks of our own: per-epoch timing, learning rate and signals. The one that logs
+epochs to MLflow is `experiments.tracking.callbacks.TrackEpochs`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import time
 
 import keras
 
-from experiments import interrupts
+from experiments.core import interrupts
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -49,28 +50,12 @@ class EpochLogger(keras.callbacks.Callback):
         )
 
 
-class TrackEpochs(keras.callbacks.Callback):
-    """Logs each epoch's logs to the run, at step = epoch, once the epoch is backed up.
-
-    Not mlflow.keras.MlflowCallback: it logs the optimizer config as params at every fit, which
-    MLflow rejects when fine-tuning changes the learning rate, and logs validation metrics twice.
-    Fine-tuning passes `initial_epoch`, so its epochs continue the same step count; a resumed run
-    continues from its first epoch not backed up, so no step is logged twice.
-    """
-
-    def on_epoch_end(self, epoch, logs=None):
-        from experiments import tracking
-
-        tracking.log_metrics({k: float(v) for k, v in (logs or {}).items()}, step=epoch)
-        tracking.log_system_metrics()
-
-
 class StopOnSignal(keras.callbacks.Callback):
     """Raises a SIGTERM or SIGINT that came during `fit` at the next batch boundary.
 
     Raising, rather than setting `model.stop_training`, keeps Keras from validating and ending
     the partial epoch, which `BackupAndRestore` would then back up as if it were complete. Used
-    inside `interrupts.deferred()`; see `experiments.interrupts`. It checks as a batch begins:
+    inside `interrupts.deferred()`; see `experiments.core.interrupts`. It checks as a batch begins:
     a batch-end hook would make Keras wait for every step's logs (no asynchronous dispatch).
     """
 

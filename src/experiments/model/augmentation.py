@@ -9,7 +9,7 @@ warps a batch with a compilable op, so `RandomAffine` does it with `keras.ops` a
 zoom and translation as one bilinear warp with reflected borders, drawn anew for every image of
 every step, the identity at inference.
 
-This module imports Keras: import it only after the backend is chosen (`experiments.backend`).
+This module imports Keras: import it only after the backend is chosen (`experiments.core.backend`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ def build_augmentation(cfg):
     if slow:
         log.warning(
             "augmentation=%s: Keras' %s cannot be compiled, so the whole train step runs "
-            "uncompiled (up to 100x slower on a GPU); use experiments.augmentation.RandomAffine "
-            "(rotation, zoom, translation) instead",
+            "uncompiled (up to 100x slower on a GPU); use "
+            "experiments.model.augmentation.RandomAffine (rotation, zoom, translation) instead",
             cfg.name,
             ", ".join(slow),
         )

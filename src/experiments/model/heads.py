@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
 
 POOLING = ("flatten", "avg")
 

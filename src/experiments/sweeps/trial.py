@@ -9,23 +9,13 @@ from __future__ import annotations
 import json
 import os
 
+from experiments.core.job import SWEEP_OVERRIDES_ENV, fixed_keys, in_multirun, parsed
+
 STORAGE_ENV = "EXPERIMENTS_OPTUNA_STORAGE"
 STUDY_ENV = "EXPERIMENTS_OPTUNA_STUDY"
 TRIAL_ENV = "EXPERIMENTS_OPTUNA_TRIAL"
-# The multirun's own overrides (JSON), set by tracking.MlflowSweepCallback: a job's other
-# overrides are what its sweep gave it.
-SWEEP_OVERRIDES_ENV = "EXPERIMENTS_SWEEP_OVERRIDES"
 # MLflow's SQL stores hold a run name in 250 characters; PostgreSQL refuses a longer one.
 MAX_RUN_NAME_CHARS = 250
-
-
-def defining_overrides(overrides) -> list[str]:
-    """A sweep's overrides that define its jobs, sorted: all but where a machine writes
-    (`paths.*`), where it records (`tracking.*`) and how it resumes (`resume=`), which differ
-    between the machines that share one study and between a run and its resumption."""
-    return sorted(
-        o for o in overrides if not o.lstrip("+~").startswith(("paths.", "tracking.", "resume="))
-    )
 
 
 def this_trial() -> tuple[str, str, int] | None:
@@ -45,7 +35,7 @@ def attached_trial():
     from hydra.core.hydra_config import HydraConfig
     from hydra.utils import instantiate
 
-    from experiments.studies import open_storage
+    from experiments.sweeps.studies import open_storage
 
     storage, name, number = trial_of_job
     # The job decides whether to prune, so it needs the sweeper's pruner, not Optuna's default.
@@ -66,7 +56,7 @@ def attached_trial():
 def trial_callbacks(cfg) -> list:
     """Keras callbacks reporting `optimized_metric` to this job's Optuna trial; [] outside one,
     for a multi-objective study, and for a member of a group, whose trial is the group's."""
-    from experiments.processes import GROUP_PARENT_ENV
+    from experiments.core.processes import GROUP_PARENT_ENV
 
     if this_trial() is None or os.environ.get(GROUP_PARENT_ENV):
         return []
@@ -108,8 +98,6 @@ def swept_values() -> dict[str, str]:
     grid's point), as the overrides wrote them; {} outside a multirun."""
     from hydra.core.hydra_config import HydraConfig
 
-    from experiments.cli import in_multirun
-
     if not in_multirun():
         return {}
     # The multirun's fixed overrides, by key: Hydra writes a job's overrides anew (3e-3 becomes
@@ -119,27 +107,13 @@ def swept_values() -> dict[str, str]:
     return {o.key_or_group: o.value() for o in job if o.key_or_group not in fixed}
 
 
-def parsed(overrides) -> list:
-    """Hydra's parse of `overrides`, less the ones that set Hydra itself (`hydra.*`)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    kept = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
-    return OverridesParser.create().parse_overrides(kept)
-
-
-def fixed_keys(overrides: list) -> set[str]:
-    """The keys that parsed `overrides` set to one value (not a sweep's several)."""
-    return {o.key_or_group for o in overrides if not o.is_sweep_override()}
-
-
 def job_run_name(default: str) -> str:
     """The MLflow run name of this job: `default` outside a multirun; in one, what tells it from
     its siblings: its trial (or job) number and swept values, e.g. `trial-3 lr=3e-4
     units=[256,128]`."""
     from hydra.core.hydra_config import HydraConfig
 
-    from experiments.cli import in_multirun
-    from experiments.processes import GROUP_PARENT_ENV
+    from experiments.core.processes import GROUP_PARENT_ENV
 
     if not in_multirun() or os.environ.get(GROUP_PARENT_ENV):  # a group names its members
         return default
@@ -164,13 +138,3 @@ def short_value(value) -> str:
     if isinstance(value, list | tuple):
         return "[" + ",".join(short_value(v) for v in value) + "]"
     return str(value)
-
-
-def sweep_keys(overrides: list[str], search_space) -> list[str]:
-    """The config keys a multirun varies: its sweep overrides (`a=1,2`, `choice(...)`) and its
-    sweeper's search space (`hydra.sweeper.params`), less the keys its command line fixes."""
-    given = parsed(overrides)
-    fixed = fixed_keys(given)
-    swept = [o.key_or_group for o in given if o.is_sweep_override()]
-    swept += [str(key) for key in (search_space or {}) if str(key) not in fixed]
-    return list(dict.fromkeys(swept))

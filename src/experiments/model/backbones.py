@@ -10,7 +10,7 @@ import logging
 import re
 from pathlib import Path
 
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Generates a `folder` task of N images for each N of `--sizes` (by default 2,000,
 32,000; the smaller folders are hard links into the largest), trains each with one command in a
 subprocess on a throwaway MLflow store, and reads back what the run recorded: the process's peak
 resident memory (`peak_rss_mb`, decoding, extraction, training and evaluation included) and its
-training rate. With the images and features memory-mapped (`experiments.arrays`), the peak must
+training rate. With the images and features memory-mapped (`experiments.data.arrays`), the peak must
 not grow with the dataset: the target is the largest size within `--tolerance-mb` (300 MB) of
 the smallest.
 """

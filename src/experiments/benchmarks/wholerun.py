@@ -4,7 +4,7 @@ Generates a `folder` task of the chosen task's shape (by default reference exper
 classes of 2,000 images, 1,000/500/500 per class, 180 px, VGG19 on random weights, inline, 10
 epochs of batch 16), then runs the same training command twice in a subprocess, as a user would:
 once on empty caches (a fresh machine), once again with the decoded images and the compiled steps
-warm. It reads back each run's phases (`experiments.phases`) and rates, prints the phase table,
+warm. It reads back each run's phases (`experiments.core.phases`) and rates, prints the phase table,
 saves it as Markdown and JSON, and fails when a target is missed: the fresh run's wall time, the
 warm run's wall time and compiling time, and, given the hardware's floor (`--floor`, images/s of
 `benchmark throughput`), training at 0.8 of it and evaluation at 0.5.
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from experiments.memory import generate_images
+from experiments.benchmarks.memory import generate_images
 from experiments.tracking import sqlite_uri
 
 # Reference experiment A's shape, offline: the write-up's cats vs dogs on generated images.

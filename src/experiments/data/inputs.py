@@ -9,7 +9,7 @@ ahead); for a memory-mapped split larger than the page cache can keep, its worke
 the next batches from the disk while the device computes. `tf.data` would tie the JAX path to
 TensorFlow.
 
-This module imports Keras: import it only after the backend is chosen (`experiments.backend`).
+This module imports Keras: import it only after the backend is chosen (`experiments.core.backend`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import math
 import keras
 import numpy as np
 
-from experiments.arrays import release
+from experiments.data.arrays import release
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def on_device(setting, x, what: str) -> bool:
     if not hasattr(device, "memory_stats"):  # unset, or a platform's name
         device = jax.devices()[0]
     if text == "auto":
-        from experiments.backend import jobs_sharing_device
+        from experiments.core.devices import jobs_sharing_device
 
         stats = device.memory_stats() if device.platform != "cpu" else None
         if not stats or reads_wait_on_disk(x):
@@ -204,40 +204,3 @@ def even_batch_size(rows: int, batch_size: int) -> int:
         return batch_size
     sizes = [n for n in range(max(1, batch_size // 2), 2 * batch_size + 1) if rows % n == 0]
     return min(sizes, key=lambda n: (abs(n - batch_size), -n)) if sizes else batch_size
-
-
-# Batches `predict_in_batches` hands to one `model.predict`: Keras' loop keeps the device busy
-# (the next batch is sent while one computes) and copies the model's state back once per call,
-# where `predict_on_batch` does both for every batch (on JAX, every weight, every batch: a GPU
-# evaluated at 2% of its speed).
-CHUNK_BATCHES = 64
-
-
-def predict_in_batches(model, x, *, batch_size: int, what: str, write) -> None:
-    """`model`'s outputs on `x`, a chunk of batches at a time, passed to `write` as numpy arrays.
-
-    Used instead of one `model.predict`, which keeps every output in memory until the end:
-    features of a dataset larger than memory go to disk as they come. Every batch has one shape,
-    since a compiled backend compiles the model again for each new shape (the base's forward
-    pass once more for each split a two-stage run extracts): the batch size is one that divides
-    `x` where one near `batch_size` does (`even_batch_size`), else the last batch is filled up
-    with zeros and its extra outputs dropped. A progress bar shows on a terminal.
-    """
-    from experiments.forward import prepared
-    from experiments.progress import progress
-
-    batch_size = even_batch_size(len(x), batch_size)
-    chunk = batch_size * CHUNK_BATCHES
-    forward = prepared(model, batch_size)  # compiled while the model trained
-    with progress(what, len(x)) as advance:
-        for start in range(0, len(x), chunk):
-            part = x[start : start + chunk]
-            data = batches(part, batch_size=batch_size, pad=True)
-            if forward is None:
-                outputs = np.asarray(model.predict(data, verbose=0))
-            else:  # every batch dispatched before the first is read back
-                pending = [forward(data[i][0]) for i in range(len(data))]
-                outputs = np.concatenate([np.asarray(o) for o in pending])
-            write(outputs[: len(part)])
-            release(x)
-            advance(len(part))

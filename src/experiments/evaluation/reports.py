@@ -35,8 +35,8 @@ def evaluate_split(
     model, split, num_classes: int, batch_size: int = EVALUATION_BATCH
 ) -> Evaluation:
     """Loss, accuracy and per-image predictions of `model` on a split of raw uint8 images."""
-    from experiments.calibration import negative_log_likelihood
-    from experiments.inputs import predict_in_batches
+    from experiments.evaluation.calibration import negative_log_likelihood
+    from experiments.model.forward import predict_in_batches
 
     outputs = []
     predict_in_batches(
@@ -105,7 +105,7 @@ def paired_comparison(this: Evaluation, other: Evaluation) -> PairedComparison:
 def write_reports(outdir: Path, evaluation: Evaluation, split, class_names) -> list[Path]:
     """Write the evaluation artifacts of `split` into `outdir`; the files written. (A training
     run writes its own, with its curves, while it logs its model: `train.record_results`.)"""
-    from experiments import figures
+    from experiments.evaluation import figures
 
     drawing = figures.draw(report_figures(outdir, evaluation, split, class_names))
     return [*classification_reports(outdir, evaluation, class_names), *drawing.results()]
@@ -121,8 +121,8 @@ def report_figures(
 ) -> list:
     """The report's figures as calls `(function, arguments)` of plain arrays, each writing one
     PNG into `outdir` and returning its path: they can be drawn in another process
-    (`experiments.figures`). What needs the model or the whole split is computed here."""
-    from experiments.calibration import reliability_png
+    (`experiments.evaluation.figures`). What needs the model or the whole split is computed here."""
+    from experiments.evaluation.calibration import reliability_png
 
     outdir = Path(outdir).absolute()  # where the worker writes, whatever its directory
     outdir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def report_figures(
     if history:
         calls.append((learning_curves_png, (outdir / "learning_curves.png", history)))
     if augmentation is not None:
-        from experiments.augmentation import augmented_views
+        from experiments.model.augmentation import augmented_views
 
         image = split.images[0].astype("float32")
         views = augmented_views(augmentation, np.repeat(image[None], GRID_VIEWS, 0))

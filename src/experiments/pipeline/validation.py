@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.errors import ExperimentError
+from experiments.core.errors import ExperimentError
 
 RESUME_MODES = ("auto", "never")
 # The first bytes of the weight formats `build_backbone` can load.
@@ -77,7 +77,7 @@ def check_trainer(cfg) -> None:
 def check_runtime(cfg) -> None:
     """`backend`, `trainer.jit_compile`, `trainer.precision`, `trainer.steps_per_execution`
     and `trainer.data_on_device`."""
-    from experiments.backend import PRECISIONS, known_backend
+    from experiments.core.backend import PRECISIONS, known_backend
 
     known_backend(cfg.backend)
 
@@ -109,7 +109,7 @@ def jax_switch(cfg, key: str, does: str) -> None:
 
 
 def check_strategy(cfg) -> None:
-    from experiments.strategies import STRATEGIES
+    from experiments.training.strategies import STRATEGIES
 
     name = cfg.strategy.name
     if name not in STRATEGIES:
@@ -122,7 +122,7 @@ def check_strategy(cfg) -> None:
 
 
 def check_head(cfg) -> None:
-    from experiments.heads import POOLING
+    from experiments.model.heads import POOLING
 
     if cfg.head.pooling not in POOLING:
         raise ExperimentError(f"head.pooling={cfg.head.pooling!r} is unknown; use one of {POOLING}")
@@ -139,7 +139,7 @@ def check_head(cfg) -> None:
 
 
 def check_task(cfg) -> None:
-    from experiments.tasks import LOADERS, check_fractions, check_image_size
+    from experiments.data.tasks import LOADERS, check_fractions, check_image_size
 
     if cfg.task.loader not in LOADERS:
         raise ExperimentError(
@@ -162,7 +162,7 @@ def check_task(cfg) -> None:
 def check_folds(cfg) -> None:
     """`task.folds` (and a single run's `task.fold`): at least 2, no more than the smallest
     class's train and val images, and never over a fixed train/val/test folder layout."""
-    from experiments.tasks import SPLITS, pool_sizes, too_many_folds
+    from experiments.data.tasks import SPLITS, pool_sizes, too_many_folds
 
     if cfg.task.get("folds") is None:
         if cfg.task.get("fold") is not None:

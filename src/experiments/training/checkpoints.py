@@ -28,7 +28,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from experiments.files import atomic_path, write_json
+from experiments.core.files import atomic_path, write_json
 
 BEST = "best.weights.h5"
 

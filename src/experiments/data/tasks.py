@@ -6,7 +6,7 @@ JPEGs. Here every file is decoded once, converted to RGB, resized, and cached on
 under a key of its file list and the image size; a bad file is skipped with one warning.
 
 The cache is one folder per dataset holding one `.npy` file per split, written chunk by chunk as
-images are decoded and read memory-mapped (`experiments.arrays`): a dataset larger than memory
+images are decoded and read memory-mapped (`experiments.data.arrays`): a dataset larger than memory
 trains, and resident memory does not grow with it.
 """
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.arrays import RowWriter, chunk_rows, copy_rows, open_rows
-from experiments.errors import ExperimentError
-from experiments.files import atomic_dir, read_cache
-from experiments.progress import progress
+from experiments.core.errors import ExperimentError
+from experiments.core.files import atomic_dir, read_cache
+from experiments.core.progress import progress
+from experiments.data.arrays import RowWriter, chunk_rows, copy_rows, open_rows
 
 log = logging.getLogger(__name__)
 

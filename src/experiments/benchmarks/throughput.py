@@ -36,8 +36,9 @@ def measure(cfg, images: int, repeats: int = 2) -> dict:
     best of `repeats` timed passes after the one that compiles (a shared machine is noisy)."""
     import keras
 
-    from experiments.backbones import build_backbone, unfreeze_top_blocks
-    from experiments.backend import device_tags, jit_compile, set_seed, use_precision
+    from experiments.core.backend import device_tags, set_seed, use_precision
+    from experiments.model.backbones import build_backbone, unfreeze_top_blocks
+    from experiments.training.compiling import jit_compile
 
     keras.backend.clear_session(free_memory=True)
     use_precision(cfg.trainer.precision)
@@ -158,8 +159,8 @@ class _Bench:
 
     def context(self, base, preprocess, augmentation: str, workdir=None):
         from experiments import compose_project_config
-        from experiments.checkpoints import RunCheckpoints
-        from experiments.strategies import Context
+        from experiments.training.checkpoints import RunCheckpoints
+        from experiments.training.strategies import Context
 
         node = compose_project_config([f"augmentation={augmentation}"]).augmentation
         local = OmegaConf.merge(self.cfg, {"augmentation": node})
@@ -168,12 +169,12 @@ class _Bench:
         return Context(local, shapes, base, preprocess, Path("."), "random", state)
 
     def head(self, features_shape):
-        from experiments.heads import build_head
+        from experiments.model.heads import build_head
 
         return build_head(self.cfg.head, features_shape, CLASSES)
 
     def model(self, base, preprocess, augmentation: str):
-        from experiments.strategies import assemble
+        from experiments.training.strategies import assemble
 
         ctx = self.context(base, preprocess, augmentation)
         return assemble(ctx, self.head(base.output.shape[1:]), augment=augmentation != "none")
@@ -182,9 +183,9 @@ class _Bench:
         """(images/s of the best pass, compile seconds) of `model.fit` on the batches."""
         import keras
 
-        from experiments.backend import steps_per_execution
-        from experiments.callbacks import EpochLogger
-        from experiments.inputs import batches, on_device
+        from experiments.data.inputs import batches, on_device
+        from experiments.training.callbacks import EpochLogger
+        from experiments.training.compiling import steps_per_execution
 
         model.compile(
             optimizer=keras.optimizers.Adam(1e-4),
@@ -204,8 +205,8 @@ class _Bench:
         (epoch backups, best checkpoint, signals) and a validation split of a quarter."""
         import tempfile
 
-        from experiments.callbacks import EpochLogger
-        from experiments.strategies import _dataset, fit
+        from experiments.training.callbacks import EpochLogger
+        from experiments.training.strategies import _dataset, fit
 
         val = max(len(labels) // 4, self.batch)
         with tempfile.TemporaryDirectory(prefix="experiments-inrun-") as tmp:
@@ -218,7 +219,7 @@ class _Bench:
 
     def predict_rate(self, model, inputs) -> tuple[float, np.ndarray]:
         """(images/s of the best pass, the outputs) of `model.predict`, as evaluation runs."""
-        from experiments.inputs import batches
+        from experiments.data.inputs import batches
 
         model.compile(jit_compile=self.compiled)
         data = batches(inputs, batch_size=self.batch)
@@ -284,7 +285,7 @@ def record(cfg, rows: list[dict], out: Path) -> str:
     from omegaconf import OmegaConf
 
     from experiments import tracking
-    from experiments.backend import device_tags
+    from experiments.core.backend import device_tags
 
     tracking_cfg = OmegaConf.merge(cfg.tracking, {"experiment": "benchmark"})
     tags = device_tags() | {tracking.tags.RUN_TYPE: "benchmark", "benchmark": "throughput"}

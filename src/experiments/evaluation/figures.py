@@ -61,7 +61,9 @@ def start() -> None:
     stop()
     calls_read, calls_write = os.pipe()
     answers_read, answers_write = os.pipe()
-    command = f"from experiments.figures import serve; serve({calls_read}, {answers_write})"
+    command = (
+        f"from experiments.evaluation.figures import serve; serve({calls_read}, {answers_write})"
+    )
     # The worker imports what this process can: the same modules, from the same places
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     try:
@@ -190,7 +192,7 @@ _NOT_MADE = object()
 def serve(calls_fd: int, answers_fd: int) -> None:
     """The worker: make each list of calls it reads and write back their results, until the run's
     process closes the pipe."""
-    from experiments.interrupts import HANDLED
+    from experiments.core.interrupts import HANDLED
 
     for signum in HANDLED:
         signal.signal(signum, signal.SIG_IGN)

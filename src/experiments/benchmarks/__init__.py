@@ -1,0 +1,1 @@
+"""Benchmarks: throughput against the floor, a whole run, and the memory of a sweep."""

@@ -1,0 +1,1 @@
+"""Evaluation: a split scored by a trained model, its reports and figures, and calibration."""

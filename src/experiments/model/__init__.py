@@ -1,0 +1,1 @@
+"""The model: backbones, heads, augmentation layers, and the compiled forward pass."""

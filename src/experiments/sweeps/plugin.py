@@ -1,0 +1,34 @@
+"""Everything the Hydra sweeper plugin (`hydra_plugins.experiments_sweeper`) takes from the
+project, in one place: the import contract lets the plugin reach the project only through
+`experiments.sweeps`, so what it shares with a job is named here.
+
+A signal waits for a write to the study's storage to end (a journal line, an RDB transaction):
+the plugin wraps those writes in `uninterrupted`.
+"""
+
+from experiments.core.devices import DEVICE_SLOT_ENV
+from experiments.core.interrupts import uninterrupted
+from experiments.core.job import defining_overrides
+from experiments.core.processes import TRIAL_KEYS, Owner, this_process
+from experiments.sweeps.studies import JOURNAL_PREFIX, open_storage
+from experiments.sweeps.trial import STORAGE_ENV, STUDY_ENV, TRIAL_ENV
+from experiments.tracking import end_stale_trial_runs, log_study, tag_trial_runs
+from experiments.tracking import tags as T
+
+__all__ = [
+    "DEVICE_SLOT_ENV",
+    "JOURNAL_PREFIX",
+    "STORAGE_ENV",
+    "STUDY_ENV",
+    "TRIAL_ENV",
+    "TRIAL_KEYS",
+    "Owner",
+    "T",
+    "defining_overrides",
+    "end_stale_trial_runs",
+    "log_study",
+    "open_storage",
+    "tag_trial_runs",
+    "this_process",
+    "uninterrupted",
+]
