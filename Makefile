@@ -10,10 +10,11 @@ WORKERS ?= 4
 # make dashboard: Optuna's dashboard on a study's storage (a journal file or a database URL).
 STORAGE ?=
 DASHBOARD_PORT ?= 8080
+DOCS_PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-jax test-fast lint format ui server dashboard compare benchmark runs clean \
-	clean-records
+.PHONY: help install train test test-jax test-fast lint format docs docs-build ui server dashboard compare benchmark \
+	runs clean clean-records
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -22,8 +23,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-install: $(BIN)/python ## Create .venv and install the package with the dev, offline, jax and scale extras
-	$(BIN)/pip install -e ".[dev,offline,jax,scale]"
+install: $(BIN)/python ## Create .venv and install the package with the dev, docs, offline, jax and scale extras
+	$(BIN)/pip install -e ".[dev,docs,offline,jax,scale]"
 
 train: ## Run the offline quickstart (digits on a pretrained VGG16); ARGS="..." adds overrides
 	$(BIN)/python -m experiments.train experiment=quickstart $(ARGS)
@@ -37,13 +38,20 @@ test-jax: ## Run the core tests and the quickstart on the JAX backend
 test-fast: ## Run the tests without the slow end-to-end ones
 	$(BIN)/python -m pytest -m "not slow"
 
-lint: ## Lint and check formatting with ruff
+lint: ## Lint and check formatting with ruff; check the import contracts with import-linter
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports
 
 format: ## Fix lint and formatting with ruff
 	$(BIN)/ruff check --fix src tests
 	$(BIN)/ruff format src tests
+
+docs: ## Serve the documentation site on 127.0.0.1:8000 (DOCS_PORT=), rebuilt as pages change
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --dev-addr $(HOST):$(DOCS_PORT)
+
+docs-build: ## Build the documentation site into site/, strictly: a broken link or a missing page fails
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 ui: ## The MLflow UI on the project's store, bound to 127.0.0.1; prints each experiment's link
 	$(BIN)/python -m experiments.ui --host $(HOST) --port $(PORT)
@@ -70,7 +78,7 @@ runs: ## List unfinished runs and the commands that resume them
 	$(BIN)/python -m experiments.runs
 
 clean: ## Remove outputs and caches (rebuilt on demand); keeps runs, studies and checkpoints
-	rm -rf outputs cache reports .pytest_cache
+	rm -rf outputs cache reports site .pytest_cache
 
 clean-records: ## Delete every record: the MLflow store, Optuna studies, checkpoints and the outbox
 	rm -rf mlruns multirun checkpoints outbox

@@ -226,7 +226,8 @@ def test_members_cover_each_fold_and_seed():
 def test_folds_rotate_train_and_val_stratified_and_keep_the_test_split(tmp_path, image_folder):
     from omegaconf import OmegaConf
 
-    from experiments.data.tasks import fold_task, load_task
+    from experiments.data.folds import fold_task
+    from experiments.data.tasks import load_task
 
     from conftest import compose_config
 

@@ -9,8 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments.core.errors import ExperimentError
-from experiments.data import tasks
-from experiments.data.tasks import load_task, split_per_class
+from experiments.data import decoding
+from experiments.data.splits import split_per_class
+from experiments.data.tasks import load_task
 
 from conftest import write_class_folders
 
@@ -66,7 +67,7 @@ def test_odd_modes_are_converted_and_bad_files_skipped(tmp_path, paths, caplog):
     (odd / "truncated.jpg").write_bytes((odd / "full.jpg").read_bytes()[:200])
     (odd / "notes.txt").write_text("not an image")
     (odd / "fake.jpg").write_bytes(b"\x00" * 100)
-    with caplog.at_level(logging.WARNING, logger="experiments.data.tasks"):
+    with caplog.at_level(logging.WARNING, logger="experiments.data"):
         task = load_task(task_cfg(root), paths)
     skipped = sorted(p.rsplit("/", 1)[-1] for p in task.skipped)
     assert skipped == ["fake.jpg", "notes.txt", "truncated.jpg"]
@@ -110,7 +111,7 @@ def test_exif_orientation_is_applied(orientation, tmp_path):
     """A phone's JPEG stores the sensor's rows and says how to turn them: read it upright."""
     from PIL import Image
 
-    from experiments.data.tasks import decode_image
+    from experiments.data.decoding import decode_image
 
     upright = quadrants(48, 32)  # portrait, as the camera meant it
     stored = {  # what the file holds: the inverse of each transform
@@ -166,7 +167,7 @@ def ramp(dtype, top) -> np.ndarray:
 def test_deep_images_are_scaled_into_0_255(mode, suffix, values, expected, tmp_path):
     from PIL import Image
 
-    from experiments.data.tasks import decode_image
+    from experiments.data.decoding import decode_image
 
     path = tmp_path / f"deep.{suffix}"
     Image.fromarray(values, mode=mode if mode != "I;16" else None).save(path)
@@ -185,11 +186,11 @@ def test_deep_images_are_scaled_into_0_255(mode, suffix, values, expected, tmp_p
 def test_deep_images_out_of_range_are_refused_with_one_warning(mode, values, tmp_path, caplog):
     from PIL import Image
 
-    from experiments.data.tasks import decode_image
+    from experiments.data.decoding import decode_image
 
     path = tmp_path / "deep.tif"
     Image.fromarray(values, mode=mode).save(path)
-    with caplog.at_level(logging.WARNING, logger="experiments.data.tasks"):
+    with caplog.at_level(logging.WARNING, logger="experiments.data"):
         assert decode_image(path, (16, 16)) is None
     (record,) = caplog.records
     assert str(path) in record.message and "outside" in record.message
@@ -198,7 +199,7 @@ def test_deep_images_out_of_range_are_refused_with_one_warning(mode, values, tmp
 def test_modes_with_alpha_palette_and_cmyk_decode_to_their_colours(tmp_path):
     from PIL import Image
 
-    from experiments.data.tasks import decode_image
+    from experiments.data.decoding import decode_image
 
     gray = ramp(np.uint8, 255)
     alpha = np.full_like(gray, 7)
@@ -231,7 +232,7 @@ def test_decoded_images_are_cached_and_reused(tmp_path, paths, monkeypatch):
         assert isinstance(split.images, np.memmap)
         dominant = split.images.reshape(len(split.images), -1, 3).mean(axis=1).argmax(axis=1)
         np.testing.assert_array_equal(dominant, split.labels)
-    monkeypatch.setattr(tasks, "decode_image", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr(decoding, "decode_image", lambda *a: pytest.fail("decoded again"))
     second = load_task(task_cfg(root), paths)
     assert second.digest() == first.digest()
     np.testing.assert_array_equal(second.splits["test"].images, first.splits["test"].images)

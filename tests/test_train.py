@@ -147,7 +147,7 @@ def test_head_follows_the_class_count(
 
 
 def test_balanced_class_weights_follow_the_train_split(make_config, tmp_path):
-    from experiments.data.tasks import Split, Task
+    from experiments.data.splits import Split, Task
     from experiments.training.strategies import class_weights
 
     labels = np.array([0] * 6 + [1] * 2)

@@ -28,7 +28,8 @@ def evaluate(cfg: DictConfig) -> float:
     """Evaluate `cfg.model` on `cfg.split` of the task; the accuracy."""
     from experiments import tracking
     from experiments.core.backend import use_backend
-    from experiments.data.tasks import SPLITS, load_task
+    from experiments.data.splits import SPLITS
+    from experiments.data.tasks import load_task
     from experiments.evaluation.calibration import calibration_metrics
     from experiments.evaluation.reports import evaluate_split, per_class_metrics, write_reports
 

@@ -82,7 +82,7 @@ def decode_all(files: list[Path], size: tuple[int, int]) -> tuple[np.ndarray, li
     """The decodable files as uint8 images of `size`, as training decodes them (EXIF turned,
     16-bit scaled), and which files they are."""
     from experiments.core.progress import progress
-    from experiments.data.tasks import decode_image
+    from experiments.data.decoding import decode_image
 
     images, kept = [], []
     with progress("decoding images", len(files)) as advance:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.pipeline.validation import EPOCH_METRICS
 
-log = logging.getLogger("experiments.pipeline.groups")
+log = logging.getLogger(__name__)
 
 # Aggregated as curves (mean and std per epoch), not as final values.
 CURVES = EPOCH_METRICS

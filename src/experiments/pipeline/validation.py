@@ -139,7 +139,8 @@ def check_head(cfg) -> None:
 
 
 def check_task(cfg) -> None:
-    from experiments.data.tasks import LOADERS, check_fractions, check_image_size
+    from experiments.data.splits import check_fractions, check_image_size
+    from experiments.data.tasks import LOADERS
 
     if cfg.task.loader not in LOADERS:
         raise ExperimentError(
@@ -162,7 +163,8 @@ def check_task(cfg) -> None:
 def check_folds(cfg) -> None:
     """`task.folds` (and a single run's `task.fold`): at least 2, no more than the smallest
     class's train and val images, and never over a fixed train/val/test folder layout."""
-    from experiments.data.tasks import SPLITS, pool_sizes, too_many_folds
+    from experiments.data.folds import pool_sizes, too_many_folds
+    from experiments.data.splits import SPLITS
 
     if cfg.task.get("folds") is None:
         if cfg.task.get("fold") is not None:

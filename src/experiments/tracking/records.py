@@ -90,7 +90,7 @@ def log_task(task) -> None:
     import mlflow.data
     import pandas as pd
 
-    from experiments.data.tasks import SPLITS
+    from experiments.data.splits import SPLITS
 
     # MLflow hints that integer columns cannot hold NaN: labels never do.
     warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")

@@ -14,7 +14,8 @@ import numpy as np
 from experiments.core.errors import ExperimentError
 from experiments.core.files import atomic_dir, read_cache
 from experiments.data.arrays import open_rows
-from experiments.data.tasks import SPLITS, Split, Task, pooled_rows
+from experiments.data.folds import pooled_rows
+from experiments.data.splits import SPLITS, Split, Task
 from experiments.model.backbones import unfreeze_top_blocks
 from experiments.model.heads import build_head, loss_for
 from experiments.training.checkpoints import RunCheckpoints
