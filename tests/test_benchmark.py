@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experiments.benchmark import summarize
+from experiments.benchmarks.sweep import summarize
 from experiments.tracking import memory_metrics
 
 from conftest import tiny_overrides

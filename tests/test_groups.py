@@ -138,11 +138,11 @@ def sorted_children(root: Path, which: int):
 
 
 def test_significance_is_welch_when_the_seeds_differ(monkeypatch):
-    from experiments import compare
+    from experiments.comparison import significance
 
     values = {"a": {1: 0.90, 2: 0.92, 3: 0.91}, "b": {7: 0.80, 8: 0.86}}
-    monkeypatch.setattr(compare, "group_members", lambda run, metric: values[run])
-    line = compare.significance("a", "b", "test_accuracy")
+    monkeypatch.setattr(significance, "group_members", lambda run, metric: values[run])
+    line = significance.significance("a", "b", "test_accuracy")
     expected = stats.ttest_ind([0.90, 0.92, 0.91], [0.80, 0.86], equal_var=False)
     assert "Welch's t-test" in line and f"p = {expected.pvalue:.4g}" in line
     assert "difference +0.0800" in line

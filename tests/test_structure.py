@@ -6,7 +6,6 @@ trial still lives."""
 from __future__ import annotations
 
 import ast
-import os
 import shutil
 import subprocess
 import sys
@@ -34,21 +33,23 @@ def imported(path: Path) -> set[str]:
     return names
 
 
-LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 ROOT = SRC.parent
 MAX_LINES = 400
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
-    """`lint-imports` on the tree under `root` (its src/ first on the path), with its contracts."""
-    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    """import-linter on the tree under `root`, with its contracts. The editable install puts this
+    checkout's src/ on the path too; it is taken off, so that a scratch copy is what is read
+    (`hydra_plugins` is a namespace package: both copies would count)."""
+    code = (
+        "import sys\n"
+        f"sys.path[:] = [{str(root / 'src')!r}] + [p for p in sys.path if p != {str(SRC)!r}]\n"
+        "from importlinter.cli import lint_imports\n"
+        f"sys.exit(lint_imports(config_filename={str(root / 'pyproject.toml')!r}, "
+        "no_cache=True, no_logo=True))\n"
+    )
     return subprocess.run(
-        [str(LINT_IMPORTS), "--config", str(root / "pyproject.toml"), "--no-cache"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300
     )
 
 
