@@ -1,0 +1,82 @@
+"""A Keras model written for serving outside Keras (a TensorFlow SavedModel or ONNX), and
+checked to predict what the model predicts."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from experiments.core.errors import ExperimentError
+
+# Our name -> Keras' name, and the backends where Keras can write it.
+FORMATS = {
+    "saved_model": ("tf_saved_model", ("tensorflow", "jax")),
+    "onnx": ("onnx", ("tensorflow", "jax", "torch")),
+}
+CHECK_IMAGES = 16
+# Exported graphs reorder float32 arithmetic; a probability may move by a few ulps.
+TOLERANCE = 1e-4
+
+
+def export(model, fmt: str, output: Path) -> None:
+    """Write `model` to `output` in `fmt` with Keras; an exporter that is missing is one line."""
+    from experiments.core.backend import start_up_chatter, stderr_without
+
+    keras_format, _ = FORMATS[fmt]
+    model(np.zeros((1, *model.input_shape[1:]), "float32"))  # JAX's exporters need a call
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        # On JAX, the SavedModel exporter imports TensorFlow here: its start-up lines are chatter.
+        with stderr_without(start_up_chatter()):
+            model.export(str(output), format=keras_format, verbose=False)
+    except ImportError as err:
+        raise ExperimentError(
+            f"--format {fmt} needs a package this environment lacks: {err}; or use --format "
+            f"saved_model"
+        ) from None
+
+
+def exported_predict(path: Path, fmt: str):
+    """A function of float32 images to the exported model's outputs."""
+    if fmt == "saved_model":
+        import tensorflow as tf
+
+        # A JAX export holds no gradients, and the check asks for none: absl's warning that
+        # they were not saved is not news.
+        logging.getLogger("absl").addFilter(
+            lambda record: "unsaved custom gradients" not in record.getMessage()
+        )
+        loaded = tf.saved_model.load(str(path))
+        return lambda images: np.asarray(loaded.serve(tf.constant(images)))
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExperimentError(
+            "checking an ONNX export needs onnxruntime: pip install onnxruntime"
+        ) from None
+    session = onnxruntime.InferenceSession(str(path))
+    inputs = [i.name for i in session.get_inputs()]
+    if len(inputs) != 1:
+        raise ExperimentError(
+            f"the ONNX exporter gave a model of {len(inputs)} inputs ({', '.join(inputs)}), not "
+            f"one image input; nothing written: use --format saved_model"
+        )
+    return lambda images: session.run(None, {inputs[0]: images})[0]
+
+
+def check(model, predict, images: np.ndarray) -> float:
+    """The largest difference between the exported and the logged model's outputs on `images`;
+    one line if they differ beyond `TOLERANCE` or in any predicted class."""
+    logged = model.predict(images, verbose=0)
+    exported = np.asarray(predict(images.astype("float32"))).reshape(logged.shape)
+    gap = float(np.abs(exported - logged).max())
+    same_class = np.array_equal(exported.argmax(axis=1), logged.argmax(axis=1))
+    if gap > TOLERANCE or (logged.shape[1] > 1 and not same_class):
+        raise ExperimentError(
+            f"the export predicts other probabilities than the logged model (largest "
+            f"difference {gap:.3g} on {len(images)} images); nothing written"
+        )
+    return gap
