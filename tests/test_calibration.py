@@ -124,3 +124,119 @@ def test_a_run_records_calibration_and_its_temperature(make_config, tmp_path):
     assert metrics["val_scaled_nll"] <= metrics["val_nll"] + 1e-9
     artifacts = {a.path for a in client_for(tmp_path).list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/reliability.png", "evaluation/reliability_scaled.png"} <= artifacts
+
+
+def test_temperature_is_fitted_on_the_exact_logits_of_saturated_outputs():
+    """A sigmoid that saturates (many outputs beyond 1 - 1e-7): clipping log-probabilities at
+    1e-7 before dividing by T fits another temperature than the logits do. The temperature is
+    the one that minimises the NLL of sigmoid(z / T) on the true logits z."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import expit
+
+    rng = np.random.default_rng(3)
+    z = rng.normal(0, 12, 4000)  # over-confident: |z| > 16 (p beyond 1 - 1e-7) for 18%
+    labels = (rng.uniform(size=z.size) < expit(z / 3.0)).astype(int)
+    positive = expit(z)[:, None]
+
+    def nll(log_t):
+        p = expit(z / np.exp(log_t))
+        return -np.mean(np.where(labels == 1, np.log(p), np.log1p(-p)))
+
+    exact = float(np.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
+    fitted = fit_temperature(positive, labels)
+    assert fitted.value == pytest.approx(exact, rel=2e-3)
+    from experiments.evaluation.calibration import logits
+
+    recovered = logits(positive)
+    finite = np.abs(z) < 16  # where 1 - p keeps its digits in float64
+    assert recovered[finite, 1] - recovered[finite, 0] == pytest.approx(z[finite], abs=1e-6)
+    # The scaled probabilities are those of the fitted temperature on the true logits.
+    scaled = fitted.apply(positive)[finite, 0]
+    assert scaled == pytest.approx(expit(z[finite] / fitted.value), abs=1e-9)
+
+
+def test_adaptive_and_classwise_ece_against_their_hand_computed_values():
+    from experiments.evaluation.calibration import (
+        adaptive_calibration_error,
+        classwise_calibration_error,
+    )
+
+    # Confidences 0.55 (wrong), 0.7 (right), 0.8 (wrong), 0.9 (right): two bins of two by mass.
+    probabilities = np.array([[0.45, 0.55], [0.3, 0.7], [0.8, 0.2], [0.9, 0.1]])
+    labels = np.array([0, 1, 1, 0])
+    low, high = abs(0.5 - (0.55 + 0.7) / 2), abs(0.5 - (0.8 + 0.9) / 2)
+    assert adaptive_calibration_error(probabilities, labels, bins=2) == pytest.approx(
+        (low + high) / 2
+    )
+    # Classwise, 2 bins of width 0.5: class 0's p = .45 .3 .8 .9 against hits 1 0 0 1.
+    class0 = 0.5 * abs(0.5 - 0.375) + 0.5 * abs(0.5 - 0.85)
+    class1 = 0.5 * abs(0.5 - 0.625) + 0.5 * abs(0.5 - 0.15)
+    assert classwise_calibration_error(probabilities, labels, bins=2) == pytest.approx(
+        (class0 + class1) / 2
+    )
+
+
+def test_reliability_bins_mark_the_empty_ones():
+    from experiments.evaluation.calibration import reliability_bins
+
+    probabilities = np.array([[0.95, 0.05], [0.9, 0.1], [0.4, 0.6]])
+    centers, accuracy, confidence, counts = reliability_bins(probabilities, [0, 1, 1], bins=5)
+    assert list(counts) == [0, 0, 1, 0, 2] and counts.sum() == 3
+    assert np.isnan(accuracy[[0, 1, 3]]).all() and np.isnan(confidence[[0, 1, 3]]).all()
+    assert accuracy[4] == 0.5 and confidence[4] == pytest.approx(0.925)
+    assert centers == pytest.approx([0.1, 0.3, 0.5, 0.7, 0.9])
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_brier_is_scikit_learns(classes):
+    from sklearn.metrics import brier_score_loss
+
+    from experiments.evaluation.calibration import brier_score
+
+    rng = np.random.default_rng(classes)
+    probabilities = rng.dirichlet(np.ones(classes), 300)
+    labels = rng.integers(0, classes, 300)
+    expected = (
+        brier_score_loss(labels, probabilities[:, 1])
+        if classes == 2
+        else brier_score_loss(labels, probabilities, labels=list(range(classes)))
+    )
+    assert brier_score(probabilities, labels) == pytest.approx(expected)
+
+
+def test_each_bootstrap_resample_is_the_statistic_of_the_resampled_images(monkeypatch):
+    """The ECE, Brier and macro-F1 intervals compute each resample as a weighted sum: on one
+    resample's counts, they equal the functions themselves on the resampled images."""
+    from sklearn.metrics import f1_score
+
+    from experiments.evaluation import calibration, reports, statistics
+    from experiments.evaluation.calibration import brier_score, calibration_intervals
+
+    rng = np.random.default_rng(7)
+    probabilities = rng.dirichlet(np.ones(3) * 0.7, 200)
+    labels = rng.integers(0, 3, 200)
+    rows = rng.integers(0, 200, 200)  # one resample
+    weights = np.bincount(rows, minlength=200)[None, :].astype(float)
+    seen = {}
+
+    def capture(statistic, n, **kwargs):
+        seen[len(seen)] = float(statistic(weights)[0])
+        return (0.0, 1.0)
+
+    monkeypatch.setattr(statistics, "bootstrap_interval", capture)
+    calibration_intervals(probabilities, labels)
+    assert seen[0] == pytest.approx(
+        calibration.expected_calibration_error(probabilities[rows], labels[rows])
+    )
+    assert seen[1] == pytest.approx(brier_score(probabilities[rows], labels[rows]))
+    predicted = probabilities.argmax(1)
+    evaluation = reports.Evaluation(
+        0.0, 0.0, labels, predicted, probabilities.max(1), probabilities
+    )
+    metrics = reports.macro_f1_metrics(evaluation, 3)
+    assert metrics["test_f1_macro"] == pytest.approx(
+        f1_score(labels, predicted, average="macro", zero_division=0)
+    )
+    assert seen[2] == pytest.approx(
+        f1_score(labels[rows], predicted[rows], labels=[0, 1, 2], average="macro", zero_division=0)
+    )

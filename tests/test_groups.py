@@ -4,6 +4,7 @@ with exactly its children, each epoch logged once."""
 
 from __future__ import annotations
 
+import math
 import signal
 import sqlite3
 import subprocess
@@ -78,8 +79,10 @@ def test_the_aggregate_is_numpys_and_scipys(group):
         low, high = stats.t.interval(
             0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values)
         )
-        assert metrics[f"{name}_ci95_low"] == pytest.approx(low)
-        assert metrics[f"{name}_ci95_high"] == pytest.approx(high)
+        # Cut to the metric's range: an accuracy's or an ECE's within [0, 1], a time's above 0.
+        top = math.inf if name == "train_time_s" else 1.0
+        assert metrics[f"{name}_ci95_low"] == pytest.approx(max(low, 0.0))
+        assert metrics[f"{name}_ci95_high"] == pytest.approx(min(high, top))
     # The value a sweeper would get: the mean of the members' best val_accuracy.
     best = [c.data.metrics["best_val_accuracy"] for c in children]
     assert metrics["val_accuracy_mean"] == pytest.approx(np.mean(best))
@@ -137,15 +140,68 @@ def sorted_children(root: Path, which: int):
     return sorted(children, key=lambda c: int(c.data.params["trainer.seed"]))
 
 
+def fake_members(values: dict, digest: str = "d", folds: bool = False) -> list:
+    from experiments.comparison.significance import Member
+
+    return [
+        Member(
+            f"run-{key}",
+            value,
+            (str(key) if folds else "None", 42 if folds else key),
+            {"train": f"{digest}-train", "val": f"{digest}-val", "test": f"{digest}-test"},
+            300.0,
+            100.0,
+        )
+        for key, value in values.items()
+    ]
+
+
 def test_significance_is_welch_when_the_seeds_differ(monkeypatch):
     from experiments.comparison import significance
 
-    values = {"a": {1: 0.90, 2: 0.92, 3: 0.91}, "b": {7: 0.80, 8: 0.86}}
-    monkeypatch.setattr(significance, "group_members", lambda run, metric: values[run])
+    values = {"a": fake_members({1: 0.90, 2: 0.92, 3: 0.91}), "b": fake_members({7: 0.80, 8: 0.86})}
+    monkeypatch.setattr(significance, "members", lambda run, metric: (True, values[run]))
     line = significance.significance("a", "b", "test_accuracy")
     expected = stats.ttest_ind([0.90, 0.92, 0.91], [0.80, 0.86], equal_var=False)
     assert "Welch's t-test" in line and f"p = {expected.pvalue:.4g}" in line
-    assert "difference +0.0800" in line
+    assert "difference +0.0800" in line and "not paired: their members' seeds or folds" in line
+
+
+def test_groups_on_other_data_are_never_paired(monkeypatch):
+    """Two groups with the same seeds whose data differ (another task.split_seed gives other
+    split digests) get Welch's test, with the reason, never the paired one."""
+    from experiments.comparison import significance
+
+    values = {
+        "a": fake_members({42: 0.90, 43: 0.92, 44: 0.91}, digest="seed-0"),
+        "b": fake_members({42: 0.85, 43: 0.88, 44: 0.86}, digest="seed-1"),
+    }
+    monkeypatch.setattr(significance, "members", lambda run, metric: (True, values[run]))
+    line = significance.significance("a", "b", "test_accuracy")
+    assert "paired" not in line.replace("not paired", "")
+    assert "Welch's t-test" in line and "not paired: their test data differ (seed 42" in line
+
+
+def test_folds_get_the_corrected_resampled_t_test(monkeypatch):
+    """Members paired by fold on the same data: Nadeau and Bengio's corrected t-test, with
+    n_val/n_train of the folds, not the naive paired t-test."""
+    import math
+
+    from experiments.comparison import significance
+
+    a, b = [0.90, 0.93, 0.91, 0.94, 0.92], [0.89, 0.90, 0.91, 0.90, 0.88]
+    values = {
+        "a": fake_members(dict(enumerate(a)), folds=True),
+        "b": fake_members(dict(enumerate(b)), folds=True),
+    }
+    monkeypatch.setattr(significance, "members", lambda run, metric: (True, values[run]))
+    line = significance.significance("a", "b", "val_accuracy")
+    d = np.subtract(a, b)
+    t = d.mean() / math.sqrt((1 / 5 + 100 / 300) * d.var(ddof=1))
+    p = 2 * stats.t.sf(abs(t), 4)
+    assert "corrected resampled t-test (Nadeau-Bengio) over 5 folds" in line
+    assert f"t = {t:.3f}, p = {p:.4g}" in line
+    assert p > stats.ttest_rel(a, b).pvalue  # the naive test would claim more
 
 
 def finished_count(root: Path) -> int:

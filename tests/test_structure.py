@@ -38,12 +38,13 @@ MAX_LINES = 400
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
-    """import-linter on the tree under `root`, with its contracts. The editable install puts this
-    checkout's src/ on the path too; it is taken off, so that a scratch copy is what is read
-    (`hydra_plugins` is a namespace package: both copies would count)."""
+    """import-linter on the tree under `root`, with its contracts. Any other checkout on the path
+    (the editable install's) is taken off it, so that the tree under `root` is what is read:
+    `hydra_plugins` is a namespace package, and both copies would count."""
     code = (
-        "import sys\n"
-        f"sys.path[:] = [{str(root / 'src')!r}] + [p for p in sys.path if p != {str(SRC)!r}]\n"
+        "import os, sys\n"
+        "ours = lambda p: os.path.isdir(os.path.join(p, 'hydra_plugins', 'experiments_sweeper'))\n"
+        f"sys.path[:] = [{str(root / 'src')!r}] + [p for p in sys.path if not ours(p)]\n"
         "from importlinter.cli import lint_imports\n"
         f"sys.exit(lint_imports(config_filename={str(root / 'pyproject.toml')!r}, "
         "no_cache=True, no_logo=True))\n"

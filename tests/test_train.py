@@ -422,3 +422,57 @@ def test_several_steps_per_compiled_call_train_every_epoch(make_config, tmp_path
     client = client_for(tmp_path)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2]
     assert run.data.metrics["epochs_run"] == 3
+
+
+def test_the_saved_models_score_is_the_one_recorded_and_returned(make_config, tmp_path):
+    """trainer.restore_best=false keeps the last epoch's weights: the recorded selection value,
+    saved_val_accuracy, is the last epoch's val_accuracy and the value a sweep trial returns,
+    whatever a better epoch scored (best_val_accuracy keeps that). The run keeps every test
+    image's prediction, with the test split's digest, and the test accuracy's Wilson interval."""
+    import csv
+    import json
+
+    from scipy import stats
+
+    from experiments.data.tasks import load_task
+
+    cfg = make_config("trainer.restore_best=false", "trainer.epochs=3")
+    value = train(cfg)
+    (run,) = runs_of(tmp_path, "folder")
+    metrics, client = run.data.metrics, client_for(tmp_path)
+    history = [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+    assert len(history) == 3 and metrics["saved_epoch"] == 3
+    assert metrics["saved_val_accuracy"] == pytest.approx(history[-1])
+    assert metrics["best_val_accuracy"] == pytest.approx(max(history))
+    assert value == pytest.approx(history[-1])  # what a sweeper gets: the saved model's
+    assert float(run.data.tags["returned_value"]) == pytest.approx(history[-1])
+    val_loss = [m.value for m in client.get_metric_history(run.info.run_id, "val_loss")]
+    assert metrics["saved_val_loss"] == pytest.approx(val_loss[-1])
+
+    folder = tmp_path / "predictions"
+    for name in ("predictions_test.csv", "predictions_test.json"):
+        client.download_artifacts(run.info.run_id, f"evaluation/{name}", str(folder))
+    rows = list(csv.DictReader((folder / "predictions_test.csv").open()))
+    meta = json.loads((folder / "predictions_test.json").read_text())
+    test = load_task(cfg.task, cfg.paths).splits["test"]
+    assert meta["digest"] == test.digest() and meta["rows"] == len(rows) == len(test.labels)
+    assert [r["source"] for r in rows] == test.sources
+    assert [r["label"] for r in rows] == [meta["class_names"][i] for i in test.labels]
+    right = sum(r["label"] == r["predicted"] for r in rows)
+    assert right / len(rows) == pytest.approx(metrics["test_accuracy"])
+    for r in rows:  # the class probabilities sum to 1 and the predicted class is the likeliest
+        p = {c: float(r[f"p_{c}"]) for c in meta["class_names"]}
+        assert sum(p.values()) == pytest.approx(1, abs=1e-4) and max(p, key=p.get) == r["predicted"]
+    wilson = stats.binomtest(right, len(rows)).proportion_ci(method="wilson")
+    assert metrics["test_accuracy_ci95_low"] == pytest.approx(wilson.low)
+    assert metrics["test_accuracy_ci95_high"] == pytest.approx(wilson.high)
+
+
+def test_the_saved_epoch_is_the_best_monitored_one_when_it_is_restored():
+    from experiments.evaluation.summary import saved_epoch
+
+    history = {"loss": [3, 2, 1, 1], "val_accuracy": [0.5, 0.9, 0.9, 0.7], "val_loss": [4, 1, 2, 3]}
+    assert saved_epoch(history, True, "val_accuracy") == 1  # the first best: it is what is kept
+    assert saved_epoch(history, True, "val_loss") == 1
+    assert saved_epoch(history, False, "val_accuracy") == 3
+    assert saved_epoch({}, True, "val_accuracy") == -1

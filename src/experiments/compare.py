@@ -41,15 +41,43 @@ def main(argv: list[str] | None = None) -> int:
         help="two groups' parent run ids (trainer.repeats): do they differ in --metric?",
     )
     parser.add_argument("--metric", default="test_accuracy", help="default: %(default)s")
+    parser.add_argument(
+        "--sort",
+        default="val_accuracy",
+        help="the column the table is sorted by, best first (default: %(default)s, the saved "
+        "model's); a test_* column needs --allow-test-selection",
+    )
+    parser.add_argument(
+        "--allow-test-selection",
+        action="store_true",
+        help="let --sort rank by a test column, knowingly (refused by default)",
+    )
     args = parser.parse_args(argv)
     import pandas as pd
 
     from experiments import tracking
+    from experiments.comparison.selection import choosing_by_test
     from experiments.comparison.significance import significance
-    from experiments.comparison.tables import comparison_table, save_outputs, shown, sweep_table
+    from experiments.comparison.tables import (
+        COLUMNS,
+        INTERVAL_COLUMNS,
+        comparison_table,
+        save_outputs,
+        shown,
+        sweep_table,
+    )
 
     project = compose_project_config()
     try:
+        if args.sort not in COLUMNS or args.sort in INTERVAL_COLUMNS:
+            raise ExperimentError(
+                f"--sort {args.sort} is not a column; use one of "
+                f"{', '.join(c for c in COLUMNS if c not in INTERVAL_COLUMNS)}"
+            )
+        if args.sort.startswith("test_") and not args.allow_test_selection:
+            raise ExperimentError(
+                choosing_by_test(f"--sort {args.sort}", "add --allow-test-selection")
+            )
         tracking.open_store(
             args.tracking_uri or str(project.tracking.uri), project.tracking.outbox_dir
         )
@@ -57,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             print(significance(*args.significance, args.metric))
             return 0
         if args.sweep:
-            table, summary = sweep_table(args.sweep, args.pruned)
+            table, summary = sweep_table(args.sweep, args.pruned, args.sort)
         else:
-            table, summary = comparison_table(args.experiments, args.filter, args.pruned), None
+            table = comparison_table(args.experiments, args.filter, args.pruned, args.sort)
+            summary = None
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -73,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         print(shown(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if summary:
         print(summary)
+    print(
+        f"sorted by {args.sort}; val_accuracy is the saved model's; test_ci95: Wilson's 95% "
+        f"interval over the test images for a run, Student's t over the members for a group (n > 1)"
+    )
     print("saved: " + ", ".join(str(f) for f in files))
     return 0
 

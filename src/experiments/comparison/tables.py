@@ -9,13 +9,19 @@ from pathlib import Path
 from experiments.core.errors import ExperimentError
 from experiments.tracking import tags as T
 
+# The column a table is sorted by unless --sort names another.
+SORT = "val_accuracy"
+
 COLUMNS = {  # table column -> MLflow field
     "task": f"tags.{T.TASK}",
     "backbone": f"tags.{T.BACKBONE}",
     "strategy": f"tags.{T.STRATEGY}",
     "augmentation": f"tags.{T.AUGMENTATION}",
-    "val_accuracy": "metrics.best_val_accuracy",
+    "val_accuracy": "metrics.saved_val_accuracy",  # the saved model's (best_val_accuracy before)
     "test_accuracy": "metrics.test_accuracy",
+    # A single run's: Wilson's over its test images; a group's: Student's t over its members.
+    "test_ci95_low": "metrics.test_accuracy_ci95_low",
+    "test_ci95_high": "metrics.test_accuracy_ci95_high",
     "total_params": "metrics.total_params",
     "trainable_params": "metrics.trainable_params",
     "size_mb": "metrics.model_size_mb",
@@ -31,7 +37,9 @@ TRIAL_COLUMNS = {  # sweep table column -> MLflow field
 }
 
 
-def comparison_table(experiments: list[str] | None, filter_string: str = "", pruned=False):
+def comparison_table(
+    experiments: list[str] | None, filter_string: str = "", pruned=False, sort: str = SORT
+):
     """One row per finished training run, best test accuracy first. Pruned trials are left out
     (their partial runs have no test metrics), or kept with `pruned` and marked."""
     from experiments import tracking
@@ -50,10 +58,10 @@ def comparison_table(experiments: list[str] | None, filter_string: str = "", pru
             f"no finished runs in experiment(s) {', '.join(names) or '(none)'}"
             f"{' matching ' + filter_string if filter_string else ''}; train some first"
         )
-    return table_of(runs, pruned)
+    return table_of(runs, pruned, sort)
 
 
-def sweep_table(parent_id: str, pruned=False):
+def sweep_table(parent_id: str, pruned=False, sort: str = SORT):
     """The trials of one sweep, given its MLflow parent run: a row per trial with its Optuna
     state and whether it is on the Pareto front, and a line naming the best trial or the front."""
     from experiments import tracking
@@ -72,7 +80,7 @@ def sweep_table(parent_id: str, pruned=False):
     )
     if runs.empty:
         raise ExperimentError(f"--sweep {parent_id}: the sweep has no trial runs yet")
-    table = table_of(runs, pruned)
+    table = table_of(runs, pruned, sort)
     several = "," in tags.get(T.OPTUNA_DIRECTIONS, "")  # a Pareto front only with objectives
     for column, field in TRIAL_COLUMNS.items():
         if column != "pareto" or several:
@@ -96,17 +104,29 @@ def sweep_table(parent_id: str, pruned=False):
     return table, summary
 
 
-METRIC_COLUMNS = [c for c, field in COLUMNS.items() if field.startswith("metrics.")]
+# Intervals are not averaged over a group's members: a group's row shows its own, over them.
+INTERVAL_COLUMNS = ("test_ci95_low", "test_ci95_high")
+METRIC_COLUMNS = [
+    c for c, field in COLUMNS.items() if field.startswith("metrics.") and c not in INTERVAL_COLUMNS
+]
 
 
-def table_of(runs, pruned: bool):
-    """The comparison columns of `runs` (training runs only), best test accuracy first. A group
+def table_of(runs, pruned: bool, sort: str = SORT):
+    """The comparison columns of `runs` (training runs only), the best by `sort` first (the saved
+    model's validation accuracy: never the test split's, which would choose by test). A group
     (repeats) is one row: each metric's mean, with its std in `<column>_std` and its size in
     `n`; its members are not rows of their own."""
     # Training runs only: not sweep parents, not re-evaluations.
     for tag in (f"tags.{T.SWEEP}", f"tags.{T.RUN_TYPE}"):
         if tag in runs:
             runs = runs[runs[tag].isna()]
+    runs = runs.copy()
+    # Runs recorded before saved_val_accuracy existed show their best epoch's, which they kept
+    # unless trainer.restore_best=false.
+    for suffix in ("", "_mean", "_std"):
+        saved, best = f"metrics.saved_val_accuracy{suffix}", f"metrics.best_val_accuracy{suffix}"
+        if best in runs:
+            runs[saved] = runs[best] if saved not in runs else runs[saved].fillna(runs[best])
     group_field = f"tags.{T.GROUP}"
     groups = runs[runs[group_field].eq("true")] if group_field in runs else runs.iloc[:0]
     if not groups.empty:
@@ -140,7 +160,8 @@ def table_of(runs, pruned: bool):
     for column in METRIC_COLUMNS:
         field = f"metrics.{COLUMNS[column][len('metrics.') :]}_std"
         table[f"{column}_std"] = runs[field] if field in runs else float("nan")
-    return table.sort_values("test_accuracy", ascending=False, na_position="last")
+    lowest = any(word in sort for word in ("loss", "time", "size", "params", "ece"))
+    return table.sort_values(sort, ascending=lowest, na_position="last")
 
 
 def shown(table):

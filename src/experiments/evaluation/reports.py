@@ -81,34 +81,37 @@ def paired_comparison(this: Evaluation, other: Evaluation) -> PairedComparison:
     """Whether `this` and `other`, evaluated on the same images, differ in accuracy.
 
     McNemar's exact test looks only at the images where the two disagree on being right; the
-    shared ones say nothing about the difference. scipy's binomial test computes it.
+    shared ones say nothing about the difference (`evaluation.statistics`).
     """
-    from scipy import stats
+    from experiments.evaluation.statistics import mcnemar_exact, paired_difference_interval
 
     if not np.array_equal(this.labels, other.labels):
         raise ValueError("the two evaluations are not of the same images")
     right, other_right = this.predictions == this.labels, other.predictions == other.labels
     b, c, n = int((right & ~other_right).sum()), int((~right & other_right).sum()), len(right)
-    p_value = stats.binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
-    difference = (b - c) / n
-    half = 1.96 * np.sqrt(max((b + c) / n - difference**2, 0.0) / n)
     return PairedComparison(
         accuracy=this.accuracy,
         other_accuracy=other.accuracy,
         only_this_right=b,
         only_other_right=c,
-        p_value=float(p_value),
-        ci95=(float(difference - half), float(difference + half)),
+        p_value=mcnemar_exact(b, c),
+        ci95=paired_difference_interval(b, c, n),
     )
 
 
-def write_reports(outdir: Path, evaluation: Evaluation, split, class_names) -> list[Path]:
+def write_reports(
+    outdir: Path, evaluation: Evaluation, split, class_names, name: str = "test"
+) -> list[Path]:
     """Write the evaluation artifacts of `split` into `outdir`; the files written. (A training
     run writes its own, with its curves, while it logs its model: `train.record_results`.)"""
     from experiments.evaluation import figures
 
     drawing = figures.draw(report_figures(outdir, evaluation, split, class_names))
-    return [*classification_reports(outdir, evaluation, class_names), *drawing.results()]
+    return [
+        *classification_reports(outdir, evaluation, class_names),
+        *write_predictions(outdir, evaluation, split, class_names, name),
+        *drawing.results(),
+    ]
 
 
 def report_figures(
@@ -163,6 +166,43 @@ def classification_reports(outdir: Path, evaluation: Evaluation, class_names) ->
     return [outdir / "classification_report.txt", outdir / "classification_report.json"]
 
 
+def write_predictions(
+    outdir: Path, evaluation: Evaluation, split, class_names, name: str = "test"
+) -> list[Path]:
+    """Every image's prediction, for error analysis and paired tests between runs after the
+    run: `predictions_<name>.csv` (a row per image in the split's order: its index, its source
+    file, the true and predicted class and each class's probability) and
+    `predictions_<name>.json` (the split's digest, of its files and labels, by which two runs'
+    predictions are matched image by image; the class names; the row count)."""
+    import csv
+
+    from experiments.evaluation.calibration import class_probabilities
+
+    probabilities = class_probabilities(evaluation.probabilities)
+    table, meta = outdir / f"predictions_{name}.csv", outdir / f"predictions_{name}.json"
+    outdir.mkdir(parents=True, exist_ok=True)
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["index", "source", "label", "predicted", *(f"p_{c}" for c in class_names)])
+        for i, (source, label, predicted) in enumerate(
+            zip(split.sources, evaluation.labels, evaluation.predictions, strict=True)
+        ):
+            row = [f"{p:.6g}" for p in probabilities[i]]
+            writer.writerow([i, source, class_names[label], class_names[predicted], *row])
+    meta.write_text(
+        json.dumps(
+            {
+                "split": name,
+                "digest": split.digest(),
+                "rows": len(evaluation.labels),
+                "class_names": list(class_names),
+            },
+            indent=2,
+        )
+    )
+    return [table, meta]
+
+
 def per_class_metrics(evaluation: Evaluation, class_names, split: str = "test") -> dict:
     """Precision, recall and F1 of each class as metrics named by class, e.g.
     `test_f1/daisy`: the UI charts each kind in a section of its own and the runs table can
@@ -181,6 +221,37 @@ def per_class_metrics(evaluation: Evaluation, class_names, split: str = "test") 
             safe = re.sub(r"[^\w\-. ]", "_", str(name))
             metrics[f"{split}_{kind}/{safe}"] = float(value)
     return metrics
+
+
+def macro_f1_metrics(evaluation: Evaluation, num_classes: int, split: str = "test") -> dict:
+    """`<split>_f1_macro` (scikit-learn's macro F1, a class without any prediction or image
+    counting 0) and its 95% bootstrap interval over the images (`_ci95_low`, `_ci95_high`).
+    Each class's true and false positives and false negatives are sums over images, so each
+    resample is one matrix product (`statistics.bootstrap_interval`)."""
+    from sklearn.metrics import f1_score
+
+    from experiments.evaluation.statistics import bootstrap_interval
+
+    labels, predicted = np.asarray(evaluation.labels), np.asarray(evaluation.predictions)
+    classes = np.arange(num_classes)
+    is_label, is_predicted = labels[:, None] == classes, predicted[:, None] == classes
+    true_pos = (is_label & is_predicted).astype(float)
+    false_pos = (~is_label & is_predicted).astype(float)
+    false_neg = (is_label & ~is_predicted).astype(float)
+
+    def macro(weights):
+        tp, fp, fn = weights @ true_pos, weights @ false_pos, weights @ false_neg
+        denominator = 2 * tp + fp + fn
+        f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+        return f1.mean(axis=1)
+
+    low, high = bootstrap_interval(macro, len(labels))
+    score = f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)
+    return {
+        f"{split}_f1_macro": float(score),
+        f"{split}_f1_macro_ci95_low": low,
+        f"{split}_f1_macro_ci95_high": high,
+    }
 
 
 def confusion_matrix_png(path: Path, evaluation: Evaluation, class_names) -> Path:

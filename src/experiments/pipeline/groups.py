@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -73,26 +72,28 @@ def group_size(cfg: DictConfig) -> str:
     return " x ".join(parts)
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    """mean, std (n - 1) and the 95% interval of the mean by Student's t."""
-    from scipy import stats
+def summary(values: list[float], name: str = "") -> dict[str, float]:
+    """mean, std (n - 1) and the 95% interval of the mean by Student's t, cut to the range of the
+    metric `name` (an accuracy's stays in [0, 1]: `evaluation.statistics.mean_interval`)."""
+    from experiments.evaluation.statistics import mean_interval
 
-    data = np.asarray(values, dtype=np.float64)
-    n = len(data)
-    mean = float(data.mean())
-    std = float(data.std(ddof=1)) if n > 1 else math.nan
-    half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else math.nan
-    return {"mean": mean, "std": std, "ci95_low": mean - half, "ci95_high": mean + half}
+    found = mean_interval(values, name)
+    return {"mean": found.mean, "std": found.std, "ci95_low": found.low, "ci95_high": found.high}
 
 
 def aggregate(final: list[dict[str, float]]) -> dict[str, float]:
     """`<metric>_mean`, `_std`, `_ci95_low`, `_ci95_high` of every final metric all members
     recorded."""
     names = set.intersection(*(set(m) for m in final)) if final else set()
-    names = {n for n in names if n not in CURVES and not n.startswith(NOT_AGGREGATED)}
+    # An interval is not averaged: the group's interval of a metric is its own, over members.
+    names = {
+        n
+        for n in names
+        if n not in CURVES and not n.startswith(NOT_AGGREGATED) and "_ci95_" not in n
+    }
     out = {}
     for name in sorted(names):
-        for stat, value in summary([m[name] for m in final]).items():
+        for stat, value in summary([m[name] for m in final], name).items():
             out[f"{name}_{stat}"] = value
     return out
 
@@ -189,7 +190,7 @@ def record_group(cfg: DictConfig, parent_id: str, runs: list[Member]):
     for name, mean in zip(names, [value] if len(names) == 1 else value, strict=True):
         metrics.setdefault(f"{name}_mean", mean)
     if len(names) == 1:
-        metrics.setdefault(f"{names[0]}_std", summary(returned)["std"])
+        metrics.setdefault(f"{names[0]}_std", summary(returned, names[0])["std"])
     tracking.log_metrics(metrics)
     note = group_note(cfg, finished)
     tracking.set_tags(
@@ -209,7 +210,7 @@ def group_note(cfg: DictConfig, finished) -> str:
     for name in ("test_accuracy", "best_val_accuracy", "test_ece", "train_time_s"):
         values = [r.metrics[name] for r in finished if name in r.metrics]
         if len(values) == len(finished):
-            stats = summary(values)
+            stats = summary(values, name)
             lines.append(
                 f"{name}: {stats['mean']:.4f} ± {stats['std']:.4f} (n={len(values)}; 95% CI "
                 f"{stats['ci95_low']:.4f} to {stats['ci95_high']:.4f})"

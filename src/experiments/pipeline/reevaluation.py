@@ -30,7 +30,13 @@ def evaluate(cfg: DictConfig) -> float:
     from experiments.data.splits import SPLITS
     from experiments.data.tasks import load_task
     from experiments.evaluation.calibration import calibration_metrics
-    from experiments.evaluation.reports import evaluate_split, per_class_metrics, write_reports
+    from experiments.evaluation.reports import (
+        evaluate_split,
+        macro_f1_metrics,
+        per_class_metrics,
+        write_reports,
+    )
+    from experiments.evaluation.statistics import wilson_interval
 
     use_backend(cfg.backend)  # before MLflow loads the model with Keras
     if cfg.split not in SPLITS:
@@ -61,18 +67,23 @@ def evaluate(cfg: DictConfig) -> float:
     with tracking.start_run(tracking_cfg, name, evaluation_tags(cfg, task, source)):
         tracking.log_task(task)
         result = evaluate_split(model, task.splits[cfg.split], task.num_classes, cfg.batch_size)
+        n = len(result.labels)
+        low, high = wilson_interval(int((result.predictions == result.labels).sum()), n)
         tracking.log_metrics(
             {
                 f"{cfg.split}_loss": result.loss,
                 f"{cfg.split}_accuracy": result.accuracy,
+                f"{cfg.split}_accuracy_ci95_low": low,
+                f"{cfg.split}_accuracy_ci95_high": high,
                 "skipped_files": len(task.skipped),
                 "turned_files": len(task.turned),
             }
-            | calibration_metrics(result.probabilities, result.labels, cfg.split)
+            | calibration_metrics(result.probabilities, result.labels, cfg.split, intervals=True)
+            | macro_f1_metrics(result, task.num_classes, cfg.split)
             | per_class_metrics(result, task.class_names, cfg.split)
         )
         for path in write_reports(
-            workdir / "reports", result, task.splits[cfg.split], task.class_names
+            workdir / "reports", result, task.splits[cfg.split], task.class_names, cfg.split
         ):
             tracking.log_artifact(path, artifact_path="evaluation")
         if other is not None:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.core.errors import ExperimentError
 from experiments.core.job import in_multirun, output_dir, task_overrides
 
 # The train command's log: what a run says, under the name of the command that ran it.
@@ -161,9 +160,12 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
     from experiments.evaluation.reports import (
         classification_reports,
         evaluate_split,
+        macro_f1_metrics,
         per_class_metrics,
         report_figures,
+        write_predictions,
     )
+    from experiments.evaluation.summary import optimized_values, returned_text, summary_metrics
     from experiments.model.augmentation import without_augmentation
 
     tags = tracking.tags
@@ -185,9 +187,11 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
             + scaled_figure
         )
         written = classification_reports(reports, test, task.class_names)
-        metrics = summary_metrics(trained, test, train_time, task)
+        written += write_predictions(reports, test, task.splits["test"], task.class_names)
+        metrics = summary_metrics(cfg, trained, test, train_time, task)
         metrics |= per_class_metrics(test, task.class_names)
-        metrics |= calibration_metrics(test.probabilities, test.labels) | scaled
+        metrics |= macro_f1_metrics(test, task.num_classes)
+        metrics |= calibration_metrics(test.probabilities, test.labels, intervals=True) | scaled
         # The model that is saved and logged: Keras' own layers only, so that it loads with
         # Keras alone; augmentation is the identity at inference
         serving = without_augmentation(trained.model)
@@ -208,10 +212,15 @@ def record_results(cfg: DictConfig, task, trained, train_time: float, workdir: P
         tracking.set_tags({tags.RETURNED_VALUE: json.dumps(value)})
     tracking.log_metrics(phases.metrics() | compilation_cache_metrics())
     log.info(
-        "run %s: best val_accuracy %.4f, test_accuracy %.4f, %s, %.0f s",
+        "run %s: val_accuracy %.4f (saved epoch %d; best %.4f), test_accuracy %.4f "
+        "(95%% CI %.4f to %.4f), %s, %.0f s",
         run.run_id,
+        metrics["saved_val_accuracy"],
+        metrics["saved_epoch"],
         metrics["best_val_accuracy"],
         metrics["test_accuracy"],
+        metrics["test_accuracy_ci95_low"],
+        metrics["test_accuracy_ci95_high"],
         returned_text(cfg.optimized_metric, value),
         train_time,
     )
@@ -268,6 +277,7 @@ def finished_job(cfg: DictConfig, identity: str) -> float | tuple[float, ...] | 
     if not in_multirun():
         return None
     from experiments import tracking
+    from experiments.evaluation.summary import returned_text
 
     tracking.set_tracking(cfg.tracking)
     run = tracking.finished_sweep_job(identity)
@@ -326,52 +336,3 @@ def _drop_custom_gradients() -> None:
     if isinstance(registry, dict):
         for name in [name for name in registry if str(name).startswith("CustomGradient-")]:
             del registry[name]
-
-
-def summary_metrics(trained, test, train_time: float, task) -> dict:
-    """The reference's comparison columns for one run."""
-    import numpy as np
-
-    model = trained.model
-    trainable = int(sum(np.prod(w.shape) for w in model.trainable_weights))
-    total = int(model.count_params())
-    history = trained.history
-    return {
-        "test_loss": test.loss,
-        "test_accuracy": test.accuracy,
-        "best_val_accuracy": max(history.get("val_accuracy", [float("nan")])),
-        "final_train_accuracy": history.get("accuracy", [float("nan")])[-1],
-        "epochs_run": len(history.get("loss", [])),
-        "train_time_s": train_time,
-        "total_params": total,
-        "trainable_params": trainable,
-        "skipped_files": len(task.skipped),
-        "turned_files": len(task.turned),  # turned upright by their EXIF orientation
-    }
-
-
-def optimized_values(names, history: dict[str, list[float]], metrics: dict):
-    """What the job returns to a sweeper: the value of `optimized_metric`, or a tuple of values
-    when it names several (a multi-objective study)."""
-    if isinstance(names, str):
-        return optimized_value(names, history, metrics)
-    return tuple(optimized_value(str(name), history, metrics) for name in names)
-
-
-def returned_text(names, value) -> str:
-    if isinstance(names, str):
-        return f"{names}={value:.4f}"
-    return ", ".join(f"{n}={v:.4f}" for n, v in zip(names, value, strict=True))
-
-
-def optimized_value(name: str, history: dict[str, list[float]], metrics: dict) -> float:
-    """A final metric by name, or the best epoch of a per-epoch one (lowest for losses)."""
-    if name in metrics:
-        return float(metrics[name])
-    if name in history:
-        values = history[name]
-        return float(min(values) if "loss" in name else max(values))
-    raise ExperimentError(
-        f"optimized_metric={name!r} is not recorded; use a per-epoch metric "
-        f"({', '.join(sorted(history))}) or a final one ({', '.join(sorted(metrics))})"
-    )

@@ -210,8 +210,8 @@ def check_weights(cfg) -> None:
 
 
 # The metrics a training run records that `optimized_metric` may name: each epoch's (Keras' logs
-# and callbacks.EpochLogger; a sweeper gets its best epoch), and the final ones
-# (train.summary_metrics). tests/test_tracking.py checks them against a real run's records.
+# and callbacks.EpochLogger; a sweeper gets the saved epoch's), and the final ones
+# (evaluation.summary). tests/test_tracking.py checks them against a real run's records.
 EPOCH_METRICS = (
     "loss",
     "accuracy",
@@ -224,7 +224,12 @@ EPOCH_METRICS = (
 FINAL_METRICS = (
     "test_loss",
     "test_accuracy",
+    "test_accuracy_ci95_low",
+    "test_accuracy_ci95_high",
     "best_val_accuracy",
+    "saved_val_accuracy",
+    "saved_val_loss",
+    "saved_epoch",
     "final_train_accuracy",
     "epochs_run",
     "train_time_s",
@@ -251,9 +256,16 @@ def check_metric(cfg) -> None:
         if name not in EPOCH_METRICS + FINAL_METRICS:
             raise ExperimentError(
                 f"optimized_metric={name} is not a metric a run records; use a per-epoch one "
-                f"({', '.join(EPOCH_METRICS)}; its best epoch counts) or a final one "
+                f"({', '.join(EPOCH_METRICS)}; the saved epoch's counts) or a final one "
                 f"({', '.join(FINAL_METRICS)})"
             )
+        allowed = cfg.get("allow_test_selection", False)
+        if not isinstance(allowed, bool):
+            raise ExperimentError(f"allow_test_selection={allowed} must be true or false")
+        if name.startswith("test_") and not allowed:
+            from experiments.comparison.selection import choosing_by_test
+
+            raise ExperimentError(choosing_by_test(f"optimized_metric={name}"))
 
 
 def check_recording(cfg) -> None:

@@ -11,7 +11,7 @@ its study; and reading the store back. One module per concern:
 | `runs` | the active run: start, resume, metrics, tags, artifacts, its end |
 | `records` | what a run records about itself: config, tags, data lineage, the model |
 | `sweeps` | the parent run of a multirun, the Optuna study's record |
-| `queries` | reading the store: runs as rows or a table, histories, models |
+| `queries` | reading the store: runs as rows or a table, histories, models, per-image predictions |
 | `system` | a run's system metrics, sampled by MLflow's monitors |
 | `views` | how MLflow's UI opens an experiment: model training, the comparison view |
 | `registry` | the model registry: versions, aliases, a model URI's source run |
@@ -26,6 +26,7 @@ from experiments.tracking import registry, tags
 from experiments.tracking.client import HTTP_DEFAULTS, sqlite_uri
 from experiments.tracking.outbox import Outbox, flush_outbox, pending_outboxes, sync_outboxes
 from experiments.tracking.queries import (
+    Predictions,
     RunRow,
     experiments,
     find_run,
@@ -33,6 +34,7 @@ from experiments.tracking.queries import (
     load_model,
     load_text,
     metric_history,
+    predictions,
     run_rows,
     runs_table,
 )
@@ -88,6 +90,7 @@ __all__ = [
     "ActiveRun",
     "MlflowSweepCallback",
     "Outbox",
+    "Predictions",
     "RunRow",
     "artifact_root",
     "backfill_metrics",
@@ -119,6 +122,7 @@ __all__ = [
     "metric_history",
     "open_store",
     "pending_outboxes",
+    "predictions",
     "prepare_experiment",
     "recorded",
     "registry",

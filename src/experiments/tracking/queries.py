@@ -130,3 +130,40 @@ def _row(run, names: dict[str, str]) -> RunRow:
         params=dict(data.params),
         metrics=dict(data.metrics),
     )
+
+
+@dataclass
+class Predictions:
+    """A run's stored per-image predictions of one split (`evaluation/predictions_<split>.*`)."""
+
+    digest: str  # of the split's files and labels: equal digests, the same images in order
+    labels: list[str]
+    predicted: list[str]
+
+    @property
+    def correct(self):
+        import numpy as np
+
+        return np.array(self.labels) == np.array(self.predicted)
+
+
+def predictions(run_id: str, split: str = "test") -> Predictions:
+    """The per-image predictions a run stored for `split`; one line when it stored none."""
+    import csv
+    import io
+    import json
+
+    from experiments.core.errors import ExperimentError
+
+    base = f"runs:/{run_id}/evaluation/predictions_{split}"
+    try:
+        meta = json.loads(load_text(f"{base}.json"))
+        rows = list(csv.DictReader(io.StringIO(load_text(f"{base}.csv"))))
+    except Exception:
+        raise ExperimentError(
+            f"run {run_id} keeps no per-image predictions of its {split} split "
+            f"(evaluation/predictions_{split}.csv; runs recorded before they were kept have "
+            f"none): evaluate its model again, python -m experiments.evaluate "
+            f"model=runs:/{run_id}/model split={split}, and compare that run"
+        ) from None
+    return Predictions(meta["digest"], [r["label"] for r in rows], [r["predicted"] for r in rows])
