@@ -1,15 +1,6 @@
-"""A logged model's predictions on image files, as `python -m experiments.predict` runs them.
-
-Predict the classes of images with a logged or registered model:
-
-    python -m experiments.predict model=models:/flowers-classifier@champion input=DIR|FILE \\
-        [output=predictions.csv] [top_k=3] [batch_size=64]
-
-Writes one row per image: its path, the predicted class, its confidence and the top-k classes
-with their probabilities. A folder is read as training reads one (any depth, class folders or
-not); a file that is not a decodable image is skipped, counted and named in one warning each.
-The class names are the ones the model's source run recorded (`data/classes.json`), never the
-order of the folders here.
+"""A logged model's predictions on image files, as `python -m experiments.predict` runs them
+(its usage is there): every file decoded as training decodes it, one CSV row per image with its
+class, confidence and top-k, the class names those its source run recorded.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
-"""A logged model evaluated again, as `python -m experiments.evaluate` runs it.
-
-Re-evaluate a logged or registered model on a split, alone or against another:
-
-    python -m experiments.evaluate model=runs:/<id>/model [split=test]
-    python -m experiments.evaluate model=models:/flowers-classifier@challenger compare_to=champion
-
-The results go to a new MLflow run tagged with the source run, with the same evaluation
-artifacts as training. `compare_to` (an alias or version of the same registered model, or any
-model URI) evaluates the second model on the same images and prints both accuracies, their
-difference with its 95% interval, and McNemar's exact test of the paired predictions.
+"""A logged model evaluated again, as `python -m experiments.evaluate` runs it (its usage is
+there): the split scored and recorded in a new MLflow run tagged with its source run, with the
+same evaluation artifacts as training, and with `compare_to` a second model scored on the same
+images and tested against the first (McNemar's exact test, `evaluation.statistics`).
 """
 
 from __future__ import annotations
