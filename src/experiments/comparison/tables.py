@@ -160,7 +160,9 @@ def table_of(runs, pruned: bool, sort: str = SORT):
     for column in METRIC_COLUMNS:
         field = f"metrics.{COLUMNS[column][len('metrics.') :]}_std"
         table[f"{column}_std"] = runs[field] if field in runs else float("nan")
-    lowest = any(word in sort for word in ("loss", "time", "size", "params", "ece"))
+    from experiments.comparison.selection import LOWER_IS_BETTER
+
+    lowest = any(word in sort for word in LOWER_IS_BETTER)
     return table.sort_values(sort, ascending=lowest, na_position="last")
 
 

@@ -139,10 +139,7 @@ def calibration_intervals(probabilities, labels, prefix: str = "test") -> dict[s
     confidence, correct, which = _binned(probabilities, labels, BINS)
     gaps = np.zeros((n, BINS))
     gaps[np.arange(n), which] = correct - confidence  # each image's share of its bin's gap
-    if probabilities.shape[1] == 2:
-        squared = (probabilities[:, 1] - (labels == 1)) ** 2
-    else:
-        squared = ((probabilities - np.eye(probabilities.shape[1])[labels]) ** 2).sum(axis=1)
+    squared = squared_errors(probabilities, labels)
     out = {}
     for name, statistic in (
         ("ece", lambda w: np.abs(w @ gaps).sum(axis=1) / n),
@@ -157,13 +154,18 @@ def calibration_intervals(probabilities, labels, prefix: str = "test") -> dict[s
 def brier_score(probabilities, labels) -> float:
     """The Brier score as scikit-learn's `brier_score_loss` gives it: the mean squared error of
     the positive probability for two classes, of the whole probability vector (summed over
-    classes) for more. In numpy: the bootstrap computes it a thousand times."""
+    classes) for more."""
+    return float(np.mean(squared_errors(probabilities, labels)))
+
+
+def squared_errors(probabilities, labels) -> np.ndarray:
+    """Each image's part of the Brier score: the squared error of its positive probability
+    (two classes), or of its probability vector summed over classes (more)."""
     probabilities = class_probabilities(probabilities)
     labels = np.asarray(labels)
     if probabilities.shape[1] == 2:
-        return float(np.mean((probabilities[:, 1] - (labels == 1)) ** 2))
-    onehot = np.eye(probabilities.shape[1])[labels]
-    return float(np.mean(((probabilities - onehot) ** 2).sum(axis=1)))
+        return (probabilities[:, 1] - (labels == 1)) ** 2
+    return ((probabilities - np.eye(probabilities.shape[1])[labels]) ** 2).sum(axis=1)
 
 
 def negative_log_likelihood(probabilities, labels) -> float:
