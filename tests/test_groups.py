@@ -132,7 +132,27 @@ def test_compare_shows_a_group_as_one_row_and_tests_two_groups(group, capsys):
         assert "paired t-test over seeds 42, 43, 44" in line
         if np.isfinite(expected.pvalue):
             assert f"p = {expected.pvalue:.4g}" in line
+    if a != b:  # the members' stored predictions give the bootstrap over seeds and images
+        assert "paired bootstrap over the 3 seeds and " in line
     assert compare(["--significance", first.info.run_id, "nope", *store]) == 2
+    ids = [first.info.run_id, second.info.run_id]
+    assert compare(["--significance", *(i[:8] for i in ids), "--rope", "0.01", *store]) == 0
+    assert "Bayesian correlated t-test (rope ±0.01" in capsys.readouterr().out
+    assert compare(["--significance", *ids, "--format", "markdown", *store]) == 0
+    printed = capsys.readouterr().out
+    saved = group / f"significance-{ids[0][:8]}-{ids[1][:8]}.paper.md"
+    assert saved.read_text() in printed
+    for parent in (first, second):  # mean ± std (n) of the members, from the parent's record
+        mean = parent.data.metrics["test_accuracy_mean"]
+        std = parent.data.metrics["test_accuracy_std"]
+        assert f"{mean:.4f} ± {std:.4f}" in printed.replace("**", "")
+    lr = first.data.params["optimizer.lr"]  # what tells the two apart labels them
+    assert f"differs from optimizer.lr={lr} ({ids[0][:8]})" in printed
+    assert compare(["--significance", *ids, "--rope", "-1", *store]) == 2
+    assert compare(["folder", "--format", "latex", *store]) == 0  # the whole table, a paper's
+    tex = (group / "comparison-folder.tex").read_text()
+    assert tex in capsys.readouterr().out and tex.startswith("\\begin{tabular}{llrrr}")
+    assert tex.count("optimizer.lr=") == 2  # rows labelled by what differs between them
 
 
 def sorted_children(root: Path, which: int):
@@ -161,7 +181,7 @@ def test_significance_is_welch_when_the_seeds_differ(monkeypatch):
 
     values = {"a": fake_members({1: 0.90, 2: 0.92, 3: 0.91}), "b": fake_members({7: 0.80, 8: 0.86})}
     monkeypatch.setattr(significance, "members", lambda run, metric: (True, values[run]))
-    line = significance.significance("a", "b", "test_accuracy")
+    line = significance.significance("a", "b", "test_accuracy").line
     expected = stats.ttest_ind([0.90, 0.92, 0.91], [0.80, 0.86], equal_var=False)
     assert "Welch's t-test" in line and f"p = {expected.pvalue:.4g}" in line
     assert "difference +0.0800" in line and "not paired: their members' seeds or folds" in line
@@ -177,7 +197,7 @@ def test_groups_on_other_data_are_never_paired(monkeypatch):
         "b": fake_members({42: 0.85, 43: 0.88, 44: 0.86}, digest="seed-1"),
     }
     monkeypatch.setattr(significance, "members", lambda run, metric: (True, values[run]))
-    line = significance.significance("a", "b", "test_accuracy")
+    line = significance.significance("a", "b", "test_accuracy").line
     assert "paired" not in line.replace("not paired", "")
     assert "Welch's t-test" in line and "not paired: their test data differ (seed 42" in line
 
@@ -195,7 +215,7 @@ def test_folds_get_the_corrected_resampled_t_test(monkeypatch):
         "b": fake_members(dict(enumerate(b)), folds=True),
     }
     monkeypatch.setattr(significance, "members", lambda run, metric: (True, values[run]))
-    line = significance.significance("a", "b", "val_accuracy")
+    line = significance.significance("a", "b", "val_accuracy").line
     d = np.subtract(a, b)
     t = d.mean() / math.sqrt((1 / 5 + 100 / 300) * d.var(ddof=1))
     p = 2 * stats.t.sf(abs(t), 4)

@@ -45,6 +45,7 @@ def test_metric_bounds_by_name():
     assert statistics.metric_bounds("best_val_accuracy_mean") == (0.0, 1.0)
     assert statistics.metric_bounds("test_brier") == (0.0, 2.0)
     assert statistics.metric_bounds("test_loss") == (0.0, math.inf)
+    assert statistics.metric_bounds("test_ece_bins") == (0.0, math.inf)  # a count (15), not an ECE
     assert statistics.metric_bounds("something") == (-math.inf, math.inf)
 
 
@@ -92,3 +93,87 @@ def test_the_bootstrap_interval_is_a_percentile_bootstraps():
     assert statistics.bootstrap_interval(lambda w: w @ x / len(x), len(x)) == (
         statistics.bootstrap_interval(lambda w: w @ x / len(x), len(x))
     )
+
+
+def test_mcnemar_is_statsmodels():
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    for b, c in ((14, 5), (3, 0), (40, 38), (1, 9)):
+        expected = mcnemar([[100, b], [c, 100]], exact=True).pvalue
+        assert statistics.mcnemar_exact(b, c) == pytest.approx(expected)
+
+
+def test_paired_accuracy_counts_the_discordant_images():
+    right = np.array([1, 1, 0, 0, 1, 1], dtype=bool)
+    other = np.array([1, 0, 1, 0, 0, 1], dtype=bool)
+    paired = statistics.paired_accuracy(right, other)
+    assert (paired.only_this_right, paired.only_other_right) == (2, 1)
+    assert paired.difference == pytest.approx(4 / 6 - 3 / 6)
+    assert paired.p_value == pytest.approx(stats.binomtest(2, 3).pvalue)
+    with pytest.raises(ValueError):
+        statistics.paired_accuracy(right, other[:3])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_holm_is_statsmodels(seed):
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.random.default_rng(seed).uniform(0, 0.2, 7)
+    p[3] = p[5]  # a tie
+    assert statistics.holm(p) == pytest.approx(multipletests(p, method="holm")[1].tolist())
+    assert statistics.holm([0.03]) == [0.03]
+
+
+@pytest.mark.parametrize("rope", [0.0, 0.01, 0.05])
+def test_the_bayesian_correlated_t_test_is_baycomps(rope):
+    """baycomp's CorrelatedTTest over one run of k-fold cross-validation corrects the variance
+    by 1/(k - 1): n_test/n_train of a fold. Its x and y are the other way round (y - x)."""
+    import baycomp
+
+    x = np.array([0.80, 0.82, 0.79, 0.85, 0.81, 0.83])
+    y = np.array([0.78, 0.80, 0.80, 0.81, 0.80, 0.79])
+    ours = statistics.bayesian_correlated_t(x - y, 1 / (len(x) - 1), rope)
+    if rope:
+        left, within, right = baycomp.two_on_single(x, y, rope=rope)
+        assert (ours.first_better, ours.equivalent, ours.second_better) == pytest.approx(
+            (left, within, right)
+        )
+    else:
+        left, right = baycomp.two_on_single(x, y)
+        assert (ours.first_better, ours.second_better) == pytest.approx((left, right))
+    assert ours.first_better + ours.equivalent + ours.second_better == pytest.approx(1.0)
+    same = statistics.bayesian_correlated_t([0.01, 0.01, 0.01], 0.0, 0.02)
+    assert (same.first_better, same.equivalent, same.second_better) == (0.0, 1.0, 0.0)
+
+
+def loop_bootstrap(d, resamples, rng):
+    """The two-level paired bootstrap written the plain way: draw members, then images."""
+    k, n = d.shape
+    values = []
+    for _ in range(resamples):
+        rows = d[rng.integers(0, k, k)]
+        values.append(rows[:, rng.integers(0, n, n)].mean())
+    return np.percentile(values, [2.5, 97.5])
+
+
+def test_the_paired_bootstrap_resamples_members_and_images():
+    """Against the plain loop (its own draws: close, not equal); with one member it is the
+    bootstrap of paired accuracies, whose interval the closed-form paired (Wald) one nears; the
+    members' spread widens it, and its p-value is near the paired Wald test's."""
+    rng = np.random.default_rng(3)
+    base = rng.random(400)
+    right_a = np.stack([base < p for p in (0.82, 0.85, 0.80)])
+    right_b = np.stack([rng.random(400) < p for p in (0.78, 0.74, 0.79)])
+    d = right_a.astype(float) - right_b
+    ours = statistics.paired_bootstrap(d, resamples=3000)
+    assert ours.difference == pytest.approx(d.mean())
+    assert ours.ci95 == pytest.approx(tuple(loop_bootstrap(d, 3000, rng)), abs=0.008)
+    one = statistics.paired_bootstrap(d[:1], resamples=4000)
+    b, c = int((right_a[0] & ~right_b[0]).sum()), int((~right_a[0] & right_b[0]).sum())
+    assert one.ci95 == pytest.approx(statistics.paired_difference_interval(b, c, 400), abs=0.006)
+    difference = (b - c) / 400
+    z = difference / math.sqrt(((b + c) / 400 - difference**2) / 400)
+    assert one.p_value == pytest.approx(2 * stats.norm.sf(abs(z)), abs=0.04)  # Wald's test
+    images_only = statistics.paired_bootstrap(np.repeat(d.mean(0, keepdims=True), 3, 0))
+    assert ours.ci95[1] - ours.ci95[0] > images_only.ci95[1] - images_only.ci95[0]
+    assert statistics.paired_bootstrap(np.zeros((3, 50))).p_value == 1.0

@@ -1,8 +1,10 @@
 """The reference-style comparison table from MLflow: `python -m experiments.compare [EXPERIMENT]`,
-or the trials of one sweep: `python -m experiments.compare --sweep PARENT_RUN_ID`.
+or the trials of one sweep: `python -m experiments.compare --sweep PARENT_RUN_ID`, or whether
+results differ: `python -m experiments.compare --significance A B [C ...] [--baseline A]`.
 
 Prints the table, saves it as Markdown and CSV, and draws accuracy against train time per
-configuration. Runs are read through `experiments.tracking` (`experiments.comparison`).
+configuration; `--format markdown|latex` prints and saves the table a paper prints instead.
+Runs are read through `experiments.tracking` (`experiments.comparison`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from experiments.core.errors import ExperimentError
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m experiments.compare`."""
+    from experiments.comparison.paper import COMPARISON_COLUMNS, FORMATS, SIGNIFICANCE_COLUMNS
+
     parser = argparse.ArgumentParser(prog="python -m experiments.compare", description=__doc__)
     parser.add_argument("experiments", nargs="*", help="MLflow experiment names (default: all)")
     parser.add_argument(
@@ -36,11 +40,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--significance",
-        nargs=2,
-        metavar=("GROUP_A", "GROUP_B"),
-        help="two groups' parent run ids (trainer.repeats): do they differ in --metric?",
+        nargs="+",
+        metavar="RUN",
+        help="two or more groups' parent run ids (trainer.repeats, task.folds), or single runs: "
+        "do they differ in --metric? More than two: every pair, or each against --baseline, "
+        "with Holm-adjusted p-values",
+    )
+    parser.add_argument(
+        "--baseline", default=None, metavar="RUN", help="with --significance: test each against it"
+    )
+    parser.add_argument(
+        "--rope",
+        type=float,
+        default=None,
+        help="with --significance: also the Bayesian correlated t-test with this region of "
+        "practical equivalence, e.g. 0.01",
     )
     parser.add_argument("--metric", default="test_accuracy", help="default: %(default)s")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="text",
+        help="markdown or latex: the table a paper prints, mean ± std (n), the best in bold, "
+        "with --significance a mark on values that differ from the baseline (default: text)",
+    )
+    parser.add_argument(
+        "--columns",
+        default=None,
+        help="with --format: the metrics shown, comma-separated (default: "
+        f"{','.join(SIGNIFICANCE_COLUMNS)} with --significance, else "
+        f"{','.join(COMPARISON_COLUMNS)})",
+    )
     parser.add_argument(
         "--sort",
         default="val_accuracy",
@@ -56,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from experiments import tracking
+    from experiments.comparison import paper
     from experiments.comparison.selection import choosing_by_test
-    from experiments.comparison.significance import significance
     from experiments.comparison.tables import (
         COLUMNS,
         INTERVAL_COLUMNS,
@@ -81,9 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         tracking.open_store(
             args.tracking_uri or str(project.tracking.uri), project.tracking.outbox_dir
         )
-        if args.significance:
-            print(significance(*args.significance, args.metric))
-            return 0
+        if args.significance or args.baseline or args.rope is not None:
+            return significance(args, project)
         if args.sweep:
             table, summary = sweep_table(args.sweep, args.pruned, args.sort)
         else:
@@ -97,7 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         stem = f"comparison-sweep-{args.sweep[:8]}"
     else:
         stem = "comparison-" + ("-".join(args.experiments) or "all")
-    files = save_outputs(table, Path(args.out or project.paths.reports_dir), stem)
+    outdir = Path(args.out or project.paths.reports_dir)
+    files = save_outputs(table, outdir, stem)
+    if args.format != "text":
+        columns = args.columns.split(",") if args.columns else list(COMPARISON_COLUMNS)
+        try:
+            written = print_paper(
+                *paper.comparison_rows(table, columns), columns, args, outdir, stem
+            )
+        except ExperimentError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print("saved: " + ", ".join(str(f) for f in [written, *files]))
+        return 0
     with pd.option_context("display.max_columns", None, "display.width", 200):
         print(shown(table).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     if summary:
@@ -108,6 +149,41 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("saved: " + ", ".join(str(f) for f in files))
     return 0
+
+
+def significance(args, project) -> int:
+    """`--significance A B ...`: the lines of each comparison, or the paper's table of them."""
+    from experiments.comparison import paper
+    from experiments.comparison.significance import compare_all, report
+
+    if not args.significance:
+        raise ExperimentError("--baseline and --rope go with --significance A B ...")
+    if args.rope is not None and not args.rope >= 0:
+        raise ExperimentError(f"--rope {args.rope}: give a width of 0 or more, e.g. 0.01")
+    if args.format == "text":
+        for outcome in compare_all(args.significance, args.metric, args.baseline, args.rope):
+            print(report(outcome))
+        return 0
+    columns = args.columns.split(",") if args.columns else list(paper.SIGNIFICANCE_COLUMNS)
+    if args.metric not in columns:
+        columns.insert(0, args.metric)
+    rows = paper.significance_rows(args.significance, columns, args.baseline)
+    stem = "significance-" + "-".join(run_id[:8] for run_id in args.significance)
+    outdir = Path(args.out or project.paths.reports_dir)
+    print("saved: " + str(print_paper(*rows, columns, args, outdir, stem)))
+    return 0
+
+
+def print_paper(rows, headers, notes, columns, args, outdir: Path, stem: str) -> Path:
+    """Print the paper's table in `args.format` and save it beside the others; its path."""
+    from experiments.comparison.paper import render
+
+    text = render(rows, headers, columns, args.format, notes)
+    print(text, end="")
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / f"{stem}.{'tex' if args.format == 'latex' else 'paper.md'}"
+    path.write_text(text)
+    return path
 
 
 if __name__ == "__main__":

@@ -179,7 +179,9 @@ def shown(table):
             ""  # a pruned trial has no test metrics
             if pd.isna(m)
             else f"{m:.4g} ± {s:.2g} ({n})"
-            if n > 1 and not pd.isna(s) and s > 1e-9 * max(1.0, abs(m))  # not rounding noise
+            if n > 1
+            and not pd.isna(s)
+            and s > 1e-6 * max(1.0, abs(m))  # not float32 rounding noise
             else f"{m:.4g}"
             for m, s, n in zip(table[column], std, table["n"], strict=True)
         ]

@@ -61,42 +61,14 @@ def evaluate_split(
     )
 
 
-@dataclass
-class PairedComparison:
-    """Two models' predictions on the same images: accuracies, difference and McNemar's test."""
-
-    accuracy: float
-    other_accuracy: float
-    only_this_right: int  # images this model gets right and the other wrong
-    only_other_right: int
-    p_value: float  # McNemar's exact test: a two-sided binomial test on the discordant images
-    ci95: tuple[float, float]  # the difference's 95% interval (Wald, for paired proportions)
-
-    @property
-    def difference(self) -> float:
-        return self.accuracy - self.other_accuracy
-
-
-def paired_comparison(this: Evaluation, other: Evaluation) -> PairedComparison:
-    """Whether `this` and `other`, evaluated on the same images, differ in accuracy.
-
-    McNemar's exact test looks only at the images where the two disagree on being right; the
-    shared ones say nothing about the difference (`evaluation.statistics`).
-    """
-    from experiments.evaluation.statistics import mcnemar_exact, paired_difference_interval
+def paired_comparison(this: Evaluation, other: Evaluation):
+    """Whether `this` and `other`, evaluated on the same images, differ in accuracy
+    (`evaluation.statistics.paired_accuracy`, which `compare --significance` also uses)."""
+    from experiments.evaluation.statistics import paired_accuracy
 
     if not np.array_equal(this.labels, other.labels):
         raise ValueError("the two evaluations are not of the same images")
-    right, other_right = this.predictions == this.labels, other.predictions == other.labels
-    b, c, n = int((right & ~other_right).sum()), int((~right & other_right).sum()), len(right)
-    return PairedComparison(
-        accuracy=this.accuracy,
-        other_accuracy=other.accuracy,
-        only_this_right=b,
-        only_other_right=c,
-        p_value=mcnemar_exact(b, c),
-        ci95=paired_difference_interval(b, c, n),
-    )
+    return paired_accuracy(this.predictions == this.labels, other.predictions == other.labels)
 
 
 def write_reports(

@@ -11,12 +11,20 @@ tests that fit how two results were obtained.
   training data. The naive paired t-test then treats overlapping training sets as independent,
   so its variance is too small and its p-values too low; Nadeau and Bengio (2003) correct the
   variance by the ratio of test to training images.
-- `mcnemar_exact` and `paired_difference_interval`: two models on the same test images.
+- `mcnemar_exact` and `paired_difference_interval` (`paired_accuracy`): two models on the same
+  test images.
+- `bayesian_correlated_t`: the same paired differences as the corrected t-test, read as a
+  posterior: how likely one config is better, or both practically equivalent within a rope
+  (Corani and Benavoli, 2015; Benavoli et al., 2017).
+- `paired_bootstrap`: two groups on the same seeds and test images, resampling both the seeds
+  and the images, so that both kinds of noise count.
+- `holm`: p-values of several comparisons adjusted for their number (Holm, 1979).
 
 Our own, written from the closed forms: scipy has the t and binomial distributions these use,
-and Wilson's interval for one proportion (`scipy.stats.binomtest(...).proportion_ci`, which the
-tests check this against), but not the corrected t-test; statsmodels, which has some of them, is
-not a dependency of the project.
+and Wilson's interval for one proportion (`scipy.stats.binomtest(...).proportion_ci`), but not
+the corrected t-tests, the hierarchical bootstrap or Holm's step-down. statsmodels (Holm,
+McNemar) and baycomp (the Bayesian correlated t-test) have some of them, at the price of a
+dependency each for a few lines; the tests check ours against them (both in the dev extra).
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ CONFIDENCE = 0.95
 # The range of a metric, by what its name holds (the first that matches): intervals are cut to
 # it. Brier's multi-class score (scikit-learn's) is a sum over classes, up to 2.
 BOUNDED = (
+    (("bins",), (0.0, math.inf)),  # test_ece_bins is a count, not an ECE
     (("accuracy", "f1", "precision", "recall", "ece"), (0.0, 1.0)),
     (("brier",), (0.0, 2.0)),
     (
@@ -125,6 +134,40 @@ def mcnemar_exact(only_first_right: int, only_second_right: int) -> float:
     return float(stats.binomtest(only_first_right, discordant, 0.5).pvalue) if discordant else 1.0
 
 
+@dataclass
+class PairedAccuracy:
+    """Two models' accuracies on the same images, and the test of their difference."""
+
+    accuracy: float
+    other_accuracy: float
+    only_this_right: int
+    only_other_right: int
+    p_value: float  # McNemar's exact test
+    ci95: tuple[float, float]  # of the accuracy difference
+
+    @property
+    def difference(self) -> float:
+        return self.accuracy - self.other_accuracy
+
+
+def paired_accuracy(right, other_right) -> PairedAccuracy:
+    """Whether two models, right or wrong on each of the same images (boolean arrays in the same
+    order), differ in accuracy: McNemar's exact test looks only at the images where they
+    disagree on being right; the shared ones say nothing about the difference."""
+    right, other_right = np.asarray(right, dtype=bool), np.asarray(other_right, dtype=bool)
+    if right.shape != other_right.shape:
+        raise ValueError("the two models were not scored on the same images")
+    b, c, n = int((right & ~other_right).sum()), int((~right & other_right).sum()), len(right)
+    return PairedAccuracy(
+        accuracy=float(right.mean()),
+        other_accuracy=float(other_right.mean()),
+        only_this_right=b,
+        only_other_right=c,
+        p_value=mcnemar_exact(b, c),
+        ci95=paired_difference_interval(b, c, n),
+    )
+
+
 def paired_difference_interval(
     only_first_right: int, only_second_right: int, n: int, confidence: float = CONFIDENCE
 ) -> tuple[float, float]:
@@ -159,14 +202,105 @@ def bootstrap_interval(
     images (a mean, a Brier score, an ECE's per-bin gaps) then costs one matrix product, not
     a thousand calls. Resamples go in chunks of 100, so memory stays at 100 x n counts.
     """
+    return percentiles(bootstrap_values(statistic, n, resamples, seed), confidence)
+
+
+def bootstrap_values(statistic, n: int, resamples: int = 1000, seed: int = 0):
+    """The statistic's value on each of `resamples` resamples of n items (`bootstrap_interval`
+    says what `statistic` takes)."""
     rng = np.random.default_rng(seed)
     values = []
     for start in range(0, resamples, 100):
         size = min(100, resamples - start)
-        drawn = rng.integers(0, n, (size, n))
-        weights = np.zeros((size, n), dtype=np.float64)
-        np.add.at(weights, (np.repeat(np.arange(size), n), drawn.ravel()), 1.0)
-        values.append(np.asarray(statistic(weights), dtype=np.float64))
+        values.append(np.asarray(statistic(resample_counts(rng, size, n)), dtype=np.float64))
+    return np.concatenate(values)
+
+
+def resample_counts(rng, size: int, n: int):
+    """A (size, n) matrix: how often each of n items was drawn in each of `size` resamples of n
+    draws with replacement."""
+    drawn = rng.integers(0, n, (size, n))
+    counts = np.zeros((size, n), dtype=np.float64)
+    np.add.at(counts, (np.repeat(np.arange(size), n), drawn.ravel()), 1.0)
+    return counts
+
+
+def percentiles(values, confidence: float = CONFIDENCE) -> tuple[float, float]:
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(np.concatenate(values), [tail, 100 - tail])
+    low, high = np.percentile(values, [tail, 100 - tail])
     return (float(low), float(high))
+
+
+@dataclass
+class Bootstrap:
+    difference: float  # the observed mean difference
+    ci95: tuple[float, float]
+    p_value: float  # two-sided: twice the smaller share of resamples on either side of 0
+
+
+def paired_bootstrap(differences, resamples: int = 2000, seed: int = 0) -> Bootstrap:
+    """A two-level paired bootstrap of two groups scored on the same test images.
+
+    `differences` is a (members, images) matrix: for each pair of members (the same seed, or
+    fold) and each test image, the first member's score minus the second's (for accuracy, 1, 0
+    or -1). Each resample draws the member pairs and, independently, the images with
+    replacement, so the interval of the mean difference covers the seeds' noise and the test
+    sample's. (Resampling only the members leaves out the images'; only the images, the
+    seeds'.) The p-value is the percentile bootstrap's: where 0 falls among the resamples.
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    k, n = d.shape
+    members = np.random.default_rng([seed, 1])
+
+    def mean_difference(image_counts):
+        member_counts = resample_counts(members, len(image_counts), k)
+        return ((member_counts @ d) * image_counts).sum(axis=1) / (k * n)
+
+    values = bootstrap_values(mean_difference, n, resamples, seed)
+    share = min(float((values <= 0).mean()), float((values >= 0).mean()))
+    return Bootstrap(float(d.mean()), percentiles(values), min(1.0, 2 * share))
+
+
+@dataclass
+class Posterior:
+    """What a Bayesian test says of the mean difference (first minus second)."""
+
+    first_better: float  # P(difference > rope)
+    equivalent: float  # P(-rope <= difference <= rope)
+    second_better: float  # P(difference < -rope)
+
+
+def bayesian_correlated_t(differences, test_share: float, rope: float) -> Posterior:
+    """The Bayesian correlated t-test of paired `differences` (one per fold or seed): the
+    posterior of the mean difference is Student's t with k - 1 degrees of freedom, centred on
+    the mean difference, with the corrected t-test's variance (1/k + n_test/n_train) s^2
+    (`corrected_resampled_t`; 0 for `test_share` of seeds on one split, whose training sets do
+    not overlap). `rope`: the region of practical equivalence, +-rope around 0.
+    """
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=np.float64)
+    k = len(d)
+    if k < 2:
+        raise ValueError("the Bayesian correlated t-test needs two or more paired differences")
+    mean, variance = float(d.mean()), float(d.var(ddof=1))
+    if variance == 0.0:  # every difference equal: the posterior is a point
+        return Posterior(float(mean > rope), float(abs(mean) <= rope), float(mean < -rope))
+    posterior = stats.t(k - 1, loc=mean, scale=math.sqrt((1 / k + test_share) * variance))
+    below, above = float(posterior.cdf(-rope)), float(posterior.sf(rope))
+    return Posterior(above, max(0.0, 1.0 - above - below), below)
+
+
+def holm(p_values) -> list[float]:
+    """Holm's step-down adjustment of the p-values of several comparisons, in their order: the
+    i-th smallest is multiplied by (m - i + 1), kept non-decreasing and at most 1. It controls
+    the chance of any false claim among the m, under any dependence between them."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.empty(m)
+    running = 0.0
+    for rank, index in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[index]))
+        adjusted[index] = running
+    return adjusted.tolist()

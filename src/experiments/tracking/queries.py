@@ -57,14 +57,27 @@ def run_rows(
 
 
 def find_run(run_id: str, uri: str | None = None) -> RunRow | None:
-    """The run `run_id`, or None when the store has no such run."""
+    """The run `run_id`, or the one run whose id starts with it (the 8 characters tables
+    show); None when the store has no such run."""
+    import re
+
     from mlflow.exceptions import MlflowException
 
     try:
-        run = client(uri).get_run(run_id)
+        return _row(client(uri).get_run(run_id), experiments(uri))
     except MlflowException:
+        pass
+    if not re.fullmatch(r"[0-9a-f]{6,31}", run_id):
         return None
-    return _row(run, experiments(uri))
+    found = run_rows(f"attributes.run_id LIKE '{run_id}%'", uri=uri)
+    if len(found) > 1:
+        from experiments.core.errors import ExperimentError
+
+        raise ExperimentError(
+            f"run id {run_id} starts {len(found)} runs' ids ({', '.join(r.run_id for r in found)})"
+            f"; give more of it"
+        )
+    return found[0] if found else None
 
 
 def finished_member(parent_id: str, identity: str) -> RunRow | None:
