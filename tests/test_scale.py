@@ -134,6 +134,55 @@ def test_three_workers_finish_one_study_on_postgresql_and_one_mlflow_server(
         server.stop()
 
 
+def test_no_password_is_recorded_or_printed(postgres, tmp_path, image_folder):
+    """A two-trial sweep on a real PostgreSQL storage, and a real MLflow server, both named by
+    URLs that hold made-up passwords: neither is found anywhere afterwards, not in the MLflow
+    store (params, tags, artifacts), the sweep's and jobs' folders (Hydra's .hydra/*.yaml,
+    multirun.log, trials.csv) nor the captured output; and both URLs worked."""
+    import optuna
+
+    storage_password, tracking_password = "Storage-S3cret-7f2a", "Tracking-S3cret-9c1d"
+    storage = postgres.database("optuna_secret").replace(
+        "postgres@", f"postgres:{storage_password}@"
+    )  # the server trusts 127.0.0.1: any password opens it
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    try:
+        tracking = server.url.replace("http://", f"http://lab:{tracking_password}@")
+        worker = sweep(
+            tmp_path / "machine",
+            image_folder,
+            f"hydra.sweeper.storage={storage}",
+            "hydra.sweeper.study_name=secret",
+            "hydra.sweeper.n_trials=2",
+            "trainer.epochs=1",
+            f"tracking.uri={tracking}",
+        )
+        finish([worker])
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(server.url)
+        runs = client.search_runs([client.get_experiment_by_name("folder").experiment_id])
+    finally:
+        server.stop()
+    assert len(runs) == 3  # the sweep's parent and its two trials: the tracking URL worked
+    (trial, *_) = [r for r in runs if r.data.tags.get("sweep") != "true"]
+    assert trial.data.params["tracking.uri"] == server.url.replace("http://", "http://lab:***@")
+    assert "hydra.sweeper.storage=postgresql://postgres:***@" in trial.data.tags["command"]
+    study = optuna.load_study(study_name="secret", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2
+    output = worker.log.read_text()
+    assert "postgres:***@127.0.0.1" in output  # the sweep's first line names it, masked
+    found = []
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            found += [f"{path}: {word}" for word in (storage_password, tracking_password)
+                      if word.encode() in data]  # fmt: skip
+    assert not found, found
+    assert f"tracking.uri=http://lab:***@127.0.0.1:{server.port}" in trial.data.tags["command"]
+
+
 HOST_OF = (
     "import socket\n"
     "socket.gethostname = lambda: {host!r}  # another machine, as far as the study can tell\n"

@@ -10,6 +10,7 @@ from experiments.core.devices import DEVICE_SLOT_ENV
 from experiments.core.interrupts import uninterrupted
 from experiments.core.job import defining_overrides
 from experiments.core.processes import TRIAL_KEYS, Owner, this_process
+from experiments.core.secrets import redact, redacted
 from experiments.sweeps.studies import JOURNAL_PREFIX, open_storage
 from experiments.sweeps.trial import STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 from experiments.tracking import end_stale_trial_runs, log_study, tag_trial_runs
@@ -28,6 +29,8 @@ __all__ = [
     "end_stale_trial_runs",
     "log_study",
     "open_storage",
+    "redact",
+    "redacted",
     "tag_trial_runs",
     "this_process",
     "uninterrupted",

@@ -1,7 +1,9 @@
 """The job side of our Optuna sweeper: which trial this job runs, and its epochs reported to it.
 
-The sweeper sets the storage, the study and the trial number in the job's environment (through
-`hydra.job.env_set`, not task overrides); the storage is the channel between the two.
+The sweeper sets the storage, the study and the trial number in the job's environment: the
+storage's URL, which may hold a password, in its own environment, which the job inherits; the
+study and the trial through `hydra.job.env_set` (not task overrides). The storage is the channel
+between the two.
 """
 
 from __future__ import annotations

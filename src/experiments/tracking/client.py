@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from experiments.core.secrets import redact
+
 LOCAL_SCHEMES = ("sqlite:", "file:", "/")
 # MLflow's HTTP client retries a failed call for minutes by default; a lost server must cost
 # seconds, since every call is then kept in the outbox instead. The user's own settings win.
@@ -59,6 +61,8 @@ def point_at(uri: str) -> None:
     # MLflow draws a download bar for each file of a model it loads; our commands say in one
     # line what they load, and the bars read as noise in a log.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if redact(uri) != uri:  # MLflow prints each run's URL, password and all
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
     _pointed[:] = [uri]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from experiments.core.errors import ExperimentError
 from experiments.core.interrupts import deferred, raise_if_pending, uninterrupted
 from experiments.core.processes import RUN_KEYS, memory_metrics, this_process
+from experiments.core.secrets import redact
 from experiments.tracking import tags as T
 from experiments.tracking.client import client
 from experiments.tracking.outbox import Outbox
@@ -99,6 +100,7 @@ def _open_run(tracking, run_name: str, tags: dict, identity: str | None, resume:
     resumed = resumable_run(experiment_id, identity, resume) if identity else None
     owner = {k: str(v) for k, v in this_process().to_dict(RUN_KEYS).items()}
     tags = tags | owner | ({T.IDENTITY: identity} if identity else {}) | sweep_tags()
+    tags = {key: redact(str(value)) for key, value in tags.items()}  # `command` among them
     nested = mlflow.active_run() is not None  # a group member, inside its parent
     if resumed:
         run = mlflow.start_run(run_id=resumed, nested=nested)
@@ -179,17 +181,19 @@ def log_system_metrics(last: bool = False) -> None:
 
 
 def log_params(params: dict[str, str]) -> None:
-    """Log params to the active run (through its outbox)."""
+    """Log params to the active run (through its outbox), without passwords (`core.secrets`):
+    the outbox keeps what it cannot send yet on disk."""
     active = _active.get("run")
     if active is not None and params:
-        active.outbox.call("params", {"params": {k: str(v) for k, v in params.items()}})
+        values = {k: redact(str(v)) for k, v in params.items()}
+        active.outbox.call("params", {"params": values})
 
 
 def set_tags(tags: dict[str, str]) -> None:
-    """Set tags on the active run (through its outbox)."""
+    """Set tags on the active run (through its outbox), without passwords."""
     active = _active.get("run")
     if active is not None:
-        values = {k: str(v)[: T.MAX_VALUE_CHARS] for k, v in tags.items()}
+        values = {k: redact(str(v))[: T.MAX_VALUE_CHARS] for k, v in tags.items()}
         active.outbox.call("tags", {"tags": values})
 
 
@@ -201,11 +205,12 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
 
 
 def log_text(text: str, artifact_file: str) -> None:
-    """Log `text` as the file `artifact_file` of the active run (through its outbox)."""
+    """Log `text` as the file `artifact_file` of the active run (through its outbox), without
+    passwords (a config, a command)."""
     folder, _, name = artifact_file.rpartition("/")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
-        path.write_text(text)
+        path.write_text(redact(text))
         log_artifact(path, folder or None)
 
 

@@ -77,8 +77,7 @@ def _settle(uri: str, outbox_dir: str | Path | None) -> None:
 def check_reachable(tracking) -> None:
     """A tracking server that does not answer stops the run now, in seconds, before any data is
     loaded; a local store needs no check."""
-    import urllib.error
-    import urllib.request
+    import requests  # not urllib: a URL's user:password@ becomes basic auth, as MLflow sends it
 
     uri = str(tracking.uri)
     if is_local(uri) or not uri.startswith(("http://", "https://")):
@@ -86,11 +85,9 @@ def check_reachable(tracking) -> None:
     timeout = float(
         os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
     )
-    try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return  # it answers; a proxy may not route /health
-    except (OSError, ValueError) as err:
+    try:  # any answer will do: a proxy may not route /health
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except (requests.RequestException, OSError, ValueError) as err:
         raise ExperimentError(unreachable_message(uri, err)) from None
 
 

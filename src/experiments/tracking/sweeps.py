@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.core.interrupts import uninterrupted
 from experiments.core.job import SWEEP_OVERRIDES_ENV, defining_overrides, sweep_keys
 from experiments.core.processes import GROUP_PARENT_ENV, RUN_KEYS, this_process
+from experiments.core.secrets import redact
 from experiments.tracking import tags as T
 from experiments.tracking.client import client
 from experiments.tracking.outbox import STALE_TRIAL
@@ -174,7 +175,9 @@ class MlflowSweepCallback(Callback):
             **{k: str(v) for k, v in this_process().to_dict(RUN_KEYS).items()},
         }
         run = mlflow_client.create_run(
-            experiment_id, run_name=f"sweep-{Path(hydra_cfg.sweep.dir).name}", tags=tags
+            experiment_id,
+            run_name=f"sweep-{Path(hydra_cfg.sweep.dir).name}",
+            tags={key: redact(value) for key, value in tags.items()},
         )
         chosen = sweep_parent(mlflow_client, experiment_id, identity)
         if chosen and chosen != run.info.run_id:
@@ -339,7 +342,7 @@ def log_study(study, sweep_dir: Path, results: dict, plots: list[Path]) -> None:
     if "best_value" in results:
         mlflow_client.log_metric(parent, "best_value", float(results["best_value"]))
         for key, value in results["best_params"].items():
-            mlflow_client.log_param(parent, f"best.{key}", str(value))
+            mlflow_client.log_param(parent, f"best.{key}", redact(str(value)))
     if "solutions" in results:
         names = results["metric"] if isinstance(results.get("metric"), list) else None
         rows = []

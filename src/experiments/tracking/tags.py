@@ -67,7 +67,10 @@ PARETO = "pareto"
 
 
 def as_run_tags(tags: dict[str, object]) -> list:
-    """MLflow RunTag entities of `tags`, each value cut to MLflow's limit."""
+    """MLflow RunTag entities of `tags`, each value without passwords (`core.secrets`) and cut
+    to MLflow's limit. Every tag the project sets goes through here."""
     from mlflow.entities import RunTag
 
-    return [RunTag(k, str(v)[:MAX_VALUE_CHARS]) for k, v in tags.items()]
+    from experiments.core.secrets import redact
+
+    return [RunTag(k, redact(str(v))[:MAX_VALUE_CHARS]) for k, v in tags.items()]

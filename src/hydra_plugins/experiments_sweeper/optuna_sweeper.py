@@ -9,6 +9,7 @@ its epochs to that trial through the storage (experiments.sweeps.trial).
 """
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from experiments.sweeps.plugin import (
     T,
     defining_overrides,
     open_storage,
+    redact,
     this_process,
     uninterrupted,
 )
@@ -112,7 +114,7 @@ class OptunaSweeper(Sweeper):
             "/".join(directions),
             "/".join(metrics or ["the returned value"]),
             type(sampler).__name__,
-            storage_url,
+            redact(storage_url),
             self._counted(study),
             n_trials,
         )
@@ -143,7 +145,11 @@ class OptunaSweeper(Sweeper):
 
     def _run_trials(self, study, storage, space: SearchSpace, n_trials: int, storage_url: str):
         """Ask, launch and tell batches of `n_jobs` trials until the study has `n_trials`."""
-        plumbing = {STORAGE_ENV: storage_url, STUDY_ENV: study.study_name}
+        # The storage's URL reaches the jobs through this process's environment, which every
+        # launcher passes on (joblib's workers, submitit's local and SLURM jobs), not through
+        # hydra.job.env_set, which each job's .hydra/hydra.yaml would keep, password and all.
+        os.environ[STORAGE_ENV] = storage_url
+        plumbing = {STUDY_ENV: study.study_name}
         job_index = 0
         while True:
             take_over_stale_trials(study)
@@ -209,7 +215,7 @@ class OptunaSweeper(Sweeper):
         elif stored != identity:
             changed = [k.replace("_", " ") for k in identity if identity[k] != stored.get(k)]
             raise SweepError(
-                f"study {study.study_name!r} in {storage_url} was started with other "
+                f"study {study.study_name!r} in {redact(storage_url)} was started with other "
                 f"{' and '.join(changed)} (there: {stored['overrides']}, "
                 f"{list(stored['search_space'])}); to keep both, start a new study with "
                 f"hydra.sweeper.study_name=<new name>, or rerun the original command to resume it"

@@ -140,7 +140,7 @@ def plots(study, sweep_dir: Path, metrics: list[str] | None) -> list[Path]:
 
 @uninterrupted
 def write_results(study, sweep_dir: Path, metrics: list[str] | None) -> None:
-    from experiments.sweeps.plugin import log_study, tag_trial_runs
+    from experiments.sweeps.plugin import log_study, redact, redacted, tag_trial_runs
 
     frame = study.trials_dataframe(
         attrs=("number", "state", "value", "duration", "params", "user_attrs")
@@ -158,6 +158,7 @@ def write_results(study, sweep_dir: Path, metrics: list[str] | None) -> None:
         frame["pareto"] = frame["number"].isin(front)
         tags = {n: {T.PARETO: str(n in front).lower()} for n in frame["number"]}
         tag_trial_runs(study.study_name, tags)
-    frame.to_csv(sweep_dir / "trials.csv", index=False)
-    OmegaConf.save(OmegaConf.create(results), sweep_dir / "optimization_results.yaml")
+    # Without passwords: a URL with credentials among the trials' params or attributes.
+    (sweep_dir / "trials.csv").write_text(redact(frame.to_csv(index=False)))
+    OmegaConf.save(OmegaConf.create(redacted(results)), sweep_dir / "optimization_results.yaml")
     log_study(study, sweep_dir, results, plots(study, sweep_dir, metrics))
