@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from experiments.core.compile_cache import count_jax_cache_events
+from experiments.core.compile_cache import count_jax_cache_events, time_jax_compiles
 from experiments.core.devices import visible_gpus
 from experiments.core.errors import ExperimentError
 
@@ -56,6 +56,8 @@ def use_backend(name: str) -> str:
                 f"backend in this process; set KERAS_BACKEND={name} before starting Python, or "
                 f"run backend={name} in its own process"
             )
+        if name == "jax":  # a later run in this process (a sweep's job, a test)
+            time_jax_compiles()
         return name
     package, install = BACKENDS[name]
     try:
@@ -87,6 +89,7 @@ def use_backend(name: str) -> str:
     os.environ["KERAS_BACKEND"] = name
     if name == "jax":
         count_jax_cache_events()
+        time_jax_compiles()
         # JAX logs at INFO each platform it could not start ("Unable to initialize backend
         # 'tpu'"), which reads as an error on any machine without a TPU.
         logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

@@ -73,6 +73,37 @@ def count_jax_cache_events() -> None:
     _cache_counts["listening"] = 1
 
 
+# JAX's stages of making a program (jax.monitoring duration events): tracing to a jaxpr,
+# lowering to MLIR, and XLA's compile, or the persistent cache's read where it hits.
+COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_compile_seconds: list[float] = []  # [total] once listening
+
+
+def time_jax_compiles() -> None:
+    """Add up the seconds JAX spends making programs (`COMPILE_EVENTS`), once a process."""
+    if _compile_seconds:
+        return
+    import jax
+
+    _compile_seconds.append(0.0)
+
+    def listen(event: str, duration: float, **kwargs) -> None:
+        if event in COMPILE_EVENTS:
+            _compile_seconds[0] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+
+
+def jax_compile_seconds() -> float | None:
+    """Seconds JAX has spent making programs in this process; None when it is not counted (the
+    backend is not JAX)."""
+    return _compile_seconds[0] if _compile_seconds else None
+
+
 def compilation_cache_counts(reset: bool = False) -> dict[str, int]:
     """Hits and misses of the persistent compilation cache since the last reset; {} where the
     backend keeps no count (TensorFlow)."""

@@ -36,6 +36,8 @@ KILLED_REASON = "killed_reason"  # closed by another process: its owner was gone
 ERROR = "error"
 PRUNED = "pruned"
 RETURNED_VALUE = "returned_value"  # what the job returned to its sweeper (JSON)
+# How time_compile_s was had: "measured" (JAX's compile events) or "estimated" (first epochs).
+COMPILE_TIME = "time_compile_source"
 
 # Sweeps: the parent run of a multirun and its jobs
 SWEEP = "sweep"  # "true" on a multirun's parent run
