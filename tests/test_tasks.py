@@ -136,6 +136,59 @@ def test_exif_orientation_is_applied(orientation, tmp_path):
     assert decoded.turned == (orientation != 1)
 
 
+def test_a_large_jpeg_decodes_at_a_reduced_scale_and_the_same_picture(tmp_path, monkeypatch):
+    """A 2,400 x 1,600 JPEG for a 64 x 64 model decodes at 1/8 of its size (300 x 200, which
+    still covers 64), turned upright; the picture is the one a full decode and resize gives."""
+    from PIL import Image, ImageFile
+
+    from experiments.data.decoding import decode_image
+
+    photo = np.kron(quadrants(24, 16), np.ones((100, 100, 1), np.uint8))  # 2,400 x 1,600
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(np.ascontiguousarray(np.rot90(photo, 1))).save(path, quality=95, exif=exif)
+    loaded = []
+    original = ImageFile.ImageFile.load
+
+    def load(image):
+        loaded.append(image.size)
+        return original(image)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    decoded = decode_image(path, (64, 64))
+    assert loaded[0] == (300, 200)  # stored landscape: the rows as the sensor wrote them
+    monkeypatch.setattr(ImageFile.ImageFile, "load", original)
+    with Image.open(path) as image:  # the whole image, then resized
+        full = np.asarray(image.transpose(Image.Transpose.ROTATE_270).resize((64, 64)))
+    assert decoded.turned and decoded.image.shape == (64, 64, 3)
+    assert np.abs(decoded.image.astype(int) - full.astype(int)).mean() < 3
+
+
+def test_images_over_the_pixel_limit_are_skipped_in_one_line(tmp_path, paths, caplog):
+    """Over `task.max_image_pixels` an image is skipped with one warning naming it and its size,
+    never Pillow's DecompressionBombWarning; raising the limit decodes it (a cache of its own);
+    a bad limit is one line."""
+    import logging
+    import warnings
+
+    from PIL import Image
+
+    from experiments.core.errors import ExperimentError
+
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=8, size=20)
+    Image.new("RGB", (1200, 1000), (9, 9, 9)).save(root / "class_0" / "huge.png")
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error")  # any Python warning would fail here
+        task = load_task(task_cfg(root, max_image_pixels=1_000_000), paths)
+    assert [p.rsplit("/", 1)[-1] for p in task.skipped] == ["huge.png"]
+    (line,) = [r.getMessage() for r in caplog.records if "huge.png" in r.getMessage()]
+    assert "1200 x 1000 pixels, over the limit of 1,000,000; raise max_image_pixels" in line
+    assert load_task(task_cfg(root), paths).skipped == []  # Pillow's limit: decoded
+    with pytest.raises(ExperimentError, match="max_image_pixels=lots is not a count of pixels"):
+        load_task(task_cfg(root, max_image_pixels="lots"), paths)
+
+
 def test_turned_images_are_counted_with_the_task(tmp_path, paths):
     from PIL import Image
 

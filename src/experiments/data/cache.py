@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 
 # How images are decoded: a change makes earlier caches stale (2: EXIF orientation applied, 16-bit
-# and float images scaled instead of clipped).
-DECODING = 2
+# and float images scaled instead of clipped; 3: JPEGs decoded at a reduced scale, and a pixel
+# limit).
+DECODING = 3
 
 
 def cached_task(paths, key, decode: Callable[[Path], Task]) -> Task:
@@ -30,7 +31,9 @@ def cached_task(paths, key, decode: Callable[[Path], Task]) -> Task:
     larger than memory) or return them in memory; either way the task returned reads them
     memory-mapped from the cache.
     """
-    versioned = [DECODING, key]
+    from experiments.data.decoding import pixel_limit
+
+    versioned = [DECODING, pixel_limit(), key]  # a raised limit decodes what was skipped
     digest = hashlib.sha256(json.dumps(versioned, default=str).encode()).hexdigest()[:20]
     path = Path(paths.cache_dir) / "images" / digest
     cached = read_cache(path, _read_task)

@@ -1,5 +1,7 @@
 """Decoding image files once: RGB, upright by their EXIF orientation, 16-bit and float images
-scaled rather than clipped, resized; a file that is not an image is skipped with one warning."""
+scaled rather than clipped, resized; a file that is not an image, or has more pixels than the
+limit (`task.max_image_pixels`, Pillow's own by default), is skipped with one warning. A JPEG
+is decoded at the smallest of its reduced scales that still covers the size asked for."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.core.errors import ExperimentError
 from experiments.core.progress import progress
 from experiments.data.arrays import RowWriter, chunk_rows, open_rows
 
@@ -84,6 +87,36 @@ class OutOfRange(ValueError):
     """An image whose values cannot be mapped to 0-255 without guessing."""
 
 
+# The most pixels an image may have to be decoded; None: Pillow's own limit
+# (Image.MAX_IMAGE_PIXELS, 89,478,485: about 9,459 x 9,459). Set by use_pixel_limit.
+_max_pixels: list[int | None] = [None]
+
+
+def use_pixel_limit(limit) -> int:
+    """Decode images of up to `limit` pixels from now on (None: Pillow's own); the limit."""
+    from PIL import Image
+
+    if limit is not None and (
+        isinstance(limit, bool) or not str(limit).isdigit() or int(limit) <= 0
+    ):
+        raise ExperimentError(
+            f"max_image_pixels={limit} is not a count of pixels; give a positive integer such "
+            f"as 200000000, or null for Pillow's limit ({PILLOW_MAX_PIXELS:,})"
+        )
+    # Our own check, one warning line per file, replaces Pillow's DecompressionBombWarning.
+    Image.MAX_IMAGE_PIXELS = None
+    _max_pixels[0] = None if limit is None else int(limit)
+    return pixel_limit()
+
+
+def pixel_limit() -> int:
+    return _max_pixels[0] or PILLOW_MAX_PIXELS
+
+
+# Pillow's default Image.MAX_IMAGE_PIXELS: 1 GiB of 4-byte pixels over 3.
+PILLOW_MAX_PIXELS = 1024 * 1024 * 1024 // 4 // 3
+
+
 def decode_image(path: Path, size: tuple[int, int]) -> Decoded | None:
     """The image as the camera meant it, RGB uint8 of `size` (h, w); None with one warning if the
     file is not a decodable image or its values are out of range.
@@ -93,8 +126,25 @@ def decode_image(path: Path, size: tuple[int, int]) -> Decoded | None:
     """
     from PIL import Image, ImageOps
 
+    Image.MAX_IMAGE_PIXELS = None  # checked here instead, against pixel_limit()
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > pixel_limit():
+                log.warning(
+                    "skipping %s: %d x %d pixels, over the limit of %s; raise "
+                    "max_image_pixels (task.max_image_pixels when training) to decode it",
+                    path,
+                    width,
+                    height,
+                    f"{pixel_limit():,}",
+                )
+                return None
+            # A JPEG decodes at 1/2, 1/4 or 1/8 of its size when that still covers `size`
+            # (either way round, before EXIF turns it): a 12,000-pixel photo for a 224 model
+            # then costs a 64th of the memory. Other formats ignore it.
+            side = max(size)
+            image.draft(None, (side, side))
             orientation = image.getexif().get(EXIF_ORIENTATION, 1)
             # Decoding fully here makes truncated files fail now, not mid-epoch.
             upright = ImageOps.exif_transpose(image)

@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 
 def load_task(cfg, paths) -> Task:
     """The task named by `cfg.loader`, downloaded if needed, decoded once and split."""
+    from experiments.data.decoding import use_pixel_limit
+
     size = check_image_size(cfg.image_size)
+    use_pixel_limit(cfg.get("max_image_pixels"))
     loader = LOADERS.get(cfg.loader)
     if loader is None:
         raise ExperimentError(

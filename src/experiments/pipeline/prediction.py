@@ -21,8 +21,10 @@ def predict(cfg: DictConfig) -> int:
     """Predict every image of `cfg.input` with `cfg.model`; the number of images predicted."""
     from experiments import tracking
     from experiments.core.backend import use_backend
+    from experiments.data.decoding import use_pixel_limit
     from experiments.evaluation.calibration import class_probabilities
 
+    use_pixel_limit(cfg.get("max_image_pixels"))  # a bad value is one line, before any work
     use_backend(cfg.backend)  # before anything imports Keras
     from experiments.model.forward import predict_in_batches
 
@@ -47,7 +49,7 @@ def predict(cfg: DictConfig) -> int:
     output = Path(str(cfg.output))
     write_predictions(output, kept, probabilities, class_names, int(cfg.top_k))
     log.info(
-        "predicted %d images with %s (%d skipped, not decodable): %s",
+        "predicted %d images with %s (%d skipped: not decodable, or too large): %s",
         len(kept),
         cfg.model,
         len(files) - len(kept),
