@@ -281,3 +281,49 @@ def test_data_on_device_auto_keeps_a_split_on_an_accelerator_that_has_room(monke
         )
         for name in ("train", "val"):
             assert isinstance(images_dataset(ctx, name)[0][0], kind), (setting, name)
+
+
+def test_a_split_fits_the_page_cache_by_each_jobs_share_of_the_memory(monkeypatch, tmp_path):
+    """A memory-mapped split is read as from memory when it takes at most half of the memory
+    available, divided among the sweep's jobs on this machine (each sees the same free memory)."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    from experiments.core.devices import DEVICE_SLOT_ENV
+    from experiments.data.arrays import open_rows
+    from experiments.data.inputs import reads_wait_on_disk
+
+    np.save(tmp_path / "x.npy", np.zeros((100, 10), np.float32))  # 4,000 bytes
+    x = open_rows(tmp_path / "x.npy")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=10_000))
+    monkeypatch.delenv(DEVICE_SLOT_ENV, raising=False)
+    assert not reads_wait_on_disk(x)  # 4,000 <= 5,000
+    monkeypatch.setenv(DEVICE_SLOT_ENV, "1/2")  # one of two jobs: 4,000 > 5,000 / 2
+    assert reads_wait_on_disk(x)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=16_000))
+    assert not reads_wait_on_disk(x)  # 4,000 <= 16,000 / 2 / 2
+    assert not reads_wait_on_disk(np.zeros((100, 10), np.float32))  # in memory already
+
+
+def test_predicting_in_batches_holds_a_bounded_chunk_of_outputs(monkeypatch):
+    """Features go to `write` a chunk at a time, each at most CHUNK_BYTES of outputs, however
+    many rows: Keras' predict holds a call's outputs twice, so the chunk bounds the memory."""
+    import keras
+
+    from experiments.model import forward
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(20_000)])  # 80 KB a row
+    monkeypatch.setattr(forward, "CHUNK_BYTES", 2 * 2**20)  # 26 rows: one batch of 16
+    calls, written = [], []
+    original = model.predict
+
+    def predict(data, **kwargs):
+        calls.append(sum(len(data[i][1]) for i in range(len(data))))
+        return original(data, **kwargs)
+
+    monkeypatch.setattr(model, "predict", predict)
+    x = np.random.default_rng(0).normal(size=(80, 4)).astype(np.float32)
+    forward.predict_in_batches(model, x, batch_size=16, what="features", write=written.append)
+    assert calls == [16] * 5  # 2 MB of outputs hold one batch of 16 rows (1.3 MB)
+    assert np.allclose(np.concatenate(written), original(x, verbose=0), atol=1e-5)

@@ -71,6 +71,16 @@ def use_device_slot() -> str | None:
     return gpu
 
 
+def jobs_sharing_host() -> int:
+    """How many jobs of a sweep run on this machine beside this one, itself included (the n of
+    its `i/n` slot; 1 outside such a job): each takes its part of the host's memory."""
+    slot = os.environ.get(DEVICE_SLOT_ENV, "")
+    try:
+        return max(1, int(slot.split("/")[1]))
+    except (IndexError, ValueError):
+        return 1
+
+
 def jobs_sharing_device() -> int:
     """How many jobs of a sweep share this job's GPU: each takes its part of the memory."""
     return _device_sharing["jobs"]

@@ -8,6 +8,7 @@ host closes or takes over what a dead owner left. One decision, shared by the ML
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -66,8 +67,59 @@ def this_process() -> Owner:
     return Owner(socket.gethostname(), os.getpid(), psutil.Process().create_time())
 
 
+def anon_mb(pid: int | str = "self") -> float | None:
+    """The anonymous resident memory of a process (RssAnon: what it holds itself, not the
+    files it maps, which the page cache can drop), in MB; None where /proc does not say."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class AnonPeak:
+    """The peak anonymous memory of this process and its children (the figure worker), sampled
+    every `interval` seconds in a daemon thread. The kernel keeps a peak of the resident memory
+    (ru_maxrss) but not of its anonymous part, which is what grows when data is held in memory
+    rather than mapped; hence sampling, as `benchmark memory` does."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import threading
+
+        self.interval = interval
+        self.peak = 0.0
+        self._thread = threading.Thread(target=self._sample, name="anon-peak", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import time
+
+        import psutil
+
+        me = psutil.Process()
+        while True:
+            total = anon_mb() or 0.0
+            with contextlib.suppress(psutil.Error):
+                total += sum(anon_mb(child.pid) or 0.0 for child in me.children(recursive=True))
+            self.peak = max(self.peak, total)
+            time.sleep(self.interval)
+
+
+_anon_peak: list[AnonPeak] = []
+
+
+def watch_anon_memory() -> None:
+    """Start sampling the peak anonymous memory (once a process; Linux only)."""
+    if not _anon_peak and anon_mb() is not None:
+        _anon_peak.append(AnonPeak())
+
+
 def memory_metrics() -> dict[str, float]:
-    """This process's peak resident memory so far and its current one, in MB."""
+    """This process's peak resident memory so far and its current one, in MB, and the peak of
+    its anonymous memory and its children's (`peak_anon_mb`) while `watch_anon_memory` runs."""
     import psutil
 
     rss = psutil.Process().memory_info().rss / 2**20
@@ -79,4 +131,5 @@ def memory_metrics() -> dict[str, float]:
         # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
         scale = 1 if sys.platform == "darwin" else 1024
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-    return {"peak_rss_mb": peak, "rss_mb": rss}
+    watched = {"peak_anon_mb": max(_anon_peak[0].peak, anon_mb() or 0.0)} if _anon_peak else {}
+    return {"peak_rss_mb": peak, "rss_mb": rss} | watched

@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 # through tf.data and JAX sends the next batch to the GPU ahead.
 WORKERS = 2
 QUEUE = 8
-# A memory-mapped split larger than this share of the memory available is read from the disk.
+# A memory-mapped split larger than this share of the memory available (divided among the
+# sweep's jobs that run on this machine, which each see the same free memory) is read from the
+# disk. Nothing is read into the process's own memory: a split that fits stays in the page cache.
 CACHED_SHARE = 0.5
 
 
@@ -52,7 +54,9 @@ def reads_wait_on_disk(x) -> bool:
         return False
     import psutil
 
-    return x.nbytes > CACHED_SHARE * psutil.virtual_memory().available
+    from experiments.core.devices import jobs_sharing_host
+
+    return x.nbytes > CACHED_SHARE / jobs_sharing_host() * psutil.virtual_memory().available
 
 
 def on_device(setting, x, what: str) -> bool:

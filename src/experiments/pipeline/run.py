@@ -34,6 +34,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     from experiments.core.compile_cache import jax_compile_seconds, use_compilation_cache
     from experiments.core.devices import use_device_slot
     from experiments.core.phases import Phases
+    from experiments.core.processes import watch_anon_memory
     from experiments.data.tasks import load_task
     from experiments.evaluation import figures
     from experiments.model.backbones import resolve_weights
@@ -43,6 +44,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     from experiments.training.checkpoints import run_identity
 
     phases = Phases()
+    watch_anon_memory()  # peak_anon_mb: what the run holds in memory, not what it maps
     # Values, then the backend, data and weights: a bad value or a missing file stops the run
     # before any model or MLflow run exists. Nothing before use_backend imports Keras.
     with phases.phase("startup"):
