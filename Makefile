@@ -13,8 +13,8 @@ DASHBOARD_PORT ?= 8080
 DOCS_PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-jax test-fast lint format docs docs-build ui server dashboard compare benchmark \
-	runs clean clean-records
+.PHONY: help install train test test-jax test-fast lint format docs docs-build ui server serve dashboard compare \
+	benchmark runs clean clean-records
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -55,6 +55,11 @@ docs-build: ## Build the documentation site into site/, strictly: a broken link 
 
 ui: ## The MLflow UI on the project's store, bound to 127.0.0.1; prints each experiment's link
 	$(BIN)/python -m experiments.ui --host $(HOST) --port $(PORT)
+
+serve: PORT = 5001
+serve: ## Serve a model over HTTP on 127.0.0.1: MODEL=models:/NAME@ALIAS (or runs:/ID/model) [PORT=5001 HOST=]
+	@test -n "$(MODEL)" || { echo "error: set MODEL to the model to serve, e.g. make serve MODEL=models:/digits-classifier@champion" >&2; exit 2; }
+	$(BIN)/python -m experiments.serve "$(MODEL)" --host $(HOST) --port $(PORT)
 
 server: ## The team's MLflow server: DB=postgresql://USER:PASSWORD@DBHOST/mlflow [ARTIFACTS=dir HOST= PORT=]
 	@test -n "$(DB)" || { echo "error: set DB to the server's PostgreSQL database, e.g. make server DB=postgresql://mlflow:PASSWORD@localhost:5432/mlflow (README, Scaling out)" >&2; exit 2; }

@@ -278,3 +278,21 @@ class PostgresServer:
             self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def project_model_server(model_uri: str, tracking_uri: str) -> ModelServer:
+    """`make serve MODEL=...` on 127.0.0.1 from a shell whose PATH lacks the virtualenv, as a
+    new user runs it (`experiments.serve`): nothing activated."""
+    import os
+    import sys
+
+    server = ModelServer(model_uri, tracking_uri)
+    venv_bin = str(Path(sys.executable).parent)
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin]
+    server.env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": os.pathsep.join(path)}
+    makefile = Path(__file__).resolve().parents[1] / "Makefile"
+    server.command = lambda: [
+        "make", "-s", "-f", str(makefile), "serve", f"VENV={sys.prefix}",
+        f"MODEL={model_uri}", f"PORT={server.port}",
+    ]  # fmt: skip
+    return server

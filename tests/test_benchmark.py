@@ -196,6 +196,8 @@ def test_memory_mode_trains_each_dataset_size_and_reports_its_peak(tmp_path):
             str(tmp_path / "work"),
             "--out",
             str(out),
+            "--tolerance-mb",  # the mechanics here, not the target: tiny runs' peaks are noisy
+            "500",
             "backbone=vgg16",
             "backbone.weights=null",
             "strategy=two_stage",
@@ -214,15 +216,18 @@ def test_memory_mode_trains_each_dataset_size_and_reports_its_peak(tmp_path):
     # the folder task splits each class of 10 (30) images 50/25/25
     assert [row["train_images"] for row in rows] == [15, 45]
     assert all(200 < row["peak_rss_mb"] < 4000 and row["train_images_per_s"] > 0 for row in rows)
-    assert report["growth_mb"] == pytest.approx(
-        rows[1]["peak_rss_mb"] - rows[0]["peak_rss_mb"], abs=0.1
+    assert all(100 < row["peak_anon_mb"] < 4000 for row in rows)
+    assert report["growth_mb"] == pytest.approx(  # judged on what the runs held, not mapped
+        rows[1]["peak_anon_mb"] - rows[0]["peak_anon_mb"], abs=0.1
     )
     images = tmp_path / "work" / "images"
     assert len(list((images / "90").rglob("*.jpg"))) == 90
     assert len(list((images / "30").rglob("*.jpg"))) == 30
     linked = next((images / "30").rglob("*.jpg"))
     assert linked.stat().st_nlink == 2  # a hard link into the largest set, not a copy
-    assert "peak RSS grew" in (out / "benchmark-dataset-memory.md").read_text()
+    assert (
+        "peak anonymous memory (RssAnon) grew" in (out / "benchmark-dataset-memory.md").read_text()
+    )
 
 
 @pytest.mark.slow

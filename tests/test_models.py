@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from conftest import compose_config, tiny_overrides
-from helpers import MlflowServer, ModelServer, client_for, env_without, runs_of
+from helpers import (
+    MlflowServer,
+    ModelServer,
+    client_for,
+    env_without,
+    project_model_server,
+    runs_of,
+)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +201,48 @@ def test_served_model_answers_http_with_class_names_and_the_runs_accuracy(store,
         assert (
             status == 400 and "does not match expected shape (-1, 32, 32, 3)" in answer["message"]
         )
+    finally:
+        server.stop()
+
+
+def test_make_serve_takes_encoded_images_and_refuses_bad_pixels(store, image_folder):
+    """`make serve` without an activated virtualenv: the test split's own files, sent encoded
+    (base64, as they are on disk) and decoded by the server as training decoded them, score the
+    run's test accuracy; a 16 x 16 array and the values 1.5 and 300 get a 400 that says why."""
+    import base64
+
+    root, run, _ = store
+    register(root, f"runs:/{run.info.run_id}/model", "--name", "clf", "--alias", "champion")
+    test = decoded_test_split(root, image_folder)
+    server = project_model_server("models:/clf@champion", store_uri(root)).start(timeout=240)
+    try:
+        encoded = [base64.b64encode((image_folder / s).read_bytes()).decode() for s in test.sources]
+        status, answer = server.invoke({"images": encoded})
+        assert status == 200, answer
+        names = ["class_0", "class_1", "class_2"]
+        rows = answer["predictions"]
+        accuracy = np.mean([r["class"] == names[y] for r, y in zip(rows, test.labels, strict=True)])
+        assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
+        for body, says in (
+            (
+                {"inputs": np.zeros((1, 16, 16, 3), int).tolist()},
+                "takes 32 x 32 x 3 images; got 16",
+            ),
+            (
+                {"inputs": np.full((1, 32, 32, 3), 1.5).tolist()},
+                "integers from 0 to 255; found 1.5",
+            ),
+            (
+                {"inputs": np.full((1, 32, 32, 3), 300).tolist()},
+                "integers from 0 to 255; found 300",
+            ),
+            ({"images": ["not base64!"]}, "images[0] is not base64 text"),
+            ({"images": [base64.b64encode(b"text").decode()]}, "images[0] is not a decodable"),
+        ):
+            status, answer = server.invoke(body)
+            assert status == 400 and says in answer["message"], answer
+        status, _ = server.invoke({"inputs": test.images[:2].tolist()})
+        assert status == 200  # and it keeps serving
     finally:
         server.stop()
 

@@ -118,7 +118,7 @@ def test_every_command_and_console_script_answers_help():
     from importlib.metadata import distribution
 
     scripts = [e for e in distribution("experiments").entry_points if e.group == "console_scripts"]
-    assert len(scripts) == 9, [e.name for e in scripts]
+    assert len(scripts) == 10, [e.name for e in scripts]
     commands = []
     for script in scripts:
         assert callable(script.load()), script.name

@@ -119,6 +119,7 @@ def test_a_run_records_where_its_time_went(make_config, tmp_path, caplog):
     assert metrics["time_total_s"] == pytest.approx(sum(seconds), abs=0.01)
     assert metrics["time_train_s"] > 0 and metrics["time_evaluate_s"] > 0
     assert metrics["time_compile_s"] > 0  # the first epoch compiles: it is the slowest
+    assert metrics["peak_anon_mb"] > 100  # what the run held itself, sampled (Keras alone: more)
     jax = keras.backend.backend() == "jax"  # JAX counts its compiles; elsewhere an estimate
     assert run.data.tags["time_compile_source"] == ("measured" if jax else "estimated")
     run_s = metrics["time_total_s"] - metrics["time_startup_s"]

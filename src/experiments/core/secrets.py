@@ -14,6 +14,7 @@ MLflow `MLFLOW_TRACKING_USERNAME` and `MLFLOW_TRACKING_PASSWORD`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,6 @@ def redacted(value: Any) -> Any:
 
 def redact_file(path: Path) -> bool:
     """Rewrite a text file with its passwords as `***` (atomically); whether it held one."""
-    from experiments.core.files import atomic_path
-
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError):
@@ -59,8 +58,11 @@ def redact_file(path: Path) -> bool:
     clean = redact(text)
     if clean == text:
         return False
-    with atomic_path(path) as tmp:
-        tmp.write_text(clean)
+    # Beside it, then renamed over it (not core.files.atomic_path: core.errors imports this
+    # module, and core.files imports core.errors).
+    tmp = path.with_name(f".{path.name}.redacted")
+    tmp.write_text(clean)
+    os.replace(tmp, path)
     return True
 
 

@@ -15,14 +15,14 @@ its study; and reading the store back. One module per concern:
 | `system` | a run's system metrics, sampled by MLflow's monitors |
 | `views` | how MLflow's UI opens an experiment: model training, the comparison view |
 | `registry` | the model registry: versions, aliases, a model URI's source run |
-| `serving` | the logged model's pyfunc flavor: class names and probabilities |
+| `serving` | the logged model's pyfunc flavor (class names and probabilities) and its server |
 | `tags` | the names of every tag the project writes or reads |
 
 MLflow is imported inside the functions, so composing a config never pays for it.
 """
 
 from experiments.core.processes import GROUP_PARENT_ENV, memory_metrics
-from experiments.tracking import registry, tags
+from experiments.tracking import registry, serving, tags
 from experiments.tracking.client import HTTP_DEFAULTS, sqlite_uri
 from experiments.tracking.outbox import Outbox, flush_outbox, pending_outboxes, sync_outboxes
 from experiments.tracking.queries import (
@@ -131,6 +131,7 @@ __all__ = [
     "run_status",
     "run_tags",
     "runs_table",
+    "serving",
     "serving_requirements",
     "set_tags",
     "set_tracking",
