@@ -67,7 +67,7 @@ def point_at(uri: str) -> None:
     _pointed[:] = [uri]
 
 
-def unreachable_message(uri: str, err: BaseException) -> str:
+def unreachable_message(uri: str, err: BaseException | str) -> str:
     return (
         f"cannot reach the MLflow store tracking.uri={uri} ({str(err).splitlines()[0][:300]}); "
         f"start the server or fix tracking.uri / MLFLOW_TRACKING_URI"

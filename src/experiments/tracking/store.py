@@ -88,7 +88,11 @@ def check_reachable(tracking) -> None:
     try:  # any answer will do: a proxy may not route /health
         requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).close()
     except (requests.RequestException, OSError, ValueError) as err:
-        raise ExperimentError(unreachable_message(uri, err)) from None
+        import re
+
+        # requests wraps the reason in its pool's words: the socket's own is the one to read.
+        reason = re.search(r"\[Errno -?\d+\][^'\")]*", str(err))
+        raise ExperimentError(unreachable_message(uri, reason[0] if reason else err)) from None
 
 
 def artifact_root(tracking) -> Path | None:
