@@ -23,8 +23,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-install: $(BIN)/python ## Create .venv and install the package with the dev, docs, offline, jax and scale extras
-	$(BIN)/pip install -e ".[dev,docs,offline,jax,scale]"
+install: $(BIN)/python ## Create .venv and install the package with the dev, docs, offline, jax, scale and onnx extras
+	$(BIN)/pip install -e ".[dev,docs,offline,jax,scale,onnx]"
 
 train: ## Run the offline quickstart (digits on a pretrained VGG16); ARGS="..." adds overrides
 	$(BIN)/python -m experiments.train experiment=quickstart $(ARGS)

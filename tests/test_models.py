@@ -287,6 +287,53 @@ def test_export_saved_model_predicts_the_runs_test_accuracy(store, image_folder,
     assert again.returncode == 2 and f"--output {output} exists" in again.stderr
 
 
+def test_export_onnx_takes_one_image_input_and_predicts_the_runs_test_accuracy(
+    store, image_folder, tmp_path
+):
+    """VGG16's preprocessing (a mean pixel) no longer becomes a second ONNX input: the file has
+    one input, and onnxruntime scores the run's test accuracy on the decoded test split."""
+    import json
+
+    import onnxruntime
+
+    root, run, _ = store
+    register(root, f"runs:/{run.info.run_id}/model", "--name", "clf", "--alias", "champion")
+    output = tmp_path / "clf.onnx"
+    result = export_cli(root, "models:/clf@champion", "--format", "onnx", "--output", str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"as onnx to {output}" in result.stdout and "np.object" not in result.stderr
+    classes = json.loads(output.with_suffix(".classes.json").read_text())
+    assert classes["class_names"] == ["class_0", "class_1", "class_2"]
+    session = onnxruntime.InferenceSession(str(output))
+    (image,) = session.get_inputs()
+    test = decoded_test_split(root, image_folder)
+    (predicted,) = session.run(None, {image.name: test.images.astype("float32")})
+    accuracy = np.mean(predicted.argmax(axis=1) == test.labels)
+    assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
+
+
+def test_onnx_export_of_a_batchnorm_backbone_matches_keras(tmp_path):
+    """MobileNetV2 (batch normalisation, its preprocessing x / 127.5 - 1), built as a run
+    builds it: the exported file predicts as the Keras model, within the check's 1e-4."""
+    import keras
+    import onnxruntime
+
+    from experiments.model.export import TOLERANCE, check, export, exported_predict
+
+    base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    head = keras.Sequential(
+        [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, "softmax")]
+    )
+    inputs = keras.Input((32, 32, 3), name="image")
+    x = keras.applications.mobilenet_v2.preprocess_input(inputs)
+    model = keras.Model(inputs, head(base(x, training=False)))
+    output = tmp_path / "mobilenet.onnx"
+    export(model, "onnx", output, "mobilenet_v2")
+    assert len(onnxruntime.InferenceSession(str(output)).get_inputs()) == 1
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    assert check(model, exported_predict(output, "onnx"), images) <= TOLERANCE
+
+
 @pytest.mark.parametrize(
     ("args", "says"),
     [
@@ -298,7 +345,7 @@ def test_a_failed_export_is_one_line_and_writes_nothing(store, tmp_path, args, s
     root, run, _ = store
     register(root, f"runs:/{run.info.run_id}/model", "--name", "clf", "--alias", "champion")
     output = tmp_path / "out" / "model.onnx"
-    # ONNX without its exporter, as this project installs it (tf2onnx is not a dependency).
+    # ONNX without its exporter: the onnx extra not installed.
     env = env_without(tmp_path, "tf2onnx")
     result = export_cli(root, *args, "--output", str(output), env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -9,9 +9,11 @@ it is moved into place it must predict as the logged model does on random images
 nothing is written.
 
 Which format works on which backend (checked with TensorFlow 2.21, JAX 0.10, Keras 3.15):
-saved_model on tensorflow and jax; onnx needs tf2onnx on tensorflow, jax2onnx on jax or torch's
-exporter, none of them installed by this project (tf2onnx 1.17 turns the VGG/ResNet
-preprocessing constant into a second input, which the check below refuses).
+saved_model on tensorflow and jax; onnx on tensorflow with the `onnx` extra (tf2onnx and
+onnxruntime, which `make install` installs), for every backbone: the model is exported rebuilt
+with its backbone's preprocessing inside a layer (`model.export.preprocessing_in_a_layer`),
+since tf2onnx turns VGG's and ResNet's mean pixel, applied to the symbolic input, into a second
+input. The parity check runs the file in onnxruntime.
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def run(args, project) -> int:
     # Written beside its place and moved there whole, so a failed export leaves nothing.
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
         staged = Path(tmp) / output.name
-        export(model, args.format, staged)
+        export(model, args.format, staged, source.params.get("backbone.module"))
         gap = check(model, exported_predict(staged, args.format), images)
         classes = {"class_names": class_names, "source_run_id": source.run_id}
         if args.format == "saved_model":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +22,59 @@ CHECK_IMAGES = 16
 TOLERANCE = 1e-4
 
 
-def export(model, fmt: str, output: Path) -> None:
-    """Write `model` to `output` in `fmt` with Keras; an exporter that is missing is one line."""
+def export(model, fmt: str, output: Path, backbone_module: str | None = None) -> None:
+    """Write `model` to `output` in `fmt` with Keras; an exporter that is missing is one line.
+    ONNX is written from the model rebuilt with its backbone's preprocessing in a layer
+    (`preprocessing_in_a_layer`, given `backbone_module`, e.g. "vgg16")."""
     from experiments.core.backend import start_up_chatter, stderr_without
 
     keras_format, _ = FORMATS[fmt]
+    if fmt == "onnx" and backbone_module:
+        model = preprocessing_in_a_layer(model, backbone_module)
     model(np.zeros((1, *model.input_shape[1:]), "float32"))  # JAX's exporters need a call
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        # On JAX, the SavedModel exporter imports TensorFlow here: its start-up lines are chatter.
-        with stderr_without(start_up_chatter()):
+        # On JAX, the SavedModel exporter imports TensorFlow here: its start-up lines are chatter;
+        # so is Keras' copy of tf2onnx asking numpy for `np.object`.
+        with stderr_without(start_up_chatter()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*np.object.*", category=FutureWarning)
             model.export(str(output), format=keras_format, verbose=False)
     except ImportError as err:
         raise ExperimentError(
             f"--format {fmt} needs a package this environment lacks: {err}; or use --format "
             f"saved_model"
         ) from None
+
+
+def preprocessing_in_a_layer(model, backbone_module: str):
+    """The same model, image -> preprocess_input -> base -> head, with the backbone's
+    `preprocess_input` run inside one layer's call.
+
+    Our models apply it to the symbolic input (`training.strategies.assemble`), so the graph
+    holds its constants (VGG's and ResNet's mean pixel) as captured tensors, which tf2onnx
+    turns into a second input of the ONNX model. Inside a layer's call they are constants of
+    the traced graph. Augmentation layers, inactive at inference, are left out; the weights are
+    the model's own (its base and head layers, not copies). A model of another layout is one
+    line. The parity check after the export compares it with the logged model."""
+    import importlib
+
+    import keras
+
+    base, head = (model.layers[-2], model.layers[-1]) if len(model.layers) >= 3 else (None, None)
+    if not isinstance(base, keras.Model) or not isinstance(head, keras.Model):
+        raise ExperimentError(
+            "--format onnx: the model is not image -> preprocessing -> base -> head as this "
+            "project builds it; use --format saved_model"
+        )
+    preprocess = importlib.import_module(f"keras.applications.{backbone_module}").preprocess_input
+
+    class Preprocessing(keras.layers.Layer):
+        def call(self, images):
+            return preprocess(images)
+
+    inputs = keras.Input(model.input_shape[1:], name="image")
+    outputs = head(base(Preprocessing(name="preprocessing")(inputs), training=False))
+    return keras.Model(inputs, outputs, name=model.name)
 
 
 def exported_predict(path: Path, fmt: str):
