@@ -205,7 +205,7 @@ def test_served_model_answers_http_with_class_names_and_the_runs_accuracy(store,
         server.stop()
 
 
-def test_make_serve_takes_encoded_images_and_refuses_bad_pixels(store, image_folder):
+def test_make_serve_takes_encoded_images_and_refuses_bad_pixels(store, image_folder, tmp_path):
     """`make serve` without an activated virtualenv: the test split's own files, sent encoded
     (base64, as they are on disk) and decoded by the server as training decoded them, score the
     run's test accuracy; a 16 x 16 array and the values 1.5 and 300 get a 400 that says why."""
@@ -223,6 +223,16 @@ def test_make_serve_takes_encoded_images_and_refuses_bad_pixels(store, image_fol
         rows = answer["predictions"]
         accuracy = np.mean([r["class"] == names[y] for r, y in zip(rows, test.labels, strict=True)])
         assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
+        # A larger JPEG, resized by the server: the answer of the array decode_image makes of it.
+        from PIL import Image
+
+        from experiments.data.decoding import decode_image
+
+        photo = tmp_path / "photo.jpg"
+        Image.fromarray(test.images[0]).resize((96, 96)).save(photo, quality=90)
+        status, sent = server.invoke({"images": [base64.b64encode(photo.read_bytes()).decode()]})
+        decoded = decode_image(photo, (32, 32)).image
+        assert status == 200 and sent == server.invoke({"inputs": [decoded.tolist()]})[1]
         for body, says in (
             (
                 {"inputs": np.zeros((1, 16, 16, 3), int).tolist()},
