@@ -12,6 +12,10 @@ STORAGE ?=
 DASHBOARD_PORT ?= 8080
 DOCS_PORT ?= 8000
 
+# A database URL as make prints it: its password as *** (make echoes recipes; experiments.core.secrets
+# does the same for everything the project records).
+redacted = $(shell printf '%s' '$(1)' | sed -E 's#(://[^:/@]*:)[^/]*@#\1***@#')
+
 .DEFAULT_GOAL := help
 .PHONY: help install train test test-jax test-fast lint format docs docs-build ui server serve dashboard compare \
 	benchmark runs clean clean-records
@@ -64,14 +68,14 @@ serve: ## Serve a model over HTTP on 127.0.0.1: MODEL=models:/NAME@ALIAS (or run
 server: ## The team's MLflow server: DB=postgresql://USER:PASSWORD@DBHOST/mlflow [ARTIFACTS=dir HOST= PORT=]
 	@test -n "$(DB)" || { echo "error: set DB to the server's PostgreSQL database, e.g. make server DB=postgresql://mlflow:PASSWORD@localhost:5432/mlflow (README, Scaling out)" >&2; exit 2; }
 	@mkdir -p "$(ARTIFACTS)"
-	@echo "MLflow server: http://$(HOST):$(PORT) (store $(DB), artifacts in $(ARTIFACTS))"
-	$(BIN)/mlflow server --backend-store-uri "$(DB)" --serve-artifacts \
+	@echo "MLflow server: http://$(HOST):$(PORT) (store $(call redacted,$(DB)), artifacts in $(ARTIFACTS))"
+	@$(BIN)/mlflow server --backend-store-uri "$(DB)" --serve-artifacts \
 		--artifacts-destination "$(ARTIFACTS)" --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 dashboard: ## Optuna's dashboard on a study: STORAGE=multirun/<study>/optuna.journal or a database URL
 	@test -n "$(STORAGE)" || { echo "error: set STORAGE to a study's journal file or database URL, e.g. make dashboard STORAGE=multirun/<study>/optuna.journal (the sweep's log names it)" >&2; exit 2; }
-	@echo "Optuna dashboard: http://$(HOST):$(DASHBOARD_PORT)"
-	$(BIN)/optuna-dashboard "$(patsubst journal:%,%,$(STORAGE))" --host $(HOST) --port $(DASHBOARD_PORT)
+	@echo "Optuna dashboard: http://$(HOST):$(DASHBOARD_PORT) (study storage $(call redacted,$(STORAGE)))"
+	@$(BIN)/optuna-dashboard "$(patsubst journal:%,%,$(STORAGE))" --host $(HOST) --port $(DASHBOARD_PORT)
 
 compare: ## Print and save the comparison table of an experiment: EXP=flowers
 	$(BIN)/python -m experiments.compare $(EXP)
