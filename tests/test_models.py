@@ -322,23 +322,30 @@ def test_export_onnx_takes_one_image_input_and_predicts_the_runs_test_accuracy(
     assert accuracy == pytest.approx(run.data.metrics["test_accuracy"])
 
 
-def test_onnx_export_of_a_batchnorm_backbone_matches_keras(tmp_path):
-    """MobileNetV2 (batch normalisation, its preprocessing x / 127.5 - 1), built as a run
-    builds it: the exported file predicts as the Keras model, within the check's 1e-4."""
+@pytest.mark.parametrize(
+    ("constructor", "module"),
+    [("MobileNetV2", "mobilenet_v2"), ("EfficientNetB0", "efficientnet")],
+)
+def test_onnx_export_of_batchnorm_backbones_matches_keras(constructor, module, tmp_path):
+    """Batch-normalised backbones, built as a run builds them: MobileNetV2 (x / 127.5 - 1) and
+    EfficientNetB0, whose Normalization layer's statistics tf2onnx took for two more inputs.
+    The file has one input and predicts as the Keras model, within the check's 1e-4."""
     import keras
     import onnxruntime
 
     from experiments.model.export import TOLERANCE, check, export, exported_predict
 
-    base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(32, 32, 3))
+    base = getattr(keras.applications, constructor)(
+        include_top=False, weights=None, input_shape=(32, 32, 3)
+    )
     head = keras.Sequential(
         [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(3, "softmax")]
     )
     inputs = keras.Input((32, 32, 3), name="image")
-    x = keras.applications.mobilenet_v2.preprocess_input(inputs)
+    x = getattr(keras.applications, module).preprocess_input(inputs)
     model = keras.Model(inputs, head(base(x, training=False)))
-    output = tmp_path / "mobilenet.onnx"
-    export(model, "onnx", output, "mobilenet_v2")
+    output = tmp_path / f"{module}.onnx"
+    export(model, "onnx", output, module)
     assert len(onnxruntime.InferenceSession(str(output)).get_inputs()) == 1
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     assert check(model, exported_predict(output, "onnx"), images) <= TOLERANCE

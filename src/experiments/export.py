@@ -11,9 +11,10 @@ nothing is written.
 Which format works on which backend (checked with TensorFlow 2.21, JAX 0.10, Keras 3.15):
 saved_model on tensorflow and jax; onnx on tensorflow with the `onnx` extra (tf2onnx and
 onnxruntime, which `make install` installs), for every backbone: the model is exported rebuilt
-with its backbone's preprocessing inside a layer (`model.export.preprocessing_in_a_layer`),
-since tf2onnx turns VGG's and ResNet's mean pixel, applied to the symbolic input, into a second
-input. The parity check runs the file in onnxruntime.
+with its backbone's preprocessing inside a layer and EfficientNet's Normalization statistics as
+constants (`model.export.preprocessing_in_a_layer`), since tf2onnx turns VGG's and ResNet's mean
+pixel and EfficientNet's mean and variance into more inputs. The parity check runs the file in
+onnxruntime.
 """
 
 from __future__ import annotations

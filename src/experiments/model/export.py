@@ -53,9 +53,10 @@ def preprocessing_in_a_layer(model, backbone_module: str):
     Our models apply it to the symbolic input (`training.strategies.assemble`), so the graph
     holds its constants (VGG's and ResNet's mean pixel) as captured tensors, which tf2onnx
     turns into a second input of the ONNX model. Inside a layer's call they are constants of
-    the traced graph. Augmentation layers, inactive at inference, are left out; the weights are
-    the model's own (its base and head layers, not copies). A model of another layout is one
-    line. The parity check after the export compares it with the logged model."""
+    the traced graph; so are the base's Normalization statistics (`normalization_as_constants`).
+    Augmentation layers, inactive at inference, are left out; the weights are the model's own
+    (its base and head layers, not copies). A model of another layout is one line. The parity
+    check after the export compares it with the logged model."""
     import importlib
 
     import keras
@@ -72,9 +73,25 @@ def preprocessing_in_a_layer(model, backbone_module: str):
         def call(self, images):
             return preprocess(images)
 
+    normalization_as_constants(base)
     inputs = keras.Input(model.input_shape[1:], name="image")
     outputs = head(base(Preprocessing(name="preprocessing")(inputs), training=False))
     return keras.Model(inputs, outputs, name=model.name)
+
+
+def normalization_as_constants(model) -> None:
+    """Keras' Normalization layers (EfficientNet's, inside the base) hold their mean and
+    variance as tensors made at build time, which a traced graph captures and tf2onnx turns
+    into inputs; as numpy arrays of the same values they become constants of the graph. The
+    model predicts as before (the parity check compares it with itself unchanged otherwise)."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            normalization_as_constants(layer)
+        elif isinstance(layer, keras.layers.Normalization) and layer.mean is not None:
+            layer.mean = keras.ops.convert_to_numpy(layer.mean)
+            layer.variance = keras.ops.convert_to_numpy(layer.variance)
 
 
 def exported_predict(path: Path, fmt: str):
