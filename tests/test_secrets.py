@@ -58,3 +58,23 @@ def test_errors_and_log_records_print_no_password(caplog):
     with caplog.at_level(logging.INFO):
         logging.getLogger("experiments.test").info("study in %s", "postgresql://u:pw@h/db")
     assert caplog.messages == ["study in postgresql://u:***@h/db"]
+
+
+def test_make_prints_database_urls_without_their_password(tmp_path):
+    """`make server` and `make dashboard` echo what they start (the recipe lines are silent):
+    the URL with its password as ***. Here nothing starts (no virtualenv at VENV)."""
+    import subprocess
+    from pathlib import Path
+
+    makefile = Path(__file__).resolve().parents[1] / "Makefile"
+    for target, setting in (
+        ("server", "DB=postgresql://lab:S3cr@t-pw@127.0.0.1:1/mlflow"),
+        ("dashboard", "STORAGE=postgresql://lab:S3cr@t-pw@127.0.0.1:1/optuna"),
+    ):
+        done = subprocess.run(
+            ["make", "-f", str(makefile), target, setting, f"VENV={tmp_path}/none",
+             f"ARTIFACTS={tmp_path}/artifacts"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "lab:***@127.0.0.1:1/" in done.stdout, done.stdout + done.stderr
+        assert "S3cr@t-pw" not in done.stdout + done.stderr, target
