@@ -145,11 +145,15 @@ class OptunaSweeper(Sweeper):
 
     def _run_trials(self, study, storage, space: SearchSpace, n_trials: int, storage_url: str):
         """Ask, launch and tell batches of `n_jobs` trials until the study has `n_trials`."""
-        # The storage's URL reaches the jobs through this process's environment, which every
-        # launcher passes on (joblib's workers, submitit's local and SLURM jobs), not through
-        # hydra.job.env_set, which each job's .hydra/hydra.yaml would keep, password and all.
+        # A storage URL with a password reaches the jobs through this process's environment,
+        # which every launcher passes on (joblib's workers, submitit's local and SLURM jobs), not
+        # through hydra.job.env_set, which each job's .hydra/hydra.yaml would keep, password and
+        # all. Any other URL goes through env_set as well: a joblib worker kept from an earlier
+        # sweep of this process would otherwise still hold that sweep's storage.
         os.environ[STORAGE_ENV] = storage_url
         plumbing = {STUDY_ENV: study.study_name}
+        if redact(storage_url) == storage_url:
+            plumbing[STORAGE_ENV] = storage_url
         job_index = 0
         while True:
             take_over_stale_trials(study)
