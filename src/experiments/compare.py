@@ -164,8 +164,10 @@ def significance(args, project) -> int:
         for outcome in compare_all(args.significance, args.metric, args.baseline, args.rope):
             print(report(outcome))
         return 0
+    if args.rope is not None:
+        raise ExperimentError("--rope answers in the text form; leave out --format to see it")
     columns = args.columns.split(",") if args.columns else list(paper.SIGNIFICANCE_COLUMNS)
-    if args.metric not in columns:
+    if not args.columns and args.metric not in columns:
         columns.insert(0, args.metric)
     rows = paper.significance_rows(args.significance, columns, args.baseline)
     stem = "significance-" + "-".join(run_id[:8] for run_id in args.significance)
