@@ -135,6 +135,7 @@ def test_failing_jobs_stop_the_sweep_in_one_line_with_the_results_kept(tmp_path)
     assert result.returncode == 1
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert "stopping the sweep: 2 of 2 trials failed" in line
+    assert "; the last, trial 1: RuntimeError: cfg.error is True; see the failed jobs' logs" in line
     assert list(trials(tmp_path)["state"]) == ["FAIL", "FAIL"]
     assert results(tmp_path)["name"] == "optuna"
 
@@ -311,3 +312,23 @@ def test_jobs_launched_together_get_a_device_slot_each(tmp_path):
             "EXPERIMENTS_DEVICE_SLOT"
             not in yaml.safe_load(path.read_text())["hydra"]["job"]["env_set"]
         )
+
+
+def test_the_plots_warn_nothing_that_could_end_a_sweep(tmp_path):
+    """Optuna's importance evaluator warns on a small or flat study and matplotlib on an empty
+    legend: under `python -W error` that ended sweeps whose every trial had finished."""
+    import warnings
+
+    import optuna
+
+    from hydra_plugins.experiments_sweeper.results import plots
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    for x in (0.1, 0.2):
+        study.enqueue_trial({"x": x, "y": 1})
+        study.optimize(lambda t: t.suggest_float("x", 0, 1) * 0 + 1.0 + t.suggest_int("y", 1, 1), 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        saved = plots(study, tmp_path, None)
+    assert {p.name for p in saved} >= {"optimization_history.png"}

@@ -91,6 +91,7 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         settings = self.settings
+        self.last_failure = None  # the last failed trial's exception, for the line that stops
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         space = search_space(settings.params, arguments)
@@ -313,6 +314,9 @@ class OptunaSweeper(Sweeper):
             state = "PRUNED"
         else:
             log.warning("trial %d failed: %r", trial.number, ret._return_value)
+            error = ret._return_value
+            first = (str(error).strip().splitlines() or [""])[0][:300]
+            self.last_failure = f"trial {trial.number}: {type(error).__name__}: {first}"
             tell(study, trial, state=TrialState.FAIL)
             state = "FAIL"
         tag_trial_runs(study.study_name, {trial.number: {T.OPTUNA_STATE: state}})
@@ -327,10 +331,12 @@ class OptunaSweeper(Sweeper):
         ]
         failed = sum(t.state == TrialState.FAIL for t in done)
         if done and failed / len(done) > self.settings.max_failure_rate and len(done) >= 2:
+            last = self.last_failure  # what the trial's own code raised
             raise SweepError(
                 f"stopping the sweep: {failed} of {len(done)} trials failed, more than "
-                f"hydra.sweeper.max_failure_rate={self.settings.max_failure_rate}; see the "
-                f"failed jobs' logs under {self.config.hydra.sweep.dir}"
+                f"hydra.sweeper.max_failure_rate={self.settings.max_failure_rate}"
+                + (f"; the last, {last}" if last else "")
+                + f"; see the failed jobs' logs under {self.config.hydra.sweep.dir}"
             )
 
 

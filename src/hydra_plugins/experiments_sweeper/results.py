@@ -2,6 +2,7 @@
 and the results, trial table and plots written when the sweep ends."""
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,12 @@ def plots(study, sweep_dir: Path, metrics: list[str] | None) -> list[Path]:
     saved = []
     for name, plot in wanted.items():
         try:
-            axes = plot(study)
+            # Their warnings (Optuna's importance evaluator on a small or flat study, an empty
+            # legend) say nothing about the sweep, and under `python -W error` they would end a
+            # sweep whose every trial has finished.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = plot(study)
         except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ complete trials
             log.info("no %s plot: %s", name, err)
             continue
