@@ -75,6 +75,19 @@ def cli_with_signals(entry) -> None:
             sys.exit(err.exit_code)
 
 
+def server_arguments(parser, port: int, store: str = "") -> None:
+    """The options of a command that serves over HTTP (`ui`, `serve`): --host (127.0.0.1 by
+    default, so nothing is exposed unasked), --port, and --tracking-uri (`store` says which)."""
+    parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    parser.add_argument("--port", type=int, default=port, help="default: %(default)s")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help=f"{store}default: tracking.uri ($MLFLOW_TRACKING_URI, else the project's store in "
+        f"mlruns/)",
+    )
+
+
 def exit_with(main) -> None:
     """`sys.exit(main())` for `python -m experiments.<command>`, ending without the
     interpreter's teardown (a third of `python -m experiments.runs`: 2.4 s to 1.7 s)."""

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from experiments import compose_project_config
+from experiments.cli import server_arguments
 from experiments.core.errors import ExperimentError
 
 
@@ -23,13 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "model", help="runs:/<run id>/model, models:/<name>@<alias> or models:/<name>/<version>"
     )
-    parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
-    parser.add_argument("--port", type=int, default=5001, help="default: %(default)s")
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="default: tracking.uri ($MLFLOW_TRACKING_URI, else the project's store in mlruns/)",
-    )
+    server_arguments(parser, port=5001)
     args = parser.parse_args(argv)
     from experiments import tracking
     from experiments.core.backend import use_backend

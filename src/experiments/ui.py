@@ -14,19 +14,14 @@ import sys
 from omegaconf import OmegaConf
 
 from experiments import compose_project_config
+from experiments.cli import server_arguments
 from experiments.core.errors import ExperimentError
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m experiments.ui`."""
     parser = argparse.ArgumentParser(prog="python -m experiments.ui", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
-    parser.add_argument("--port", type=int, default=5000, help="default: %(default)s")
-    parser.add_argument(
-        "--tracking-uri",
-        default=None,
-        help="a local store (default: tracking.uri, the project's store in mlruns/)",
-    )
+    server_arguments(parser, port=5000, store="a local store; ")
     args = parser.parse_args(argv)
     from experiments import tracking
 

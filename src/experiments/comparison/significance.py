@@ -218,8 +218,12 @@ def bootstrap_over_images(outcome: Outcome, pairs: list[tuple[Member, Member]]) 
 
 def full_id(run_id: str) -> str:
     """The whole id of a run given by its id or its start (the 8 characters tables show)."""
+    import re
+
     from experiments import tracking
 
+    if re.fullmatch(r"[0-9a-f]{32}", run_id):  # whole already (one not stored: `members` says)
+        return run_id
     run = tracking.find_run(run_id)
     if run is None:
         raise ExperimentError(f"--significance {run_id}: no such run in this store")

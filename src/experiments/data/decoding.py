@@ -94,8 +94,6 @@ _max_pixels: list[int | None] = [None]
 
 def use_pixel_limit(limit) -> int:
     """Decode images of up to `limit` pixels from now on (None: Pillow's own); the limit."""
-    from PIL import Image
-
     if limit is not None and (
         isinstance(limit, bool) or not str(limit).isdigit() or int(limit) <= 0
     ):
@@ -103,8 +101,6 @@ def use_pixel_limit(limit) -> int:
             f"max_image_pixels={limit} is not a count of pixels; give a positive integer such "
             f"as 200000000, or null for Pillow's limit ({PILLOW_MAX_PIXELS:,})"
         )
-    # Our own check, one warning line per file, replaces Pillow's DecompressionBombWarning.
-    Image.MAX_IMAGE_PIXELS = None
     _max_pixels[0] = None if limit is None else int(limit)
     return pixel_limit()
 
@@ -126,7 +122,8 @@ def decode_image(path: Path, size: tuple[int, int]) -> Decoded | None:
     """
     from PIL import Image, ImageOps
 
-    Image.MAX_IMAGE_PIXELS = None  # checked here instead, against pixel_limit()
+    # Our own check, one warning line per file, replaces Pillow's DecompressionBombWarning.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         with Image.open(path) as image:
             width, height = image.size
