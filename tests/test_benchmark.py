@@ -94,7 +94,7 @@ def test_a_pruned_jobs_frames_are_released_before_the_next_job():
     import optuna
     from hydra.core.utils import JobReturn, JobStatus
 
-    from hydra_plugins.experiments_sweeper.optuna_sweeper import release_frames
+    from hydra_plugins.experiments_sweeper.launching import release_frames
 
     class Model:  # stands for the job's model, images and features
         pass

@@ -332,3 +332,111 @@ def test_the_plots_warn_nothing_that_could_end_a_sweep(tmp_path):
         warnings.simplefilter("error")
         saved = plots(study, tmp_path, None)
     assert {p.name for p in saved} >= {"optimization_history.png"}
+
+
+def journal(tmp_path, name="sphere"):
+    import optuna
+
+    from hydra_plugins.experiments_sweeper.optuna_sweeper import open_storage
+
+    return optuna.load_study(
+        study_name=name, storage=open_storage(f"journal:{tmp_path}/optuna.journal")
+    )
+
+
+# One long trial first, then short ones: x and y given, so that no ask repeats another.
+UNEVEN = [{"sleep": 5, "x": -2, "y": -1}] + [{"sleep": 0.2, "x": x, "y": -1} for x in (-1, 0, 1)]
+CONFIGS = ",".join(f"{{sleep:{c['sleep']},x:{c['x']},y:{c['y']}}}" for c in UNEVEN)
+ENQUEUE = f"hydra.sweeper.warm_start={{enqueue:[{CONFIGS}]}}"
+
+
+@pytest.mark.parametrize("keep_busy", [True, False])
+def test_a_freed_slot_takes_the_next_trial_while_a_long_one_runs(tmp_path, keep_busy):
+    """With joblib and n_jobs=2, the short trials run one after another in the second slot
+    while the long one holds the first, each on its slot's device; in batches (upstream's way)
+    the third trial waits for the long one."""
+    sweep(
+        tmp_path,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "hydra.sweeper.n_jobs=2",
+        "hydra.sweeper.n_trials=4",
+        f"hydra.sweeper.keep_slots_busy={str(keep_busy).lower()}",
+        "+sleep=choice(0.2, 5)",
+        ENQUEUE,
+    )
+    trials = journal(tmp_path).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert [t.params["+sleep"] for t in trials] == [c["sleep"] for c in UNEVEN]
+    assert all(t.user_attrs["warm_start"].startswith("enqueue") for t in trials)
+    long, short = trials[0], trials[1:]
+    started_during = [t.datetime_start < long.datetime_complete for t in short]
+    assert started_during == ([True, True, True] if keep_busy else [True, False, False])
+    if keep_busy:
+        slots = {
+            yaml.safe_load(p.read_text())["hydra"]["job"]["env_set"][
+                "EXPERIMENTS_OPTUNA_TRIAL"
+            ]: yaml.safe_load(p.read_text())["hydra"]["job"]["env_set"]["EXPERIMENTS_DEVICE_SLOT"]
+            for p in tmp_path.glob("*/.hydra/hydra.yaml")
+        }
+        assert slots == {"0": "0/2", "1": "1/2", "2": "1/2", "3": "1/2"}
+
+
+def test_a_warm_start_from_a_finished_study_is_seen_by_the_sampler(tmp_path):
+    """The 6 trials of an earlier study are added (not counted toward n_trials): TPE's first
+    trial then differs from a cold start's with the same seed."""
+    tpe = ["hydra/sweeper/sampler=tpe", "hydra.sweeper.sampler.seed=3"]
+    tpe.append("hydra.sweeper.sampler.n_startup_trials=4")
+    tpe += ["x=interval(-5, 5)", "y=interval(-5, 5)"]  # continuous: no ask repeats another
+    sweep(tmp_path / "earlier", "hydra.sweeper.n_trials=6", *tpe)
+    earlier = f"journal:{tmp_path / 'earlier' / 'optuna.journal'}"
+    warm = f"hydra.sweeper.warm_start={{storage:'{earlier}',study_name:sphere}}"
+    result = sweep(tmp_path / "warm", "hydra.sweeper.n_trials=2", *tpe, warm)
+    sweep(tmp_path / "cold", "hydra.sweeper.n_trials=2", *tpe)
+    assert f"warm start from study sphere in {earlier}: 6 trial(s) added" in result.stdout
+    assert "0 of 2 trials done" in result.stdout
+    warm_trials, cold_trials = journal(tmp_path / "warm").trials, journal(tmp_path / "cold").trials
+    imported = [t for t in warm_trials if t.user_attrs.get("imported")]
+    assert len(imported) == 6 and len(warm_trials) == 8
+    finished = [t for t in journal(tmp_path / "earlier").trials if t.state.name == "COMPLETE"]
+    assert [(t.params, t.values) for t in imported] == [(t.params, t.values) for t in finished]
+    assert warm_trials[6].params != cold_trials[0].params
+    again = sweep(tmp_path / "warm", "hydra.sweeper.n_trials=2", *tpe, warm)  # nothing twice
+    assert "2 of 2 trials done" in again.stdout
+    assert len(journal(tmp_path / "warm").trials) == len(warm_trials)
+
+
+def test_a_warm_start_skips_trials_outside_the_space_in_one_line(tmp_path):
+    sweep(tmp_path / "earlier", "hydra.sweeper.n_trials=4", "x=choice(-2,2)")
+    earlier = f"journal:{tmp_path / 'earlier' / 'optuna.journal'}"
+    warm = f"hydra.sweeper.warm_start={{storage:'{earlier}',study_name:sphere}}"
+    result = sweep(tmp_path / "warm", "hydra.sweeper.n_trials=1", "x=choice(-2,0)", warm)
+    earlier_x = [t.params["x"] for t in journal(tmp_path / "earlier").trials]
+    fits = earlier_x.count(-2)
+    assert (
+        "6 trial(s) added" not in result.stdout
+        and f"{fits} trial(s) added, {4 - fits} outside this search space skipped" in result.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "says"),
+    [
+        ("{storage:'journal:/nowhere/optuna.journal',study_name:s}", "no such journal file"),
+        ("{storage:'sqlite:///{tmp}/none.db',study_name:s}", "no such sqlite database file"),
+        ("{storage:'journal:{tmp}/old/optuna.journal',study_name:gone}", "no study 'gone' in"),
+        ("{storage:'nosuch://x',study_name:s}", "cannot be opened:"),
+        ("{enqueue:[{x:7}]}", "enqueue[0]: x=7 is outside the search space"),
+        ("{enqueue:[{z:1}]}", "enqueue[0]: z is not searched (the search space: x, y)"),
+        ("{stroage:x}", "unknown key(s) ['stroage']"),
+        ("{run:abcdef12}", "warm_start from MLflow: no MLflow store chosen"),
+    ],
+)
+def test_a_bad_warm_start_is_one_line(tmp_path, setting, says):
+    setting = setting.replace("{tmp}", str(tmp_path))
+    if "gone" in setting:  # a study there, not the one named
+        sweep(tmp_path / "old", "hydra.sweeper.n_trials=1")
+    result = sweep(tmp_path, f"hydra.sweeper.warm_start={setting}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert says in line, line

@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m experiments.benchmark [sweep|throughput|memory|run] [options] [overrides]`
+"""Benchmarks: `python -m experiments.benchmark [MODE] [options] [overrides]`, MODE one of:
 
 - `sweep` (the default): memory and time of a sweep's trials in one process, below.
 - `throughput`: training speed against the frozen base's own inference rate, for each chosen
@@ -7,6 +7,8 @@
   (`experiments.benchmarks.memory`).
 - `run`: where a whole run's time goes, fresh and warm, against its targets
   (`experiments.benchmarks.wholerun`).
+- `slots`: how busy a sweep keeps its `n_jobs` slots on uneven trials, in batches and with
+  each freed slot refilled at once (`experiments.benchmarks.slots`).
 - `repeats`: memory of a group's members (`trainer.repeats=5`) in one process, with the sweep's
   10% growth target.
 """
@@ -52,12 +54,19 @@ def run_main(argv: list[str]) -> int:
     return run(argv)
 
 
+def slots_main(argv: list[str]) -> int:
+    from experiments.benchmarks.slots import slots_main as run
+
+    return run(argv)
+
+
 MODES = {
     "sweep": sweep_main,
     "throughput": throughput_main,
     "memory": memory_main,
     "run": run_main,
     "repeats": repeats_main,
+    "slots": slots_main,
 }
 
 

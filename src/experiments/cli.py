@@ -25,11 +25,12 @@ def run_cli(task_function, cfg: DictConfig):
     from experiments.core import interrupts
     from experiments.core.files import DISK_FULL
     from experiments.core.interrupts import Interrupted
+    from experiments.core.processes import stopped_when_launcher_dies
 
     multirun = in_multirun()
     try:
         # Here too, not only in main(): a launcher such as submitit calls this in its own process.
-        with interrupts.handle_signals():
+        with interrupts.handle_signals(), stopped_when_launcher_dies():
             try:
                 return task_function(cfg)
             except Interrupted as err:

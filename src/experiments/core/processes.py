@@ -21,6 +21,8 @@ RUN_KEYS = ("host", "pid", "pid_started")
 TRIAL_KEYS = ("owner_host", "owner_pid", "owner_started")
 # Set while this process runs the members of a group (trainer.repeats): its parent run's id.
 GROUP_PARENT_ENV = "EXPERIMENTS_GROUP_PARENT_RUN_ID"
+# Set by the sweeper for each job it launches: the sweeper process, as "host:pid:started".
+LAUNCHER_ENV = "EXPERIMENTS_SWEEPER_PROCESS"
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,58 @@ def this_process() -> Owner:
     import psutil
 
     return Owner(socket.gethostname(), os.getpid(), psutil.Process().create_time())
+
+
+def as_text(owner: Owner) -> str:
+    return f"{owner.host}:{owner.pid}:{owner.started:.2f}"
+
+
+def from_text(text: str) -> Owner | None:
+    host, _, rest = text.rpartition(":")
+    host, _, pid = host.rpartition(":")
+    try:
+        return Owner(host, int(pid), float(rest))
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def stopped_when_launcher_dies(interval: float = 1.0):
+    """In a job that the sweeper launched into another process of this host (a joblib worker, a
+    submitit local job): when the sweeper is gone (kill -9), the job stops as on SIGTERM, at its
+    next batch, checkpointed and its run KILLED, so that the same command's retry of the trial
+    resumes it instead of racing a job that trains on, orphaned (joblib's workers outlive their
+    parent until their task returns). Nothing to watch in the sweeper's own process or for a
+    job on another host (a SLURM job), whose sweeper only a heartbeat can tell about.
+    """
+    import logging
+    import signal
+    import threading
+
+    owner = from_text(os.environ.get(LAUNCHER_ENV, ""))
+    if owner is None or not owner.on_this_host() or owner.pid == os.getpid():
+        yield
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.wait(interval):
+            if not owner.alive():
+                logging.getLogger(__name__).warning(
+                    "the sweeper that launched this job (pid %d) is gone: stopping the job, "
+                    "checkpointed; the same sweep command runs its trial again and resumes it",
+                    owner.pid,
+                )
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    watcher = threading.Thread(target=watch, name="launcher-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def anon_mb(pid: int | str = "self") -> float | None:

@@ -78,9 +78,11 @@ from experiments.tracking.sweeps import (
     finished_sweep_job,
     log_study,
     sweep_identity,
+    tag_sweep_parent,
     tag_trial_runs,
 )
 from experiments.tracking.views import experiment_link, prepare_experiment, ui_command
+from experiments.tracking.warm_start import finished_results
 
 __all__ = [
     "HTTP_DEFAULTS",
@@ -101,6 +103,7 @@ __all__ = [
     "experiments",
     "find_run",
     "finished_member",
+    "finished_results",
     "finished_sweep_job",
     "flatten",
     "flush_outbox",
@@ -139,6 +142,7 @@ __all__ = [
     "sweep_identity",
     "sqlite_uri",
     "sync_outboxes",
+    "tag_sweep_parent",
     "tag_trial_runs",
     "tags",
     "ui_command",

@@ -304,11 +304,20 @@ def _study_runs(study_name: str, extra_filter: str = ""):
     )
 
 
+def tag_sweep_parent(tags: dict[str, object]) -> None:
+    """Tag the multirun's parent run, where there is one (an Optuna sweep of experiments.train)."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        client().log_batch(parent, tags=T.as_run_tags(tags))
+
+
 def tag_trial_runs(study_name: str, tags: dict[int, dict[str, str]]) -> None:
     """Tag the MLflow runs of a study's trials, by trial number, in the sweep's experiment."""
     if not tags:
         return
-    mlflow_client, runs = _study_runs(study_name)
+    # One trial (each as it ends): its runs only, not the whole study's, read each time.
+    only = f"tags.{T.OPTUNA_TRIAL} = '{next(iter(tags))}'" if len(tags) == 1 else ""
+    mlflow_client, runs = _study_runs(study_name, only)
     for run in runs:
         number = int(run.data.tags.get(T.OPTUNA_TRIAL, -1))
         if number in tags:

@@ -156,8 +156,11 @@ class OptunaSweeperConf:
     storage: Any = None
     study_name: str | None = "experiments"
     n_trials: int = 20
-    # Trials launched together through the launcher (parallel with hydra-joblib-launcher).
+    # Trials in flight at once through the launcher (parallel with joblib or submitit).
     n_jobs: int = 1
+    # With a launcher that runs jobs side by side, a slot that frees gets the next trial at once;
+    # false: batches of n_jobs that wait for their slowest trial (hydra-optuna-sweeper's way).
+    keep_slots_busy: bool = True
     max_failure_rate: float = 0.5
     # RDB storages: a trial whose process stops beating this long is failed and run again by
     # another process (Optuna's heartbeat). The journal file has none: a trial whose process on
@@ -167,6 +170,9 @@ class OptunaSweeperConf:
     params: Dict[str, Any] | None = None  # noqa: UP006
     # A dotted path to a function (cfg, trial) -> None that suggests more params for each trial.
     custom_search_space: str | None = None
+    # What the study starts from: {storage: URL, study_name: NAME} (another study), {run: ID}
+    # or {experiment: NAME} (MLflow), {enqueue: [{key: value}, ...]}, or a list of them.
+    warm_start: Any = None
 
 
 def register() -> None:

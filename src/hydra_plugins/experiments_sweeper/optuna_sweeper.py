@@ -20,13 +20,13 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.sweeps.plugin import (
-    DEVICE_SLOT_ENV,
     JOURNAL_PREFIX,
+    LAUNCHER_ENV,
     STORAGE_ENV,
     STUDY_ENV,
-    TRIAL_ENV,
     TRIAL_KEYS,
     T,
+    as_text,
     defining_overrides,
     open_storage,
     redact,
@@ -35,6 +35,7 @@ from experiments.sweeps.plugin import (
 )
 from hydra_plugins.experiments_sweeper import SweepError
 from hydra_plugins.experiments_sweeper.config import register
+from hydra_plugins.experiments_sweeper.launching import Launching
 from hydra_plugins.experiments_sweeper.results import (
     metric_names,
     objective_values,
@@ -44,6 +45,7 @@ from hydra_plugins.experiments_sweeper.results import (
 )
 from hydra_plugins.experiments_sweeper.samplers import configured_pruner, configured_sampler
 from hydra_plugins.experiments_sweeper.space import SearchSpace, search_space
+from hydra_plugins.experiments_sweeper.warm_start import warm_start
 from hydra_plugins.experiments_sweeper.workers import (
     heartbeats,
     join_workers,
@@ -109,6 +111,7 @@ class OptunaSweeper(Sweeper):
         study, storage = self._open_study(storage_url, space, sampler, directions, metrics)
         sampler, self.sampler_seed = self._seeded_per_worker(study, space, len(directions))
         study.sampler = sampler
+        warm_start(study, space, settings.warm_start, self.config, storage_url)
         log.info(
             "study %s (%s %s, %s) in %s: %d of %d trials done",
             study.study_name,
@@ -145,40 +148,35 @@ class OptunaSweeper(Sweeper):
         return study, storage
 
     def _run_trials(self, study, storage, space: SearchSpace, n_trials: int, storage_url: str):
-        """Ask, launch and tell batches of `n_jobs` trials until the study has `n_trials`."""
+        """Ask, launch and tell trials, `n_jobs` at a time, until the study has `n_trials`."""
         # A storage URL with a password reaches the jobs through this process's environment,
         # which every launcher passes on (joblib's workers, submitit's local and SLURM jobs), not
         # through hydra.job.env_set, which each job's .hydra/hydra.yaml would keep, password and
         # all. Any other URL goes through env_set as well: a joblib worker kept from an earlier
         # sweep of this process would otherwise still hold that sweep's storage.
         os.environ[STORAGE_ENV] = storage_url
-        plumbing = {STUDY_ENV: study.study_name}
+        # A job in another process of this host stops when this process is gone (kill -9):
+        # experiments.core.processes.stopped_when_launcher_dies.
+        plumbing = {STUDY_ENV: study.study_name, LAUNCHER_ENV: as_text(this_process())}
         if redact(storage_url) == storage_url:
             plumbing[STORAGE_ENV] = storage_url
-        job_index = 0
-        while True:
-            take_over_stale_trials(study)
-            trials = self._ask(study, space, int(self.settings.n_jobs), n_trials)
-            if not trials:
-                if wait_for_other_workers(study, storage):
-                    continue  # one of theirs died: its retry is queued for us
-                break
-            overrides = [
-                [
-                    *space.fixed,
-                    *(f"{key}={value}" for key, value in trial.params.items()),
-                    *hydra_env({**plumbing, TRIAL_ENV: trial.number, **slot(i, len(trials))}),
-                ]
-                for i, trial in enumerate(trials)
-            ]
-            with heartbeats(storage, trials):
-                returns = self.launcher.launch(overrides, initial_job_idx=job_index)
-            job_index += len(returns)
-            for trial, ret in zip(trials, returns, strict=True):
-                self._tell(study, trial, ret)
-                release_frames(ret)
-            del returns, ret  # before the next batch runs, not after
-            self._check_failures(study)
+        launching = Launching(
+            self.launcher,
+            self.config,
+            int(self.settings.n_jobs),
+            space,
+            plumbing,
+            ask=lambda how_many: self._ask(study, space, how_many, n_trials),
+            tell=lambda trial, ret: self._tell(study, trial, ret),
+            check=lambda: self._check_failures(study),
+            between=lambda: take_over_stale_trials(study),
+            others=lambda: wait_for_other_workers(study, storage),
+            heartbeats=lambda trials: heartbeats(storage, trials),
+        )
+        if launching.side_by_side(bool(self.settings.keep_slots_busy)):
+            launching.in_slots()
+        else:
+            launching.in_batches()
 
     def _seeded_per_worker(self, study, space: SearchSpace, objectives: int):
         """(the sampler, its seed): a seeded sampler's seed plus this worker's number in the
@@ -228,11 +226,9 @@ class OptunaSweeper(Sweeper):
 
     @staticmethod
     def _counted(study) -> int:
-        """Trials that count toward n_trials: all but surplus asks lost to another process and
-        stale trials that run again as a retry."""
-        trials = study.get_trials(deepcopy=False)
-        retried = retried_numbers(trials)
-        return sum(1 for t in trials if not t.user_attrs.get("surplus") and t.number not in retried)
+        """Trials that count toward n_trials: all but surplus asks lost to another process,
+        stale trials that run again as a retry, and trials a warm start brought."""
+        return len(counted(study.get_trials(deepcopy=False)))
 
     @uninterrupted
     def _ask(self, study, space: SearchSpace, how_many: int, n_trials: int) -> list:
@@ -246,7 +242,9 @@ class OptunaSweeper(Sweeper):
         asked, attempts = [], 0
         while len(asked) < how_many and attempts < MAX_ASK_ATTEMPTS:
             attempts += 1
-            if self._counted(study) >= n_trials:
+            # Trials WAITING (enqueued, or a retry of a stale one) are still to be asked.
+            trials = counted(study.get_trials(deepcopy=False))
+            if sum(t.state != TrialState.WAITING for t in trials) >= n_trials:
                 break
             trial = ask(study, space.distributions)
             if extend is not None:
@@ -256,15 +254,8 @@ class OptunaSweeper(Sweeper):
                 attrs["sampler_seed"] = self.sampler_seed
             for key, value in attrs.items():
                 trial.set_user_attr(key, value)
-            trials = study.get_trials(deepcopy=False)
-            retried = retried_numbers(trials)
-            earlier = [
-                t
-                for t in trials
-                if t.number < trial.number
-                and not t.user_attrs.get("surplus")
-                and t.number not in retried
-            ]
+            trials = counted(study.get_trials(deepcopy=False))
+            earlier = [t for t in trials if t.number < trial.number]
             same = [
                 t.number
                 for t in study.get_trials(
@@ -327,7 +318,9 @@ class OptunaSweeper(Sweeper):
         done = [
             t
             for t in study.get_trials(deepcopy=False)
-            if t.state.is_finished() and not t.user_attrs.get("surplus")
+            if t.state.is_finished()
+            and not t.user_attrs.get("surplus")
+            and not t.user_attrs.get("imported")
         ]
         failed = sum(t.state == TrialState.FAIL for t in done)
         if done and failed / len(done) > self.settings.max_failure_rate and len(done) >= 2:
@@ -340,30 +333,14 @@ class OptunaSweeper(Sweeper):
             )
 
 
-def slot(index: int, jobs: int) -> dict[str, str]:
-    """The device slot of the index-th of `jobs` jobs launched together: each takes a GPU of its
-    own (experiments.core.devices.use_device_slot); none for a job launched alone."""
-    return {DEVICE_SLOT_ENV: f"{index}/{jobs}"} if jobs > 1 else {}
-
-
-def hydra_env(values: dict[str, Any]) -> list[str]:
-    """Overrides setting environment variables for a job through its hydra node: they are not
-    task overrides, so they stay out of hydra.job.override_dirname."""
-    return [f"++hydra.job.env_set.{key}={quoted(str(value))}" for key, value in values.items()]
-
-
-def quoted(text: str) -> str:
-    """`text` as a quoted value of Hydra's override grammar (a URL may hold = , or spaces)."""
-    return "'" + text.replace("'", "\\'") + "'"
-
-
-def release_frames(ret) -> None:
-    """Drop the tracebacks of a pruned or failed job's exception, kept in its JobReturn.
-
-    They hold the job's frames, and with them its model, images and features: kept until the
-    next batch returns, they would add a whole job's memory to the next trial's peak.
-    """
-    err = ret._return_value
-    while isinstance(err, BaseException):
-        err.__traceback__ = None
-        err = err.__cause__ or err.__context__
+def counted(trials: list) -> list:
+    """The trials that count toward n_trials: not a surplus ask lost to another process, not a
+    stale trial that runs again as a retry, not one a warm start brought from elsewhere."""
+    retried = retried_numbers(trials)
+    return [
+        t
+        for t in trials
+        if not t.user_attrs.get("surplus")
+        and not t.user_attrs.get("imported")
+        and t.number not in retried
+    ]
