@@ -359,20 +359,43 @@ def assert_study_completed(root: Path, n_trials: int):
     return study, retried, runs
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_a_killed_sweep_completes_with_exactly_its_trials(processes, tmp_path, image_folder):
-    first = start_sweep(tmp_path, image_folder, *SEARCH)
-    others = [start_sweep(tmp_path, image_folder, *SEARCH) for _ in range(processes - 1)]
+JOBLIB = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2"]
+
+
+@pytest.mark.parametrize(
+    ("processes", "launcher"), [(1, []), (2, []), (1, JOBLIB)], ids=["one", "two", "joblib"]
+)
+def test_a_killed_sweep_completes_with_exactly_its_trials(
+    processes, launcher, tmp_path, image_folder
+):
+    """kill -9 of a sweep's process mid-trial, then the same command: exactly n_trials. With
+    joblib (two trials in flight), the worker's job notices its sweeper is gone and stops
+    itself, checkpointed and KILLED, rather than training on beside the retry."""
+    search = [*SEARCH, *launcher]
+    first = start_sweep(tmp_path, image_folder, *search)
+    others = [start_sweep(tmp_path, image_folder, *search) for _ in range(processes - 1)]
     wait_until(lambda: saved_epochs(tmp_path) >= 3, first)
     killed_trial_runs = {p.name for p in (tmp_path / "checkpoints").glob("*") if committed(p)}
     first.kill()
     first.communicate(timeout=60)
+    if launcher:  # the orphaned jobs stop within seconds, each run closed KILLED by SIGTERM
+        deadline = time.monotonic() + 60
+        while any(
+            r.info.status == "RUNNING"
+            for r in runs_of(tmp_path, "folder")
+            if r.data.tags.get("identity")
+        ):
+            assert time.monotonic() < deadline, "a job went on after its sweeper was killed"
+            time.sleep(0.5)
+        orphans = [r for r in runs_of(tmp_path, "folder") if r.info.run_id in killed_trial_runs]
+        assert orphans and all(r.info.status == "KILLED" for r in orphans)
+        assert all(r.data.tags.get("stopped_by") == "SIGTERM" for r in orphans)
     for other in others:  # the survivor takes the dead process's trial over
         _, stderr = other.communicate(timeout=900)
         assert other.returncode == 0, stderr[-3000:]
     if processes == 1:  # the same command completes it
         again = subprocess.run(
-            sweep_command(tmp_path, image_folder, *SEARCH),
+            sweep_command(tmp_path, image_folder, *search),
             capture_output=True,
             text=True,
             timeout=900,

@@ -17,8 +17,8 @@ import yaml
 APP = Path(__file__).parent / "sweeper_app" / "app.py"
 
 
-def sweep(tmp_path, *args, check=True, config=None):
-    command = [sys.executable, str(APP), "-m", f"hydra.sweep.dir={tmp_path}"]
+def sweep(tmp_path, *args, check=True, config=None, python=()):
+    command = [sys.executable, *python, str(APP), "-m", f"hydra.sweep.dir={tmp_path}"]
     if config:
         command.append(f"--config-name={config}")
     result = subprocess.run(
@@ -440,3 +440,16 @@ def test_a_bad_warm_start_is_one_line(tmp_path, setting, says):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert says in line, line
+
+
+@pytest.mark.parametrize(
+    ("config", "args"),
+    [("grid", ()), (None, ("hydra.sweeper.custom_search_space=app.configure",))],
+)
+def test_upstreams_grid_and_custom_space_examples_end_cleanly_under_werror(tmp_path, config, args):
+    """hydra-optuna-sweeper's own examples: under `python -W error` no warning of Optuna's,
+    matplotlib's or ours may end a sweep whose trials all finished, nor reach the terminal."""
+    result = sweep(tmp_path, *args, config=config, python=("-W", "error"))
+    assert "Warning" not in result.stdout + result.stderr
+    assert set(trials(tmp_path)["state"]) == {"COMPLETE"}
+    assert (tmp_path / "optimization_results.yaml").is_file()

@@ -390,3 +390,69 @@ def test_accuracy_against_cost_puts_the_pareto_front_in_mlflow(tmp_path, image_f
     assert register([*sweep_args, *registry]) == 0
     version = client.get_model_version_by_alias("pareto", "champion")
     assert version.run_id == trial_run.info.run_id
+
+
+def test_a_warm_start_from_an_earlier_sweeps_mlflow_runs(tmp_path, image_folder, capsys):
+    """A sweep warm-started from another sweep's parent run gets its finished trials (their
+    `head.dropout` and returned val_accuracy, not counted toward n_trials) and runs an enqueued
+    configuration first; its parent records the warm start, and compare --sweep marks it."""
+    from hydra_plugins.experiments_sweeper.optuna_sweeper import open_storage
+
+    common = ["hparams_search=lr_head", "hydra.sweeper.pruner=null", "trainer.epochs=1"]
+    sweep(
+        tmp_path,
+        image_folder,
+        *common,
+        "hydra.sweeper.study_name=first",
+        "hydra.sweeper.n_trials=2",
+    )
+    runs = runs_of(tmp_path, "folder")
+    (first,) = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    earlier = {
+        float(r.data.params["head.dropout"]): float(r.data.tags["returned_value"])
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == first.info.run_id
+    }
+    sources = f"{{run:{first.info.run_id[:8]}}},{{enqueue:[{{head.dropout:0.25}}]}}"
+    warm = f"hydra.sweeper.warm_start=[{sources}]"
+    result = sweep(
+        tmp_path,
+        image_folder,
+        *common,
+        "hydra.sweeper.study_name=second",
+        "hydra.sweeper.n_trials=1",
+        warm,
+    )
+    assert f"warm start from run {first.info.run_id[:8]}: 2 trial(s) added" in result.stdout
+    second_study = study(
+        open_storage(f"journal:{tmp_path}/multirun/second/optuna.journal"), "second"
+    )
+    imported = [t for t in second_study.trials if t.user_attrs.get("imported")]
+    assert {t.params["head.dropout"]: t.value for t in imported} == pytest.approx(earlier)
+    (ran,) = [t for t in second_study.trials if not t.user_attrs.get("imported")]
+    assert ran.params == {"head.dropout": 0.25} and ran.state.name == "COMPLETE"
+    (second,) = [
+        r
+        for r in runs_of(tmp_path, "folder")
+        if r.data.tags.get("sweep") == "true" and r.info.run_id != first.info.run_id
+    ]
+    assert second.data.tags["warm_start_trials"] == "2"
+    assert second.data.tags["warm_start"].startswith(f"run {first.info.run_id[:8]}; enqueue ")
+    from experiments.compare import main as compare
+
+    store = ["--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db", "--out", str(tmp_path)]
+    assert compare(["--sweep", second.info.run_id, *store]) == 0
+    out = capsys.readouterr().out
+    assert "warm_start" in out and "(2 trial(s) brought, not listed: they ran elsewhere)" in out
+    # A run that is not a sweep's parent is refused in one line.
+    child = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id)
+    bad = sweep(
+        tmp_path,
+        image_folder,
+        *common,
+        "hydra.sweeper.study_name=third",
+        f"hydra.sweeper.warm_start={{run:{child.info.run_id}}}",
+        check=False,
+    )
+    (line,) = [x for x in bad.stderr.splitlines() if x.startswith("error:")]
+    assert "is not a sweep's parent run" in line and "Traceback" not in bad.stderr

@@ -34,6 +34,7 @@ TRIAL_COLUMNS = {  # sweep table column -> MLflow field
     "trial": f"tags.{T.OPTUNA_TRIAL}",
     "state": f"tags.{T.OPTUNA_STATE}",
     "pareto": f"tags.{T.PARETO}",
+    "warm_start": f"tags.{T.WARM_START}",  # an enqueued configuration's source
 }
 
 
@@ -83,6 +84,8 @@ def sweep_table(parent_id: str, pruned=False, sort: str = SORT):
     table = table_of(runs, pruned, sort)
     several = "," in tags.get(T.OPTUNA_DIRECTIONS, "")  # a Pareto front only with objectives
     for column, field in TRIAL_COLUMNS.items():
+        if column == "warm_start" and field not in runs:
+            continue
         if column != "pareto" or several:
             table[column] = runs.loc[table.index, field] if field in runs else None
     for key in filter(None, tags.get(T.SWEPT, "").split(",")):  # what the sweep varied
@@ -101,6 +104,13 @@ def sweep_table(parent_id: str, pruned=False, sort: str = SORT):
         )
     else:
         summary = "no trial has completed"
+    if T.WARM_START_TRIALS in tags:
+        brought = int(tags[T.WARM_START_TRIALS])
+        summary += f"; warm-started from {tags.get(T.WARM_START)}" + (
+            f" ({brought} trial(s) brought, not listed: they ran elsewhere)" if brought else ""
+        )
+        if T.BEST_TRIAL in tags and tags[T.BEST_TRIAL] not in set(table["trial"]):
+            summary = summary.replace(": ", " (brought by the warm start): ", 1)
     return table, summary
 
 

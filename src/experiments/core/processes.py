@@ -57,7 +57,10 @@ class Owner:
         if not self.on_this_host():
             return True
         try:
-            created = psutil.Process(self.pid).create_time()
+            process = psutil.Process(self.pid)
+            created = process.create_time()
+            if process.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped
+                return False
         except psutil.Error:
             return False
         return not self.started or abs(created - self.started) < 1.0
@@ -99,11 +102,12 @@ def stopped_when_launcher_dies(interval: float = 1.0):
     if owner is None or not owner.on_this_host() or owner.pid == os.getpid():
         yield
         return
-    stop = threading.Event()
+    stop, gone = threading.Event(), threading.Event()
 
     def watch() -> None:
         while not stop.wait(interval):
             if not owner.alive():
+                gone.set()
                 logging.getLogger(__name__).warning(
                     "the sweeper that launched this job (pid %d) is gone: stopping the job, "
                     "checkpointed; the same sweep command runs its trial again and resumes it",
@@ -119,6 +123,8 @@ def stopped_when_launcher_dies(interval: float = 1.0):
     finally:
         stop.set()
         watcher.join()
+        if gone.is_set():  # the run is closed; a worker of a dead launcher only lingers
+            os._exit(128 + signal.SIGTERM)
 
 
 def anon_mb(pid: int | str = "self") -> float | None:

@@ -65,6 +65,8 @@ OPTUNA_STATE = "optuna_state"
 OPTUNA_DIRECTIONS = "optuna_directions"
 OPTIMIZED_METRIC = "optimized_metric"
 BEST_TRIAL = "best_trial"
+WARM_START = "warm_start"  # where a study's warm start came from (parent), or a trial's (child)
+WARM_START_TRIALS = "warm_start_trials"  # how many finished trials it brought (parent)
 PARETO = "pareto"
 
 

@@ -310,18 +310,17 @@ class OptunaSweeper(Sweeper):
             self.last_failure = f"trial {trial.number}: {type(error).__name__}: {first}"
             tell(study, trial, state=TrialState.FAIL)
             state = "FAIL"
-        tag_trial_runs(study.study_name, {trial.number: {T.OPTUNA_STATE: state}})
+        tags = {T.OPTUNA_STATE: state}
+        if "warm_start" in trial.user_attrs:  # an enqueued configuration
+            tags[T.WARM_START] = trial.user_attrs["warm_start"]
+        tag_trial_runs(study.study_name, {trial.number: tags})
 
     def _check_failures(self, study) -> None:
         from optuna.trial import TrialState
 
-        done = [
-            t
-            for t in study.get_trials(deepcopy=False)
-            if t.state.is_finished()
-            and not t.user_attrs.get("surplus")
-            and not t.user_attrs.get("imported")
-        ]
+        # Neither a stale trial run again as a retry (interrupted, not failed: a sweep killed
+        # with several trials in flight resumes) nor a surplus or warm-started one.
+        done = [t for t in counted(study.get_trials(deepcopy=False)) if t.state.is_finished()]
         failed = sum(t.state == TrialState.FAIL for t in done)
         if done and failed / len(done) > self.settings.max_failure_rate and len(done) >= 2:
             last = self.last_failure  # what the trial's own code raised

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from experiments.sweeps.plugin import (
     JOURNAL_PREFIX,
     ExperimentError,
+    T,
     finished_results,
     open_storage,
     redact,
@@ -89,7 +90,7 @@ def warm_start(
         study.set_user_attr("warm_starts", done)
     if done:
         imported = sum(n for label, n in done.items() if not label.startswith("enqueue"))
-        tag_sweep_parent({"warm_start": "; ".join(done), "warm_start_trials": imported})
+        tag_sweep_parent({T.WARM_START: "; ".join(done), T.WARM_START_TRIALS: imported})
 
 
 def describe(source: dict) -> str:
