@@ -271,3 +271,25 @@ def test_run_mode_times_a_fresh_and_a_warm_run_against_its_targets(tmp_path):
     failed = [c["check"] for c in payload["checks"] if not c["passed"]]
     assert failed == [f"warm run {warm['wall_s']:.1f} s <= 0.001 s"]
     assert "FAIL: warm run" in result.stdout and "| wall_s" in result.stdout
+
+
+def test_slots_mode_measures_both_ways_of_launching_from_the_jobs_own_times(tmp_path):
+    """`benchmark slots` runs the sleeping sweep in batches and with slots kept busy; each row's
+    utilisation is its jobs' own time over n_jobs x its wall time, and the exit status follows
+    the kept-busy row against --target (a figure, not a timing assertion: see the README)."""
+    out = tmp_path / "reports"
+    command = [sys.executable, "-m", "experiments.benchmark", "slots", "--out", str(out)]
+    command += ["--jobs", "2", "--trials", "4", "--sleep", "0.1,0.4", "--target", "0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "benchmark-slots.json").read_text())
+    batches, busy = report["sweeps"]
+    assert (batches["mode"], busy["mode"]) == ("batches", "slots kept busy")
+    for row in (batches, busy):
+        assert row["trials"] == 4
+        assert row["utilisation"] == pytest.approx(
+            row["jobs_time_s"] / (2 * row["wall_s"]), rel=0.02
+        )
+    assert "PASS: slots kept busy" in (out / "benchmark-slots.md").read_text()
+    bad = subprocess.run([*command[:4], "--sleep", "4,1"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "give 0 < LOW < HIGH" in bad.stderr

@@ -135,7 +135,9 @@ def test_failing_jobs_stop_the_sweep_in_one_line_with_the_results_kept(tmp_path)
     assert result.returncode == 1
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert "stopping the sweep: 2 of 2 trials failed" in line
-    assert "; the last, trial 1: RuntimeError: cfg.error is True; see the failed jobs' logs" in line
+    first = "the first, trial 0: RuntimeError: cfg.error is True (2 of the 2 failed here say so)"
+    assert f"; {first}; its log: {tmp_path / '0' / 'app.log'}" in line
+    assert (tmp_path / "0" / "app.log").is_file()
     assert list(trials(tmp_path)["state"]) == ["FAIL", "FAIL"]
     assert results(tmp_path)["name"] == "optuna"
 

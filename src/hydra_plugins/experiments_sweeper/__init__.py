@@ -2,7 +2,9 @@
 
 | module | holds |
 | --- | --- |
-| `optuna_sweeper` | the sweeper: ask trials, launch them as jobs, tell how each ended |
+| `optuna_sweeper` | the sweeper: ask trials, tell how each ended |
+| `launching` | how trials are launched (batches, or slots kept busy) and what each job is given |
+| `warm_start` | what a study starts from: another study, MLflow runs, configurations enqueued |
 | `workers` | the workers of one study: joining, taking over stale trials, heartbeats |
 | `samplers` | the sampler and pruner the settings configure |
 | `results` | objectives and directions, returned values, results, trial table and plots |

@@ -93,7 +93,7 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> None:
         settings = self.settings
-        self.last_failure = None  # the last failed trial's exception, for the line that stops
+        self.failures: list[tuple[int, str, str]] = []  # (trial, its error, its log), this sweep
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         space = search_space(settings.params, arguments)
@@ -296,6 +296,7 @@ class OptunaSweeper(Sweeper):
                 values = objective_values(ret.return_value, len(study.directions))
             except ValueError as err:
                 log.warning("trial %d failed: %s", trial.number, err)
+                self.failures.append((trial.number, str(err), job_log(ret)))
                 tell(study, trial, state=TrialState.FAIL)
                 state = "FAIL"
             else:
@@ -307,7 +308,7 @@ class OptunaSweeper(Sweeper):
             log.warning("trial %d failed: %r", trial.number, ret._return_value)
             error = ret._return_value
             first = (str(error).strip().splitlines() or [""])[0][:300]
-            self.last_failure = f"trial {trial.number}: {type(error).__name__}: {first}"
+            self.failures.append((trial.number, f"{type(error).__name__}: {first}", job_log(ret)))
             tell(study, trial, state=TrialState.FAIL)
             state = "FAIL"
         tags = {T.OPTUNA_STATE: state}
@@ -323,13 +324,29 @@ class OptunaSweeper(Sweeper):
         done = [t for t in counted(study.get_trials(deepcopy=False)) if t.state.is_finished()]
         failed = sum(t.state == TrialState.FAIL for t in done)
         if done and failed / len(done) > self.settings.max_failure_rate and len(done) >= 2:
-            last = self.last_failure  # what the trial's own code raised
+            why = f"see the failed jobs' logs under {self.config.hydra.sweep.dir}"
+            if self.failures:  # what the trials' own code raised, first of all
+                number, error, path = self.failures[0]
+                sharing = sum(e == error for _, e, _ in self.failures)
+                why = (
+                    f"the first, trial {number}: {error} ({sharing} of the {len(self.failures)} "
+                    f"failed here say so); its log: {path}"
+                )
             raise SweepError(
                 f"stopping the sweep: {failed} of {len(done)} trials failed, more than "
-                f"hydra.sweeper.max_failure_rate={self.settings.max_failure_rate}"
-                + (f"; the last, {last}" if last else "")
-                + f"; see the failed jobs' logs under {self.config.hydra.sweep.dir}"
+                f"hydra.sweeper.max_failure_rate={self.settings.max_failure_rate}; {why}"
             )
+
+
+def job_log(ret) -> str:
+    """The log file of a job (Hydra's `<output dir>/<job name>.log`), else its folder."""
+    try:
+        folder = Path(ret.hydra_cfg.hydra.runtime.output_dir)
+        name = ret.hydra_cfg.hydra.job.name
+    except AttributeError:
+        return str(ret.working_dir or "")
+    path = folder / f"{name}.log"
+    return str(path if path.is_file() else folder)
 
 
 def counted(trials: list) -> list:
