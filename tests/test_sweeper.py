@@ -455,3 +455,25 @@ def test_upstreams_grid_and_custom_space_examples_end_cleanly_under_werror(tmp_p
     assert "Warning" not in result.stdout + result.stderr
     assert set(trials(tmp_path)["state"]) == {"COMPLETE"}
     assert (tmp_path / "optimization_results.yaml").is_file()
+
+
+def test_a_plot_that_raises_is_one_line_and_the_rest_is_written(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import optuna
+    from optuna.visualization import matplotlib as optuna_plots
+
+    from hydra_plugins.experiments_sweeper.results import plots
+
+    def broken(study):
+        raise TypeError("a plotting library changed its API")
+
+    monkeypatch.setattr(optuna_plots, "plot_parallel_coordinate", broken)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), 3)
+    with caplog.at_level(logging.INFO):
+        saved = plots(study, tmp_path, None)
+    assert {p.name for p in saved} == {"optimization_history.png", "param_importances.png"}
+    (line,) = [r.getMessage() for r in caplog.records if "parallel_coordinate" in r.getMessage()]
+    assert line == "no parallel_coordinate plot: TypeError: a plotting library changed its API"

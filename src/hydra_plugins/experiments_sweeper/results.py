@@ -126,20 +126,23 @@ def plots(study, sweep_dir: Path, metrics: list[str] | None) -> list[Path]:
         }
     saved = []
     for name, plot in wanted.items():
+        # Best-effort: a plot never fails a sweep whose trials have ended. Their warnings
+        # (Optuna's importance evaluator on a small or flat study, an empty legend) say nothing
+        # about the sweep, and under `python -W error` they would end it; an error is one line.
         try:
-            # Their warnings (Optuna's importance evaluator on a small or flat study, an empty
-            # legend) say nothing about the sweep, and under `python -W error` they would end a
-            # sweep whose every trial has finished.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 axes = plot(study)
+                figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+                path = sweep_dir / f"{name}.png"
+                figure.savefig(path, dpi=100, bbox_inches="tight")
+                plt.close(figure)
         except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ complete trials
             log.info("no %s plot: %s", name, err)
             continue
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
-        path = sweep_dir / f"{name}.png"
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(figure)
+        except Exception as err:  # noqa: BLE001 - anything else: one line, the sweep goes on
+            log.warning("no %s plot: %s: %s", name, type(err).__name__, err)
+            continue
         saved.append(path)
     return saved
 
