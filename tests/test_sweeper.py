@@ -352,15 +352,22 @@ CONFIGS = ",".join(f"{{sleep:{c['sleep']},x:{c['x']},y:{c['y']}}}" for c in UNEV
 ENQUEUE = f"hydra.sweeper.warm_start={{enqueue:[{CONFIGS}]}}"
 
 
-@pytest.mark.parametrize("keep_busy", [True, False])
-def test_a_freed_slot_takes_the_next_trial_while_a_long_one_runs(tmp_path, keep_busy):
-    """With joblib and n_jobs=2, the short trials run one after another in the second slot
-    while the long one holds the first, each on its slot's device; in batches (upstream's way)
-    the third trial waits for the long one."""
+@pytest.mark.parametrize(
+    ("launcher", "keep_busy"),
+    [
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], True),
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"], False),
+        (["hydra/launcher=submitit_local"], True),
+    ],
+    ids=["joblib", "joblib-batches", "submitit_local"],
+)
+def test_a_freed_slot_takes_the_next_trial_while_a_long_one_runs(tmp_path, launcher, keep_busy):
+    """With n_jobs=2, the short trials run one after another in the second slot while the long
+    one holds the first, each on its slot's device; in batches (upstream's way) the third trial
+    waits for the long one."""
     sweep(
         tmp_path,
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
+        *launcher,
         "hydra.sweeper.n_jobs=2",
         "hydra.sweeper.n_trials=4",
         f"hydra.sweeper.keep_slots_busy={str(keep_busy).lower()}",
@@ -379,7 +386,7 @@ def test_a_freed_slot_takes_the_next_trial_while_a_long_one_runs(tmp_path, keep_
             yaml.safe_load(p.read_text())["hydra"]["job"]["env_set"][
                 "EXPERIMENTS_OPTUNA_TRIAL"
             ]: yaml.safe_load(p.read_text())["hydra"]["job"]["env_set"]["EXPERIMENTS_DEVICE_SLOT"]
-            for p in tmp_path.glob("*/.hydra/hydra.yaml")
+            for p in tmp_path.glob("**/.hydra/hydra.yaml")
         }
         assert slots == {"0": "0/2", "1": "1/2", "2": "1/2", "3": "1/2"}
 
