@@ -484,3 +484,26 @@ def test_a_plot_that_raises_is_one_line_and_the_rest_is_written(tmp_path, monkey
     assert {p.name for p in saved} == {"optimization_history.png", "param_importances.png"}
     (line,) = [r.getMessage() for r in caplog.records if "parallel_coordinate" in r.getMessage()]
     assert line == "no parallel_coordinate plot: TypeError: a plotting library changed its API"
+
+
+@pytest.mark.parametrize(
+    ("distribution", "value", "expected"),
+    [
+        ("IntDistribution(1, 5)", "3", 3),
+        ("IntDistribution(1, 5)", "3.5", None),
+        ("IntDistribution(1, 5)", 9, None),
+        ("FloatDistribution(0, 1)", "0.25", 0.25),
+        ("FloatDistribution(0, 1, step=0.5)", 0.25, None),
+        ("CategoricalDistribution(('[64]', '[128,64]'))", "[128, 64]", "[128,64]"),
+        ("CategoricalDistribution((1, 2))", "2", 2),
+        ("CategoricalDistribution((1, 2))", "x", None),
+    ],
+)
+def test_a_recorded_value_fits_a_distribution_or_not(distribution, value, expected):
+    """A run's params are text as MLflow recorded them: warm starts read them back as values of
+    the search space, or skip them."""
+    import optuna.distributions as d
+
+    from hydra_plugins.experiments_sweeper.warm_start import as_value
+
+    assert as_value(eval(distribution, vars(d)), value) == expected

@@ -212,7 +212,7 @@ def fit(space: SearchSpace, params: dict[str, Any]) -> dict[str, Any] | None:
 
 def as_value(distribution, value: Any) -> Any:
     """`value` as a value of `distribution`, or None when it is not one."""
-    from optuna.distributions import CategoricalDistribution
+    from optuna.distributions import CategoricalDistribution, IntDistribution
 
     if isinstance(distribution, CategoricalDistribution):
 
@@ -223,9 +223,10 @@ def as_value(distribution, value: Any) -> Any:
         return matches[0] if matches else None
     try:
         number = float(value)
-        internal = distribution.to_internal_repr(
-            int(number) if number.is_integer() and "Int" in type(distribution).__name__ else number
-        )
+        integral = isinstance(distribution, IntDistribution)
+        if integral and not number.is_integer():
+            return None
+        internal = distribution.to_internal_repr(int(number) if integral else number)
     except (TypeError, ValueError):
         return None
     if not distribution._contains(internal):
