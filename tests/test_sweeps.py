@@ -456,3 +456,40 @@ def test_a_warm_start_from_an_earlier_sweeps_mlflow_runs(tmp_path, image_folder,
     )
     (line,) = [x for x in bad.stderr.splitlines() if x.startswith("error:")]
     assert "is not a sweep's parent run" in line and "Traceback" not in bad.stderr
+
+
+def test_two_studies_of_the_same_overrides_are_two_sweeps(tmp_path, image_folder, capsys):
+    """Same overrides, same sampler seed, another study name: the second study trains all its
+    trials under its own parent, and register --sweep on each parent registers that study's own
+    best trial (trial numbers collide across studies)."""
+    import optuna
+
+    from experiments.register import main as register
+    from hydra_plugins.experiments_sweeper.optuna_sweeper import open_storage
+
+    common = ["hparams_search=lr_head", "hydra.sweeper.pruner=null", "trainer.epochs=1"]
+    common += ["hydra.sweeper.n_trials=2", "tracking.log_model=true"]
+    outputs = {}
+    for name in ("one", "two"):
+        outputs[name] = sweep(tmp_path, image_folder, *common, f"hydra.sweeper.study_name={name}")
+    assert "already finished in this sweep" not in outputs["two"].stdout
+    runs = runs_of(tmp_path, "folder")
+    parents = {
+        r.data.tags["sweep_study"].split(" in ")[0]: r
+        for r in runs
+        if r.data.tags.get("sweep") == "true"
+    }
+    assert sorted(parents) == ["one", "two"]
+    registry = ["--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db"]
+    for name, parent in parents.items():
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(r.data.tags["optuna_study"] for r in children) == [name, name]  # trained
+        best = optuna.load_study(
+            study_name=name,
+            storage=open_storage(f"journal:{tmp_path}/multirun/{name}/optuna.journal"),
+        ).best_trial
+        assert register(["--sweep", parent.info.run_id, "--name", f"m-{name}", *registry]) == 0
+        out = capsys.readouterr().out
+        (chosen,) = [r for r in children if r.data.tags["optuna_trial"] == str(best.number)]
+        assert f"registered run {chosen.info.run_id}" in out
+        assert f"the sweep's best trial: trial {best.number} of study {name}: returned " in out

@@ -50,7 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     if sum(x is not None for x in (args.model, args.best, args.sweep)) != 1:
         parser.error("give one of: runs:/<run id>/model, --best EXPERIMENT, --sweep PARENT_RUN_ID")
     from experiments import tracking
-    from experiments.comparison.selection import Chosen, best_run, sweep_run, version_tags
+    from experiments.comparison.selection import (
+        Chosen,
+        best_run,
+        sweep_run,
+        trial_line,
+        version_tags,
+    )
     from experiments.tracking import tags as T
 
     project = compose_project_config()
@@ -74,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"registered run {run.run_id} ({run.name}) as {args.name} version {version}")
+    if args.sweep:
+        which = f"--trial {args.trial}" if args.trial is not None else "the sweep's best trial"
+        print(f"{which}: {trial_line(run)}")
     if chosen.group is not None:
         metric, group = chosen.metric, chosen.group
         print(

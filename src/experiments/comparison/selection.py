@@ -105,11 +105,16 @@ def sweep_run(parent_id: str, trial: int | None):
         if identity
         else [parent_id]
     )
+    # A trial number means something only within its study (two studies of the same
+    # overrides number their trials alike): the parent's study's runs only.
+    study = parent.tags.get(T.SWEEP_STUDY, "").split(" in ", 1)[0]
     trials = {
         int(r.tags[T.OPTUNA_TRIAL]): r
         for p in parents
         for r in tracking.run_rows(f"tags.{T.PARENT_RUN} = '{p}'")
-        if T.OPTUNA_TRIAL in r.tags and r.status == "FINISHED"
+        if T.OPTUNA_TRIAL in r.tags
+        and r.status == "FINISHED"
+        and (not study or r.tags.get(T.OPTUNA_STUDY) == study)
     }
     front = sorted(n for n, r in trials.items() if r.tags.get(T.PARETO) == "true")
     if trial is None:
@@ -126,6 +131,14 @@ def sweep_run(parent_id: str, trial: int | None):
     if trial not in trials:
         raise ExperimentError(f"--trial {trial}: no FINISHED run of that trial in the sweep")
     return trials[trial]
+
+
+def trial_line(run) -> str:
+    """What `register --sweep` registered: the trial, its study and the value it returned."""
+    return (
+        f"trial {run.tags.get(T.OPTUNA_TRIAL)} of study {run.tags.get(T.OPTUNA_STUDY)}: "
+        f"returned {run.tags.get(T.RETURNED_VALUE, 'nothing recorded')}"
+    )
 
 
 def version_tags(chosen: Chosen) -> dict[str, str]:

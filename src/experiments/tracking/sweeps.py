@@ -37,9 +37,23 @@ SWEEP_IDENTITY_ENV = "EXPERIMENTS_SWEEP_IDENTITY"
 _beating: dict[str, threading.Event] = {}
 
 
-def sweep_identity(overrides: list[str]) -> str:
-    """A digest of a multirun's overrides, minus where it writes and how it resumes."""
-    return hashlib.sha256(json.dumps(defining_overrides(overrides)).encode()).hexdigest()[:24]
+def sweep_identity(overrides: list[str], study: str | None = None) -> str:
+    """A digest of a multirun's overrides, minus where it writes and how it resumes, and of its
+    Optuna study (`sweep_study`) if it has one: two studies with the same overrides are two
+    sweeps, whose trial numbers, parents and finished jobs never mix."""
+    key = defining_overrides(overrides) + ([f"study={study}"] if study else [])
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+
+
+def sweep_study(config: DictConfig) -> str | None:
+    """An Optuna sweep's study as `NAME in STORAGE` (its password as ***; the default journal
+    is the sweep dir's), or None for a sweeper without studies (Hydra's basic one)."""
+    name = OmegaConf.select(config, "hydra.sweeper.study_name", default=None)
+    if name is None:
+        return None
+    storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
+    storage = storage or f"journal:{Path(config.hydra.sweep.dir) / 'optuna.journal'}"
+    return f"{name} in {redact(str(storage))}"
 
 
 def sweep_parent(mlflow_client, experiment_id: str, identity: str) -> str | None:
@@ -112,7 +126,8 @@ class MlflowSweepCallback(Callback):
         experiment_id = set_tracking(config.tracking)
         hydra_cfg = config.hydra
         overrides = list(hydra_cfg.overrides.task)
-        identity = sweep_identity(overrides)
+        study = sweep_study(config)
+        identity = sweep_identity(overrides, study)
         self.swept = sweep_keys(overrides, OmegaConf.select(config, "hydra.sweeper.params"))
         self.metric = config.get("optimized_metric")
         mlflow_client = client()
@@ -139,7 +154,9 @@ class MlflowSweepCallback(Callback):
             self.run_id = earlier[0].info.run_id
             log.info("joining the sweep's parent run %s, which another process runs", self.run_id)
         else:
-            self.run_id = self._open(mlflow_client, experiment_id, hydra_cfg, overrides, identity)
+            self.run_id = self._open(
+                mlflow_client, experiment_id, hydra_cfg, overrides, identity, study
+            )
             swept = ", ".join(key.rsplit(".", 1)[-1] for key in self.swept) or "nothing"
             name = f"sweep {Path(hydra_cfg.sweep.dir).name}: {swept}"
             mlflow_client.set_tag(self.run_id, T.RUN_NAME, name)
@@ -163,10 +180,11 @@ class MlflowSweepCallback(Callback):
         _beating[self.run_id] = beat_while_running(mlflow_client, self.run_id, interval)
 
     @staticmethod
-    def _open(mlflow_client, experiment_id: str, hydra_cfg, overrides, identity: str) -> str:
+    def _open(mlflow_client, experiment_id, hydra_cfg, overrides, identity, study) -> str:
         """A new parent run, or the one another worker opened at the same moment."""
         sweeper = hydra_cfg.sweeper.get("_target_", "basic").rsplit(".", 1)[-1]
         tags = {
+            **({T.SWEEP_STUDY: study} if study else {}),
             T.SWEEP: "true",
             T.SWEEP_DIR: str(hydra_cfg.sweep.dir),
             T.SWEEP_OVERRIDES: " ".join(overrides)[: T.MAX_VALUE_CHARS],

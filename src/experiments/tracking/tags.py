@@ -41,7 +41,8 @@ COMPILE_TIME = "time_compile_source"
 
 # Sweeps: the parent run of a multirun and its jobs
 SWEEP = "sweep"  # "true" on a multirun's parent run
-SWEEP_IDENTITY = "sweep_identity"  # a digest of the multirun's defining overrides
+SWEEP_IDENTITY = "sweep_identity"  # a digest of the multirun's defining overrides and study
+SWEEP_STUDY = "sweep_study"  # an Optuna sweep's study: "NAME in STORAGE"
 SWEEP_DIR = "sweep_dir"
 SWEEP_OVERRIDES = "sweep_overrides"
 SWEEPER = "sweeper"
