@@ -170,3 +170,21 @@ def test_cfg_job_and_help_do_not_import_tensorflow():
             if line.startswith("import time:")
         }
         assert "tensorflow" not in imported and "keras" not in imported and "mlflow" not in imported
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        (["backbone=vgg16", "strategy=inline"], None),
+        (["backbone=nope"], "backbone=nope: backbone has no option 'nope'; choose one of"),
+        (["-m", "backbone=vgg16,nope"], "backbone=nope: backbone has no option 'nope'"),
+        (["-m", "backbone=choice(vgg16,nope)"], None),  # Hydra's sweep grammar: Hydra's to say
+        (["--config-dir=/my/conf", "backbone=mine"], None),  # options from another folder
+        (["hydra/launcher=joblib", "head.units=[64]", "task=null"], None),
+    ],
+)
+def test_a_config_group_option_that_does_not_exist_is_one_line(arguments, says):
+    from experiments.cli import unknown_option
+
+    line = unknown_option(arguments)
+    assert line == says if says is None else says in line

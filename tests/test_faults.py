@@ -597,7 +597,11 @@ def test_a_server_lost_mid_run_costs_nothing(comes_back, tmp_path, image_folder)
 BAD_VALUES = [
     ("optimizer.lr=-1", "optimizer.lr=-1"),
     ("optimizer.lr=0", "optimizer.lr=0"),
-    ("optimizer.lr=abc", "is not a number"),
+    ("optimizer.lr=abc", "is not a finite number"),
+    ("optimizer.lr=1e400", "optimizer.lr=inf is not a finite number"),  # YAML reads inf
+    ("trainer.batch_size=1e9", "must be at least 1 and at most 65536"),
+    ("trainer.early_stopping.patience=-1", "trainer.early_stopping.patience=-1 must be at least 0"),
+    ("backbone=nope", "backbone has no option 'nope'; choose one of efficientnetb0"),
     ("trainer.batch_size=0", "trainer.batch_size=0"),
     ("trainer.batch_size=2.5", "is not an integer"),
     ("trainer.epochs=0", "trainer.epochs=0"),
@@ -734,3 +738,35 @@ def test_a_command_ends_without_teardown_and_loses_nothing(body, status, tmp_pat
         assert "RuntimeError" in result.stderr and "torn down" in result.stdout
     else:
         assert "torn down" not in result.stdout
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+def test_a_setting_a_command_needs_is_asked_for_in_one_line(command, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", f"experiments.{command}", f"paths.root_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert line == "error: model must be set: add model=... (--help lists the settings)"
+
+
+def test_a_bad_filter_or_word_is_one_line(tmp_path, capsys):
+    from experiments.compare import main as compare
+    from experiments.runs import main as runs
+
+    store = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path)]
+    assert compare(["--filter", "bogus ==", *store]) == 2
+    error = capsys.readouterr().err
+    (line,) = [x for x in error.splitlines() if x.startswith("error:")]  # MLflow's INFO aside
+    assert line.startswith("error: filter 'bogus ==' is not an MLflow search filter (")
+    assert "Traceback" not in error
+    with pytest.raises(SystemExit) as stopped:
+        runs(["bogus"])
+    assert stopped.value.code == 2
+    assert (
+        "'bogus' is neither an action (list, sync) nor a setting KEY=VALUE"
+        in capsys.readouterr().err
+    )

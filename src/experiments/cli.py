@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig
+from omegaconf.errors import MissingMandatoryValue
 
 from experiments.core.errors import ExperimentError
 from experiments.core.job import in_multirun
@@ -42,6 +43,15 @@ def run_cli(task_function, cfg: DictConfig):
             raise  # the sweeper records the failure and goes on
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except MissingMandatoryValue as err:  # a `???` the command needs (evaluate's model=)
+        if multirun:
+            raise
+        print(
+            f"error: {err.full_key} must be set: add {err.full_key}=... (--help lists the "
+            f"settings)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     except OSError as err:
         if err.errno not in DISK_FULL or multirun:
             raise
@@ -65,6 +75,9 @@ def cli_with_signals(entry) -> None:
     from experiments.core.interrupts import Interrupted, handle_signals
 
     with ending_without_teardown(), handle_signals():
+        if unknown := unknown_option(sys.argv[1:]):
+            print(f"error: {unknown}", file=sys.stderr)
+            sys.exit(2)
         try:
             entry()
         except Interrupted as err:
@@ -74,6 +87,35 @@ def cli_with_signals(entry) -> None:
                 file=sys.stderr,
             )
             sys.exit(err.exit_code)
+
+
+def unknown_option(arguments: list[str]) -> str | None:
+    """The line for the first `group=option` that names no option of a config group of conf/
+    (`backbone=nope`), else None: Hydra would print the group's options over several lines
+    and exit 1, after composing. Sweeps (`a,b`) have each of their options checked; values
+    that are not plain names (`choice(...)`, `null`) are left to Hydra."""
+    import re
+
+    from experiments import config_dir
+
+    root = Path(config_dir())
+    elsewhere = ("--config-dir", "-cd", "--config-path", "-cp", "hydra.searchpath")
+    if any(a.startswith(elsewhere) for a in arguments):  # options from other folders too
+        return None
+    for argument in arguments:
+        key, equals, value = argument.partition("=")
+        if not equals or not re.fullmatch(r"[a-z_]+", key) or not (root / key).is_dir():
+            continue
+        if not re.fullmatch(r"[\w.\-]+(,[\w.\-]+)*", value) or value == "null":
+            continue
+        options = sorted(p.stem for p in (root / key).glob("*.yaml"))
+        for option in value.split(","):
+            if option not in options:
+                return (
+                    f"{key}={option}: {key} has no option {option!r}; choose one of "
+                    f"{', '.join(options)} (or add conf/{key}/{option}.yaml)"
+                )
+    return None
 
 
 def server_arguments(parser, port: int, store: str = "") -> None:

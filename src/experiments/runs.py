@@ -76,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     words = parser.parse_args(argv).args
     action = words.pop(0) if words and words[0] in ACTIONS else "list"
+    if odd := next((w for w in words if "=" not in w), None):
+        parser.error(
+            f"{odd!r} is neither an action ({', '.join(ACTIONS)}) nor a setting KEY=VALUE "
+            f"(e.g. paths.root_dir=/x)"
+        )
     args = argparse.Namespace(action=action, overrides=words)
     from experiments import tracking
 

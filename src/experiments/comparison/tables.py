@@ -53,7 +53,7 @@ def comparison_table(
         )
     names = experiments or known
     wanted = " and ".join(f for f in ("attributes.status = 'FINISHED'", filter_string) if f)
-    runs = tracking.runs_table(wanted, experiment_names=names)
+    runs = tracking.runs_table(wanted, experiment_names=names, users_filter=filter_string)
     if runs.empty:
         raise ExperimentError(
             f"no finished runs in experiment(s) {', '.join(names) or '(none)'}"

@@ -6,6 +6,7 @@ not an epoch. Each refusal is one `ExperimentError` saying what was wrong and ho
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def validate_config(cfg: DictConfig) -> None:
         raise ExperimentError(f"the config does not resolve: {str(err).splitlines()[0]}") from None
 
 
+# A batch larger than this is a typo (1e9), not a plan: it would be allocated before training.
+MAX_BATCH = 65536
+
+
 def number(cfg, key: str, kind: type, *, low: float, low_open: bool = False, high=None):
     """The value at dotted `key` as `kind`, refused unless it is in range."""
     value = OmegaConf.select(cfg, key)
@@ -43,9 +48,11 @@ def number(cfg, key: str, kind: type, *, low: float, low_open: bool = False, hig
         converted = kind(value)
         if kind is int and converted != float(value):
             raise ValueError
-    except (TypeError, ValueError):
+        if not math.isfinite(converted):  # 1e400 reads as inf
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
         raise ExperimentError(
-            f"{key}={value} is not {'an integer' if kind is int else 'a number'}; "
+            f"{key}={value} is not {'an integer' if kind is int else 'a finite number'}; "
             f"e.g. {key}={'16' if kind is int else '1e-3'}"
         ) from None
     too_low = converted <= low if low_open else converted < low
@@ -58,8 +65,11 @@ def number(cfg, key: str, kind: type, *, low: float, low_open: bool = False, hig
 
 def check_trainer(cfg) -> None:
     number(cfg, "optimizer.lr", float, low=0, low_open=True)
-    number(cfg, "trainer.batch_size", int, low=1)
+    number(cfg, "trainer.batch_size", int, low=1, high=MAX_BATCH)
     number(cfg, "trainer.epochs", int, low=1)
+    for callback in ("early_stopping", "reduce_lr"):
+        if OmegaConf.select(cfg, f"trainer.{callback}.patience") is not None:
+            number(cfg, f"trainer.{callback}.patience", int, low=0)
     number(cfg, "trainer.seed", int, low=0)
     number(cfg, "trainer.repeats", int, low=1)
     if str(cfg.trainer.class_weight) not in ("none", "balanced", "None"):

@@ -95,19 +95,34 @@ def runs_table(
     filter_string: str = "",
     experiment_names: list[str] | None = None,
     experiment_ids: list[str] | None = None,
+    users_filter: str | None = None,
 ):
     """The matching runs as a pandas DataFrame, one row each, with MLflow's columns
-    (`run_id`, `status`, `tags.<name>`, `params.<name>`, `metrics.<name>`)."""
+    (`run_id`, `status`, `tags.<name>`, `params.<name>`, `metrics.<name>`). A filter MLflow
+    cannot parse is one line naming `users_filter` (the part the user gave), else the whole."""
     import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from experiments.core.errors import ExperimentError
 
     if experiment_ids is None:
         experiment_names = experiment_names or list(experiments().values())
-    return mlflow.search_runs(
-        experiment_names=experiment_names if experiment_ids is None else None,
-        experiment_ids=experiment_ids,
-        filter_string=filter_string,
-        output_format="pandas",
-    )
+    try:
+        return mlflow.search_runs(
+            experiment_names=experiment_names if experiment_ids is None else None,
+            experiment_ids=experiment_ids,
+            filter_string=filter_string,
+            output_format="pandas",
+        )
+    except MlflowException as err:
+        if not filter_string or err.error_code != "INVALID_PARAMETER_VALUE":
+            raise
+        first = (str(err.message).strip().splitlines() or [""])[0]
+        raise ExperimentError(
+            f"filter {users_filter or filter_string!r} is not an MLflow search filter ({first}); "
+            f"e.g. "
+            f"\"params.`backbone.name` = 'vgg19' and metrics.test_accuracy > 0.9\""
+        ) from None
 
 
 def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[int, float]]:
