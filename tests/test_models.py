@@ -67,6 +67,25 @@ def test_a_registered_version_carries_its_run_and_an_alias_moves(store, capsys):
     assert {tags["data.train.digest"], tags["data.test.digest"]} <= digests
 
 
+@pytest.mark.parametrize(
+    ("names", "says"),
+    [
+        (["--name", "clf2", "--alias", "bad alias!"], "--alias 'bad alias!': Invalid alias name"),
+        (["--name", "clf2", "--alias", "latest"], "'latest' alias name (case insensitive)"),
+        (["--name", "a/b"], "--name 'a/b': Invalid model name 'a/b'"),
+    ],
+)
+def test_a_bad_name_or_alias_registers_nothing(store, capsys, names, says):
+    """MLflow checks an alias only once the version exists: refused first, in one line, with
+    no registered model or version left behind."""
+    root, run, _ = store
+    assert register(root, f"runs:/{run.info.run_id}/model", *names) == 2
+    error = capsys.readouterr().err
+    (line,) = [x for x in error.splitlines() if x.startswith("error:")]
+    assert says in line and "Traceback" not in error
+    assert not client_for(root).search_registered_models("name = 'clf2'")
+
+
 def test_the_best_run_is_found_and_a_run_without_a_model_is_refused(store, capsys):
     root, run, without = store
     client = client_for(root)

@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         tracking.open_store(
             args.tracking_uri or str(project.tracking.uri), project.tracking.outbox_dir
         )
+        tracking.registry.check_names(args.name, args.alias)
         if args.model:
             if not re.fullmatch(r"runs:/[0-9a-f]{32}/model", args.model):
                 raise ExperimentError(f"{args.model} is not runs:/<run id>/model")

@@ -94,6 +94,26 @@ def version_of(model_uri: str) -> str | None:
     return client().get_model_version_by_alias(name, alias).version if alias else version
 
 
+def check_names(name: str, alias: str | None) -> None:
+    """Refuse a model name or alias the registry would refuse, before anything is registered:
+    MLflow checks an alias only once the version exists, which it would leave without one.
+    MLflow's own rules, from its validation module (not part of its public API)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils import validation
+
+    checks = [("--name", name, validation._validate_model_name)]
+    if alias is not None:
+        checks += [
+            ("--alias", alias, validation._validate_model_alias_name),
+            ("--alias", alias, validation._validate_model_alias_name_reserved),
+        ]
+    for option, value, check in checks:
+        try:
+            check(value)
+        except MlflowException as err:
+            raise ExperimentError(f"{option} {value!r}: {err.message}") from None
+
+
 def register(run_id: str, name: str, tags: dict[str, str], alias: str | None):
     """Register run `run_id`'s model as a new version of `name` with `tags`, and move `alias`
     onto it; (the new version, the version the alias left or None)."""
