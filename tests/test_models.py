@@ -556,3 +556,28 @@ def test_the_misclassified_grid_shows_the_wrong_images_most_confident_first(tmp_
     assert not columns_of(colors[0]).size  # a right prediction is not shown
     assert columns_of(colors[2]).size and columns_of(colors[1]).size
     assert columns_of(colors[2]).max() < columns_of(colors[1]).min()  # 90% before 60%
+
+
+def test_an_export_killed_mid_way_leaves_nothing_the_next_does_not_remove(store, tmp_path):
+    """kill -9 skips every cleanup: the staging folder it leaves, named for its dead owner, is
+    removed by the next export into the same folder, which then leaves none of its own."""
+    import time
+
+    root, run, _ = store
+    model = f"runs:/{run.info.run_id}/model"
+    command = [sys.executable, "-m", "experiments.export", model, "--format", "saved_model"]
+    command += ["--tracking-uri", store_uri(root), "--output", str(tmp_path / "first")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".export-*/first/*")):  # staging has begun writing
+        assert process.poll() is None and time.monotonic() < deadline, "export ended first"
+        time.sleep(0.05)
+    process.kill()
+    process.wait(timeout=60)
+    (left,) = tmp_path.glob(".export-*")
+    result = export_cli(
+        root, model, "--format", "saved_model", "--output", str(tmp_path / "second")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not left.exists() and not list(tmp_path.glob(".export-*"))
+    assert (tmp_path / "second" / "classes.json").is_file() and not (tmp_path / "first").exists()

@@ -365,3 +365,26 @@ def test_bad_split_and_size_values_are_explained(tmp_path, paths):
         load_task(task_cfg(root, split=[0.5, 0.5, 0.5]), paths)
     with pytest.raises(ExperimentError, match="image_size"):
         load_task(task_cfg(root, image_size=[4]), paths)
+
+
+def test_a_staging_folder_of_a_dead_process_is_removed_and_others_kept(tmp_path):
+    import subprocess
+    import sys
+
+    import psutil
+
+    from experiments.core.files import staging_dir
+    from experiments.core.processes import this_process
+
+    gone = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    started = psutil.Process(gone.pid).create_time()
+    gone.wait()
+    me = this_process()
+    dead = tmp_path / f".x.{me.host}~{gone.pid}~{started:.0f}~abc"
+    alive = tmp_path / f".x.{me.host}~{me.pid}~{me.started:.0f}~def"  # another of this process
+    foreign = tmp_path / f".x.elsewhere~{gone.pid}~{started:.0f}~ghi"  # another host's
+    for folder in (dead, alive, foreign):
+        (folder / "part").mkdir(parents=True)
+    with staging_dir(tmp_path, ".x.") as mine:
+        assert mine.is_dir() and mine.name.startswith(f".x.{me.host}~{me.pid}~")
+    assert not dead.exists() and alive.exists() and foreign.exists() and not mine.exists()

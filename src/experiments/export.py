@@ -23,13 +23,13 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from experiments import compose_project_config
 from experiments.core.errors import ExperimentError
+from experiments.core.files import staging_dir
 from experiments.model.export import CHECK_IMAGES, FORMATS, check, export, exported_predict
 
 
@@ -90,8 +90,9 @@ def run(args, project) -> int:
         0, 256, (CHECK_IMAGES, *model.input_shape[1:]), dtype=np.uint8
     )
     # Written beside its place and moved there whole, so a failed export leaves nothing.
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".export-") as tmp:
-        staged = Path(tmp) / output.name
+    # One a killed export left (kill -9 skips every cleanup) is removed first.
+    with staging_dir(output.parent, ".export-") as tmp:
+        staged = tmp / output.name
         export(model, args.format, staged, source.params.get("backbone.module"))
         gap = check(model, exported_predict(staged, args.format), images)
         classes = {"class_names": class_names, "source_run_id": source.run_id}

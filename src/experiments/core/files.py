@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import logging
 import os
@@ -48,24 +49,50 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A folder of this process in `parent`, removed when the block ends, however it ends.
+
+    Its name holds its owner (host, pid, the pid's start time): a folder of this prefix that a
+    process of this host left when it was killed (kill -9 skips every cleanup) is removed
+    first, with one line. Another host's folders on a shared disk are left alone.
+    """
+    from experiments.core.processes import Owner, this_process
+
+    parent.mkdir(parents=True, exist_ok=True)
+    me = this_process()
+    for left in parent.glob(f"{glob.escape(prefix)}*"):
+        host, _, rest = left.name[len(prefix) :].partition("~")
+        pid, _, started = rest.partition("~")
+        try:
+            owner = Owner(host, int(pid), float(started.split("~")[0]))
+        except ValueError:
+            continue  # not one of ours
+        if owner.on_this_host() and not owner.alive():
+            shutil.rmtree(left, ignore_errors=True)
+            log.info("removed %s, which a killed process (pid %s) left", left, pid)
+    owned = f"{prefix}{me.host}~{me.pid}~{me.started:.0f}~"
+    tmp = Path(tempfile.mkdtemp(prefix=owned, dir=parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """A temporary folder beside `path`, renamed onto it when the block ends without error.
 
     If another process put `path` in place meanwhile (two sweep jobs building one cache), its
-    folder is kept and ours is dropped: both were built from the same inputs.
+    folder is kept and ours is dropped: both were built from the same inputs. One left by a
+    killed process is removed by the next (`staging_dir`).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        with _disk_full_in_one_line(path):
-            yield tmp
-            try:
-                os.rename(tmp, path)
-            except OSError as err:
-                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not path.is_dir():
-                    raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with staging_dir(path.parent, f".{path.name}.") as tmp, _disk_full_in_one_line(path):
+        yield tmp
+        try:
+            os.rename(tmp, path)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not path.is_dir():
+                raise
 
 
 @contextlib.contextmanager
