@@ -118,10 +118,10 @@ def runs_table(
         if not filter_string or err.error_code != "INVALID_PARAMETER_VALUE":
             raise
         first = (str(err.message).strip().splitlines() or [""])[0]
+        example = "params.`backbone.name` = 'vgg19' and metrics.test_accuracy > 0.9"
+        given = users_filter or filter_string
         raise ExperimentError(
-            f"filter {users_filter or filter_string!r} is not an MLflow search filter ({first}); "
-            f"e.g. "
-            f"\"params.`backbone.name` = 'vgg19' and metrics.test_accuracy > 0.9\""
+            f'filter {given!r} is not an MLflow search filter ({first}); e.g. "{example}"'
         ) from None
 
 
