@@ -143,6 +143,9 @@ def test_a_signal_ends_the_run_killed_and_the_same_command_resumes_it(
     assert resumed.info.run_id == run.info.run_id
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["resumed"] == "true"
+    # It finished: no tag says it was stopped, and the stop is kept as history.
+    assert "stopped_by" not in resumed.data.tags
+    assert resumed.data.tags["resumed_after"] == f"stopped_by={signal.Signals(signum).name}"
     assert steps(tmp_path, run.info.run_id) == list(range(EPOCHS))  # continued, none twice
     assert not (tmp_path / "checkpoints" / run.info.run_id).exists()  # done with
 
@@ -175,6 +178,8 @@ def test_kill_9_loses_at_most_the_epoch_in_progress(moment, tmp_path, image_fold
     assert again.returncode == 0, again.stderr[-3000:]
     (resumed,) = runs_of(tmp_path, "folder")
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"
+    assert "killed_reason" not in resumed.data.tags
+    assert f"process {process.pid}" in resumed.data.tags["resumed_after"]
     assert steps(tmp_path, run.info.run_id) == list(range(EPOCHS))
     assert f"continues after epoch {kept}" in again.stdout
 

@@ -104,7 +104,9 @@ def _open_run(tracking, run_name: str, tags: dict, identity: str | None, resume:
     nested = mlflow.active_run() is not None  # a group member, inside its parent
     if resumed:
         run = mlflow.start_run(run_id=resumed, nested=nested)
-        client().log_batch(resumed, tags=T.as_run_tags(tags | {T.RESUMED: "true"}))
+        client().log_batch(
+            resumed, tags=T.as_run_tags(tags | {T.RESUMED: "true"} | _history(resumed))
+        )
         log.info("resuming run %s (resume=%s)", resumed, resume)
     else:
         run = mlflow.start_run(
@@ -120,6 +122,22 @@ def _open_run(tracking, run_name: str, tags: dict, identity: str | None, resume:
         first = _next_system_step(run.info.run_id) if resumed else 0
         system = SystemSampler(float(tracking.get("system_metrics_interval_s", 10)), first)
     return ActiveRun(run.info.run_id, bool(resumed), outbox, system=system)
+
+
+def _history(run_id: str) -> dict[str, str]:
+    """What stopped a run that now resumes, moved from `stopped_by` and `killed_reason` (which
+    would say of a run that goes on to finish that it was stopped) to `resumed_after`, which
+    keeps each interruption, oldest first."""
+    mlflow_client = client()
+    tags = mlflow_client.get_run(run_id).data.tags
+    why = [f"{key}={tags[key]}" for key in (T.STOPPED_BY, T.KILLED_REASON) if key in tags]
+    if not why:
+        return {}
+    for key in (T.STOPPED_BY, T.KILLED_REASON):
+        if key in tags:
+            mlflow_client.delete_tag(run_id, key)
+    earlier = tags.get(T.RESUMED_AFTER)
+    return {T.RESUMED_AFTER: "; ".join([*([earlier] if earlier else []), ", ".join(why)])}
 
 
 def _next_system_step(run_id: str) -> int:

@@ -33,6 +33,7 @@ HOST, PID, PID_STARTED = RUN_KEYS
 RESUMED = "resumed"
 STOPPED_BY = "stopped_by"  # the signal, or stale_trial
 KILLED_REASON = "killed_reason"  # closed by another process: its owner was gone
+RESUMED_AFTER = "resumed_after"  # a resumed run's earlier stops (stopped_by=..., killed_reason=...)
 ERROR = "error"
 PRUNED = "pruned"
 RETURNED_VALUE = "returned_value"  # what the job returned to its sweeper (JSON)
