@@ -296,3 +296,27 @@ def project_model_server(model_uri: str, tracking_uri: str) -> ModelServer:
         f"MODEL={model_uri}", f"PORT={server.port}",
     ]  # fmt: skip
     return server
+
+
+def in_mount_namespace(mounts: list[str], command: list[str]) -> list[str]:
+    """`command` run in a mount namespace of its own after the shell lines `mounts`: the way to
+    make a folder truly read-only or full for a test, even as root, whom file modes do not stop.
+    Other processes see no change; the mounts end with the command."""
+    import os
+
+    unshare = ["unshare", "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+    return [*unshare, "sh", "-c", " && ".join([*mounts, 'exec "$@"']), "sh", *command]
+
+
+def read_only(path: Path) -> str:
+    """The mount that makes `path` read-only (for `in_mount_namespace`)."""
+    import shlex
+
+    return f"mount --bind -o ro {shlex.quote(str(path))} {shlex.quote(str(path))}"
+
+
+def full_disk(path: Path, kilobytes: int) -> str:
+    """The mount that puts a file system of `kilobytes` on `path` (for `in_mount_namespace`)."""
+    import shlex
+
+    return f"mount -t tmpfs -o size={kilobytes}k tmpfs {shlex.quote(str(path))}"

@@ -20,7 +20,10 @@ from helpers import (
     ModelServer,
     client_for,
     env_without,
+    full_disk,
+    in_mount_namespace,
     project_model_server,
+    read_only,
     runs_of,
 )
 
@@ -114,10 +117,10 @@ def test_the_best_run_is_found_and_a_run_without_a_model_is_refused(store, capsy
         (f"runs:/{'0' * 32}/model", f"no run {'0' * 32}"),
     ],
 )
-def test_an_unknown_model_is_one_line(store, model, says, tmp_path):
+def test_an_unknown_model_is_one_line(store, model, says, image_folder):
     root, run, _ = store
     register(root, f"runs:/{run.info.run_id}/model", "--name", "clf", "--alias", "champion")
-    result = predict_cli(root, f"model={model}", f"input={tmp_path}")
+    result = predict_cli(root, f"model={model}", f"input={image_folder}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert says in line
@@ -140,8 +143,10 @@ def predict_cli(root: Path, *args: str) -> subprocess.CompletedProcess:
 def test_predict_gives_the_runs_test_accuracy_with_its_recorded_classes(
     store, tmp_path, image_folder
 ):
-    """The test split, copied under names that hide its classes and with a broken file: the
-    registered model predicts the run's test accuracy, in the run's class names."""
+    """The test split, copied under names that hide its classes, with a broken file and a
+    broken link: the registered model predicts the run's test accuracy, in the run's class
+    names, from a store on a read-only file system, where it writes nothing (MLflow's
+    `models:/` loader wrote a file into the model's folder)."""
     from experiments.data.tasks import load_task
 
     root, run, _ = store
@@ -157,11 +162,31 @@ def test_predict_gives_the_runs_test_accuracy_with_its_recorded_classes(
         shutil.copy(Path(image_folder) / source, target)
         truth[str(target)] = names[label].name
     (folder / "a" / "broken.png").write_text("not an image")
+    (folder / "z" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     output = tmp_path / "predictions.csv"
-    result = predict_cli(root, "model=models:/clf@champion", f"input={folder}", f"output={output}")
+    store_files = {p: p.stat().st_mtime_ns for p in (root / "mlruns").rglob("*")}
+    result = subprocess.run(
+        in_mount_namespace(
+            [read_only(root / "mlruns")],
+            [
+                sys.executable,
+                "-m",
+                "experiments.predict",
+                f"paths.root_dir={root}",
+                "model=models:/clf@champion",
+                f"input={folder}",
+                f"output={output}",
+            ],
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr
-    assert "1 skipped" in log and "skipping" in log and "broken.png" in log
+    assert "2 skipped" in log and "skipping" in log and "broken.png" in log
+    assert f"skipping 1 broken link(s) under {folder}: {folder / 'z' / 'gone.png'}" in log
+    assert {p: p.stat().st_mtime_ns for p in (root / "mlruns").rglob("*")} == store_files
     rows = list(csv.DictReader(output.open()))
     assert len(rows) == len(test.labels)
     assert {r["class"] for r in rows} <= {"class_0", "class_1", "class_2"}
@@ -314,6 +339,42 @@ def test_export_saved_model_predicts_the_runs_test_accuracy(store, image_folder,
         root, "models:/clf@champion", "--format", "saved_model", "--output", str(output)
     )
     assert again.returncode == 2 and f"--output {output} exists" in again.stderr
+
+
+@pytest.mark.parametrize("disk", ["read_only", "full"])
+def test_export_to_a_read_only_or_full_disk_is_one_line_and_leaves_nothing(store, tmp_path, disk):
+    """The folder the export goes to cannot take it: one line, exit 2, and no staging folder
+    left there (the file system is checked from inside the namespace that mounts it)."""
+    root, run, _ = store
+    register(root, f"runs:/{run.info.run_id}/model", "--name", "clf", "--alias", "champion")
+    place = tmp_path / "exports"
+    place.mkdir()
+    mount = read_only(place) if disk == "read_only" else full_disk(place, 512)
+    export = [
+        sys.executable,
+        "-m",
+        "experiments.export",
+        "models:/clf@champion",
+        "--output",
+        str(place / "clf"),
+        "--tracking-uri",
+        store_uri(root),
+    ]
+    script = '"$@"; status=$?; echo "left: $(ls -A "$0")"; exit $status'
+    result = subprocess.run(
+        in_mount_namespace([mount], ["sh", "-c", script, str(place), *export]),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    says = {
+        "read_only": f"--output {place / 'clf'}: {place} is not writable (a read-only file system)",
+        "full": f"no space left writing {place / 'clf'} (No space left on device)",
+    }[disk]
+    assert says in line, line
+    assert result.stdout.splitlines()[-1] == "left: "
 
 
 def test_export_onnx_takes_one_image_input_and_predicts_the_runs_test_accuracy(

@@ -29,7 +29,7 @@ import numpy as np
 
 from experiments import compose_project_config
 from experiments.core.errors import ExperimentError
-from experiments.core.files import staging_dir
+from experiments.core.files import check_writable, staging_dir, writing_in_one_line
 from experiments.model.export import CHECK_IMAGES, FORMATS, check, export, exported_predict
 
 
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, project) -> int:
     from experiments.core.backend import use_backend
 
+    if args.output:  # before the store and the model: a bad place costs a second
+        check_writable(args.output, f"--output {args.output}")
     backend = use_backend(str(project.backend))
     if backend not in FORMATS[args.format][1]:
         raise ExperimentError(
@@ -77,21 +79,21 @@ def run(args, project) -> int:
         )
     from experiments import tracking
 
-    tracking.open_store(args.tracking_uri or str(project.tracking.uri), project.tracking.outbox_dir)
+    tracking.open_store(args.tracking_uri or str(project.tracking.uri), writes=False)
     source = tracking.registry.source_run(args.model)
     tracking.registry.require_model(source)
     output = args.output or default_output(args.model, source.run_id, args.format)
     if output.exists():
         raise ExperimentError(f"--output {output} exists; remove it or choose another path")
     class_names = tracking.registry.class_names(source)
+    check_writable(output, f"--output {output}")
     model = tracking.load_model(args.model)
-    output.parent.mkdir(parents=True, exist_ok=True)
     images = np.random.default_rng(0).integers(
         0, 256, (CHECK_IMAGES, *model.input_shape[1:]), dtype=np.uint8
     )
     # Written beside its place and moved there whole, so a failed export leaves nothing.
     # One a killed export left (kill -9 skips every cleanup) is removed first.
-    with staging_dir(output.parent, ".export-") as tmp:
+    with writing_in_one_line(output), staging_dir(output.parent, ".export-") as tmp:
         staged = tmp / output.name
         export(model, args.format, staged, source.params.get("backbone.module"))
         gap = check(model, exported_predict(staged, args.format), images)

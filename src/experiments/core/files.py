@@ -22,10 +22,32 @@ log = logging.getLogger(__name__)
 
 # A full disk, a quota, or a file-size limit: the user frees space, then resumes.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 # What reading a truncated or overwritten .npy / .h5 / .json raises.
 CORRUPT = (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError)
 
 T = TypeVar("T")
+
+
+def check_writable(path: Path, what: str) -> None:
+    """One line unless `path` can be written: the file and its folder if it exists, else the
+    nearest folder above it that exists (where the missing ones are then created)."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    for needed in [path, path.parent] if existing == path else [existing]:
+        if not os.access(needed, os.W_OK):
+            why = "a read-only file system" if _read_only_fs(needed) else "no write permission"
+            raise ExperimentError(
+                f"{what}: {needed} is not writable ({why}); make it writable, or give a path "
+                f"in a writable folder"
+            )
+
+
+def _read_only_fs(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -41,7 +63,7 @@ def atomic_path(path: Path, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        with _disk_full_in_one_line(path):
+        with writing_in_one_line(path):
             yield tmp
             os.replace(tmp, path)
     finally:
@@ -86,7 +108,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     folder is kept and ours is dropped: both were built from the same inputs. One left by a
     killed process is removed by the next (`staging_dir`).
     """
-    with staging_dir(path.parent, f".{path.name}.") as tmp, _disk_full_in_one_line(path):
+    with staging_dir(path.parent, f".{path.name}.") as tmp, writing_in_one_line(path):
         yield tmp
         try:
             os.rename(tmp, path)
@@ -96,8 +118,9 @@ def atomic_dir(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _disk_full_in_one_line(path: Path) -> Iterator[None]:
-    """A disk-full error becomes one ExperimentError naming `path`."""
+def writing_in_one_line(path: Path) -> Iterator[None]:
+    """A full disk, or a place that cannot be written (a read-only file system, no permission),
+    becomes one ExperimentError naming `path`."""
     try:
         yield
     except OSError as err:
@@ -105,6 +128,11 @@ def _disk_full_in_one_line(path: Path) -> Iterator[None]:
             raise ExperimentError(
                 f"no space left writing {path} ({os.strerror(err.errno)}); free space there "
                 f"or point paths.* elsewhere, then run the same command again"
+            ) from None
+        if err.errno in UNWRITABLE:
+            raise ExperimentError(
+                f"cannot write {path} ({os.strerror(err.errno)}: {err.filename or path}); "
+                f"make it writable or write elsewhere, then run the same command again"
             ) from None
         raise
 

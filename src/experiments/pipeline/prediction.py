@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,17 @@ def predict(cfg: DictConfig) -> int:
     from experiments.data.decoding import use_pixel_limit
     from experiments.evaluation.calibration import class_probabilities
 
-    use_pixel_limit(cfg.get("max_image_pixels"))  # a bad value is one line, before any work
+    # Every argument is checked before MLflow, Keras or TensorFlow is imported: a typo costs a
+    # second, not the 10 s those take.
+    files, broken = check_arguments(cfg)
+    use_pixel_limit(cfg.get("max_image_pixels"))
     use_backend(cfg.backend)  # before anything imports Keras
     from experiments.model.forward import predict_in_batches
 
-    tracking.open_store(str(cfg.tracking.uri), cfg.tracking.get("outbox_dir"))
+    # It only reads: a read-only or archived store serves it, and nothing is written there.
+    tracking.open_store(str(cfg.tracking.uri), writes=False)
     source = tracking.registry.source_run(str(cfg.model))
     class_names = tracking.registry.class_names(source)
-    files = image_files(Path(str(cfg.input)).expanduser())
     model = tracking.load_model(str(cfg.model))
     images, kept = decode_all(files, tuple(model.input_shape[1:3]))
     if not kept:
@@ -49,25 +53,55 @@ def predict(cfg: DictConfig) -> int:
     output = Path(str(cfg.output))
     write_predictions(output, kept, probabilities, class_names, int(cfg.top_k))
     log.info(
-        "predicted %d images with %s (%d skipped: not decodable, or too large): %s",
+        "predicted %d images with %s (%d skipped: not decodable, too large, or a broken link): %s",
         len(kept),
         cfg.model,
-        len(files) - len(kept),
+        len(files) - len(kept) + broken,
         output,
     )
     return len(kept)
 
 
-def image_files(path: Path) -> list[Path]:
-    """`path` itself, or every file under it (hidden ones left out), in a stable order."""
+def check_arguments(cfg: DictConfig) -> tuple[list[Path], int]:
+    """One line for the first bad argument, loading no model; the files of `cfg.input`, and how
+    many broken links it holds."""
+    from experiments.core.files import check_writable
+    from experiments.pipeline.validation import MAX_BATCH, number
+    from experiments.tracking import check_store
+    from experiments.tracking.registry import check_model_uri
+
+    check_model_uri(str(cfg.model))
+    check_store(str(cfg.tracking.uri), must_exist=True, writes=False)
+    number(cfg, "top_k", int, low=1)
+    number(cfg, "batch_size", int, low=1, high=MAX_BATCH)
+    output = Path(str(cfg.output)).expanduser()
+    if output.is_dir():
+        raise ExperimentError(f"output={cfg.output} is a folder; give the path of a CSV file")
+    check_writable(output, f"output={cfg.output}")
+    return image_files(Path(str(cfg.input)).expanduser())
+
+
+def image_files(path: Path) -> tuple[list[Path], int]:
+    """`path` itself, or every file under it (hidden ones left out), in a stable order; and how
+    many links under it lead nowhere (each is skipped, and counted in one warning)."""
     if path.is_file():
-        return [path]
+        return [path], 0
+    if path.is_symlink() and not path.exists():
+        raise ExperimentError(f"input={path} is a link to {os.readlink(path)}, which is not there")
     if not path.is_dir():
         raise ExperimentError(f"input={path} is neither a file nor a folder")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    entries = [p for p in path.rglob("*") if not p.name.startswith(".")]
+    broken = sorted(p for p in entries if p.is_symlink() and not p.exists())
+    if broken:
+        shown = ", ".join(str(p) for p in broken[:3]) + (", ..." if len(broken) > 3 else "")
+        log.warning("skipping %d broken link(s) under %s: %s", len(broken), path, shown)
+    files = sorted(p for p in entries if p.is_file())
     if not files:
-        raise ExperimentError(f"input={path} holds no files; point it at a folder of images")
-    return files
+        raise ExperimentError(
+            f"input={path} holds no files{f' (only {len(broken)} broken links)' if broken else ''}"
+            f"; point it at a folder of images"
+        )
+    return files, len(broken)
 
 
 def decode_all(files: list[Path], size: tuple[int, int]) -> tuple[np.ndarray, list[Path]]:

@@ -30,10 +30,15 @@ def evaluate(cfg: DictConfig) -> float:
         write_reports,
     )
     from experiments.evaluation.statistics import wilson_interval
+    from experiments.pipeline.validation import MAX_BATCH, number
 
-    use_backend(cfg.backend)  # before MLflow loads the model with Keras
+    # The arguments first, before MLflow, Keras or TensorFlow is imported (10 s).
     if cfg.split not in SPLITS:
         raise ExperimentError(f"split={cfg.split} is unknown; use one of {', '.join(SPLITS)}")
+    tracking.registry.check_model_uri(str(cfg.model))
+    number(cfg, "batch_size", int, low=1, high=MAX_BATCH)
+    tracking.check_store(str(cfg.tracking.uri), must_exist=True)  # it records an evaluation run
+    use_backend(cfg.backend)  # before MLflow loads the model with Keras
     tracking.open_store(str(cfg.tracking.uri), cfg.tracking.get("outbox_dir"))
     source = source_run(str(cfg.model))
     model = load_model(str(cfg.model))

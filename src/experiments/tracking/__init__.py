@@ -6,7 +6,8 @@ its study; and reading the store back. One module per concern:
 | module | holds |
 | --- | --- |
 | `client` | the MLflow client of a URI; what a lost server looks like |
-| `store` | opening and checking the store: pending outboxes sent, runs of dead processes closed |
+| `checks` | what is wrong with a store, found in seconds: down, missing, read-only, locked |
+| `store` | opening the store: pending outboxes sent, runs of dead processes closed |
 | `outbox` | records waiting for a lost server, and sending them |
 | `runs` | the active run: start, resume, metrics, tags, artifacts, its end |
 | `records` | what a run records about itself: config, tags, data lineage, the model |
@@ -23,6 +24,7 @@ MLflow is imported inside the functions, so composing a config never pays for it
 
 from experiments.core.processes import GROUP_PARENT_ENV, memory_metrics
 from experiments.tracking import registry, serving, tags
+from experiments.tracking.checks import check_store
 from experiments.tracking.client import HTTP_DEFAULTS, sqlite_uri
 from experiments.tracking.outbox import Outbox, flush_outbox, pending_outboxes, sync_outboxes
 from experiments.tracking.queries import (
@@ -31,7 +33,6 @@ from experiments.tracking.queries import (
     experiments,
     find_run,
     finished_member,
-    load_model,
     load_text,
     metric_history,
     predictions,
@@ -47,6 +48,7 @@ from experiments.tracking.records import (
     run_tags,
     serving_requirements,
 )
+from experiments.tracking.registry import load_model
 from experiments.tracking.runs import (
     ActiveRun,
     backfill_metrics,
@@ -65,7 +67,7 @@ from experiments.tracking.runs import (
 )
 from experiments.tracking.store import (
     artifact_root,
-    check_reachable,
+    check_tracking,
     close_stale_runs,
     open_store,
     set_tracking,
@@ -96,7 +98,8 @@ __all__ = [
     "RunRow",
     "artifact_root",
     "backfill_metrics",
-    "check_reachable",
+    "check_store",
+    "check_tracking",
     "close_stale_runs",
     "end_stale_trial_runs",
     "experiment_link",

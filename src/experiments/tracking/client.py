@@ -69,7 +69,8 @@ def point_at(uri: str) -> None:
 
 def unreachable_message(uri: str, err: BaseException | str) -> str:
     return (
-        f"cannot reach the MLflow store tracking.uri={uri} ({str(err).splitlines()[0][:300]}); "
+        f"cannot reach the MLflow store tracking.uri={redact(uri)} "
+        f"({redact(str(err).splitlines()[0])[:300]}); "
         f"start the server or fix tracking.uri / MLFLOW_TRACKING_URI"
     )
 

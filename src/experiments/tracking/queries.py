@@ -130,13 +130,6 @@ def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[
     return [(m.step, m.value) for m in client(uri).get_metric_history(run_id, key)]
 
 
-def load_model(model_uri: str):
-    """The Keras model logged at `model_uri` (e.g. `runs:/<id>/model`)."""
-    import mlflow.keras
-
-    return mlflow.keras.load_model(model_uri)
-
-
 def load_text(artifact_uri: str) -> str:
     """The text of a logged artifact (e.g. `runs:/<id>/config/config.yaml`)."""
     import mlflow.artifacts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import platform
+import shlex
 import subprocess
 import sys
 import warnings
@@ -61,7 +62,8 @@ def run_tags(cfg: DictConfig, output_dir: str) -> dict[str, str]:
         T.AUGMENTATION: cfg.augmentation.name,
         "hydra_output_dir": output_dir,
         "python_version": platform.python_version(),
-        T.COMMAND: " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[: T.MAX_VALUE_CHARS],
+        # Quoted as a shell would take it back (runs prints it as a resume command).
+        T.COMMAND: shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])[: T.MAX_VALUE_CHARS],
     }
     if commit:
         tags |= {"git_commit": commit, "mlflow.source.git.commit": commit, "git_dirty": str(dirty)}

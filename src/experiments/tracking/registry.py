@@ -40,6 +40,16 @@ def registered(model_uri: str) -> tuple[str, str | None, str | None] | None:
     return match.groups() if match else None
 
 
+def check_model_uri(model_uri: str) -> None:
+    """One line unless `model_uri` has the form of a model URI; reads nothing."""
+    uri = str(model_uri)
+    if not (re.fullmatch(r"runs:/([0-9a-f]{32})(/.*)?", uri) or registered(uri)):
+        raise ExperimentError(
+            f"{uri} is not a model URI; give runs:/<run id>/model, models:/<name>@<alias> or "
+            f"models:/<name>/<version>"
+        )
+
+
 def require_model(run: RunRow) -> None:
     """One line if `run` logged no model."""
     if not has_model(run.run_id):
@@ -59,13 +69,8 @@ def source_run(model_uri: str) -> RunRow:
         if run is None:
             raise ExperimentError(f"{uri}: no run {match.group(1)} in {client().tracking_uri}")
         return run
-    parts = registered(uri)
-    if parts is None:
-        raise ExperimentError(
-            f"{uri} is not a model URI; give runs:/<run id>/model, models:/<name>@<alias> or "
-            f"models:/<name>/<version>"
-        )
-    name, alias, version = parts
+    check_model_uri(uri)
+    name, alias, version = registered(uri)
     try:
         found = (
             client().get_model_version_by_alias(name, alias)
@@ -83,6 +88,20 @@ def source_run(model_uri: str) -> RunRow:
     if run is None:
         raise ExperimentError(f"{uri}: version {found.version} has no source run in this store")
     return run
+
+
+def load_model(model_uri: str):
+    """The Keras model logged at `model_uri` (`runs:/<id>/model`, `models:/<name>@<alias>`,
+    `models:/<name>/<version>`). A registered one is read from where its version is stored:
+    through `models:/`, MLflow writes a `registered_model_meta` file into a local store's model
+    folder, so predicting from a read-only store would fail."""
+    import mlflow.keras
+
+    uri = str(model_uri)
+    if (parts := registered(uri)) is not None:
+        name = parts[0]
+        uri = client().get_model_version_download_uri(name, version_of(uri))
+    return mlflow.keras.load_model(uri)
 
 
 def version_of(model_uri: str) -> str | None:

@@ -10,11 +10,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from experiments.core.errors import ExperimentError
+from experiments.core.files import check_writable
 from experiments.core.interrupts import uninterrupted
 from experiments.core.processes import RUN_KEYS, Owner
+from experiments.core.secrets import redact
 from experiments.tracking import tags as T
+from experiments.tracking.checks import check_store, sqlite_path
 from experiments.tracking.client import (
-    HTTP_DEFAULTS,
     client,
     is_local,
     point_at,
@@ -35,7 +37,7 @@ def set_tracking(tracking) -> str:
     if uri.startswith("sqlite:///"):
         from filelock import FileLock
 
-        database = Path(uri[len("sqlite:///") :])
+        database = sqlite_path(uri)
         database.parent.mkdir(parents=True, exist_ok=True)
         # MLflow creates and migrates a new sqlite store without a lock, so processes opening one
         # new store together (a sweep shared by several processes) race on its tables.
@@ -49,12 +51,16 @@ def set_tracking(tracking) -> str:
 
 
 @uninterrupted
-def open_store(uri: str, outbox_dir: str | Path | None = None) -> None:
+def open_store(uri: str, outbox_dir: str | Path | None = None, *, writes: bool = True) -> None:
     """Point MLflow at `uri`, send what its outboxes under `outbox_dir` kept for it, and close
-    the runs that dead processes left RUNNING there."""
+    the runs that dead processes left RUNNING there. A command that only reads (`writes=False`:
+    predict, export) leaves the store as it is, so a read-only copy of one serves it too."""
     from mlflow.exceptions import MlflowException
 
+    check_store(uri, must_exist=True, writes=writes)
     point_at(uri)
+    if not writes:
+        return
     try:
         _settle(uri, outbox_dir)
     except MlflowException as err:
@@ -74,25 +80,12 @@ def _settle(uri: str, outbox_dir: str | Path | None) -> None:
     close_stale_runs(client(), waiting)
 
 
-def check_reachable(tracking) -> None:
-    """A tracking server that does not answer stops the run now, in seconds, before any data is
-    loaded; a local store needs no check."""
-    import requests  # not urllib: a URL's user:password@ becomes basic auth, as MLflow sends it
-
-    uri = str(tracking.uri)
-    if is_local(uri) or not uri.startswith(("http://", "https://")):
-        return
-    timeout = float(
-        os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_DEFAULTS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
-    )
-    try:  # any answer will do: a proxy may not route /health
-        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout).close()
-    except (requests.RequestException, OSError, ValueError) as err:
-        import re
-
-        # requests wraps the reason in its pool's words: the socket's own is the one to read.
-        reason = re.search(r"\[Errno -?\d+\][^'\")]*", str(err))
-        raise ExperimentError(unreachable_message(uri, reason[0] if reason else err)) from None
+def check_tracking(tracking) -> None:
+    """One line, before a run exists, unless the store can take a run and the folder its
+    artifacts go to can be written (a read-only one would fail the run at its first artifact)."""
+    check_store(str(tracking.uri))
+    if (root := artifact_root(tracking)) is not None:
+        check_writable(root, f"the artifacts of tracking.uri={redact(str(tracking.uri))}")
 
 
 def artifact_root(tracking) -> Path | None:
@@ -102,7 +95,7 @@ def artifact_root(tracking) -> Path | None:
         return Path(str(tracking.artifact_dir))
     uri = str(tracking.uri)
     if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///") :]).parent / "artifacts"
+        return sqlite_path(uri).parent / "artifacts"
     return None
 
 
