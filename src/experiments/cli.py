@@ -79,7 +79,8 @@ def cli_with_signals(entry) -> None:
             print(f"error: {unknown}", file=sys.stderr)
             sys.exit(2)
         try:
-            entry()
+            with config_errors_in_one_line():
+                entry()
         except Interrupted as err:
             print(
                 f"interrupted by {err.name}: run the same command again to complete the sweep "
@@ -87,6 +88,37 @@ def cli_with_signals(entry) -> None:
                 file=sys.stderr,
             )
             sys.exit(err.exit_code)
+
+
+@contextlib.contextmanager
+def config_errors_in_one_line() -> Iterator[None]:
+    """A config Hydra cannot compose (a key the config lacks, an override it cannot parse) is
+    one `error:` line and exit 2; Hydra would print it over several lines and exit 1. Hydra
+    hands its exception on only with HYDRA_FULL_ERROR set: a user who set it gets Hydra's own
+    report. Hydra's other one-line errors (a sweep's, `SweepError`) keep their exit 1."""
+    from hydra.errors import (
+        CompactHydraException,
+        ConfigCompositionException,
+        OverrideParseException,
+        SearchPathException,
+    )
+
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        yield
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except CompactHydraException as err:
+        first, *rest = [part.strip() for part in str(err).splitlines() if part.strip()] or [""]
+        if err.__cause__ is not None:  # OmegaConf's reason: "Key 'x' is not in struct"
+            first = f"{first.rstrip('.')} ({str(err.__cause__).strip().splitlines()[0]})."
+        line = " ".join([first, *rest])
+        print(line if line.startswith("error:") else f"error: {line}", file=sys.stderr)
+        config = (ConfigCompositionException, OverrideParseException, SearchPathException)
+        sys.exit(2 if isinstance(err, config) else 1)
+    finally:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 def unknown_option(arguments: list[str]) -> str | None:

@@ -10,6 +10,7 @@ the records that a lost tracking server could not take (the outbox) and says wha
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -52,17 +53,50 @@ def unfinished_runs(checkpoint_dir: Path) -> list[dict]:
 
 
 def resume_command(tags: dict, run_id: str) -> str:
-    """The command that continues a run: its own command (auto-resume), or with its id."""
+    """The command that continues a run, every word quoted for a POSIX shell: its sweep's
+    overrides, or its own command with its id. Whoever can write to the store can write these
+    tags, so only overrides of the project's config are given back (the project checks each
+    before any work); flags and `hydra` settings are left out, and a comment after the command
+    names them."""
     from experiments.tracking import tags as T
 
     if tags.get(T.SWEEP) == "true":
-        overrides = tags.get(T.SWEEP_OVERRIDES, "")
-        return f"python -m experiments.train -m {overrides}".strip()
-    command = tags.get(T.COMMAND, "").split()
-    if command:
-        args = [a for a in command[1:] if not a.startswith("resume=")]
-        return " ".join(["python -m experiments.train", *args, f"resume={run_id}"])
-    return f"python -m experiments.train <its overrides> resume={run_id}"
+        start = ["python", "-m", "experiments.train", "-m"]
+        given, end = tags.get(T.SWEEP_OVERRIDES, "").split(), []
+    elif command := _words(tags.get(T.COMMAND, "")):
+        start = ["python", "-m", "experiments.train"]
+        given = [w for w in command[1:] if not w.startswith("resume=")]
+        end = [f"resume={run_id}"]
+    else:
+        return f"python -m experiments.train <its overrides> resume={run_id}"
+    kept = [w for w in given if _project_override(w)]
+    line = shlex.join([*start, *kept, *end])
+    if left := [w for w in given if w not in kept]:
+        line += f"  # left out, not overrides of the project's config: {shlex.join(left)}"
+    return line
+
+
+def _words(command: str) -> list[str]:
+    """A stored command's words: quoted as a shell quotes them, or (runs recorded before the
+    command tag was quoted) split at spaces."""
+    try:
+        return shlex.split(command)
+    except ValueError:
+        return command.split()
+
+
+def _project_override(word: str) -> bool:
+    """Whether `word` is one Hydra override of the project's config (not `hydra.*`)."""
+    from hydra.errors import HydraException
+
+    from experiments.core.job import parsed
+
+    if word.startswith("-") or word.lstrip("+~").startswith(("hydra.", "hydra/")):
+        return False
+    try:
+        return len(parsed([word])) == 1
+    except HydraException:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

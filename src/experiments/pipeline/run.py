@@ -39,6 +39,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     from experiments.evaluation import figures
     from experiments.model.backbones import resolve_weights
     from experiments.pipeline.groups import is_group, train_group
+    from experiments.pipeline.instantiation import check_buildable
     from experiments.pipeline.validation import validate_config
     from experiments.sweeps.trial import job_run_name, trial_tags
     from experiments.training.checkpoints import run_identity
@@ -49,7 +50,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     # before any model or MLflow run exists. Nothing before use_backend imports Keras.
     with phases.phase("startup"):
         validate_config(cfg)
-        tracking.check_reachable(cfg.tracking)
+        tracking.check_tracking(cfg.tracking)
         identity = run_identity(cfg)
         resume = str(cfg.get("resume", "auto"))
         if resume != "never" and (done := finished_job(cfg, identity)) is not None:
@@ -58,6 +59,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         use_compilation_cache(cfg)
         use_device_slot()
         use_backend(cfg.backend)
+        check_buildable(cfg)  # with Keras: the optimizer, callbacks, layers, backbone module
     with phases.phase("data"):
         task = load_task(cfg.task, cfg.paths)
         weights = resolve_weights(cfg.backbone, cfg.paths.weights_dir)

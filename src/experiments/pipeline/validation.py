@@ -70,6 +70,7 @@ def check_trainer(cfg) -> None:
     for callback in ("early_stopping", "reduce_lr"):
         if OmegaConf.select(cfg, f"trainer.{callback}.patience") is not None:
             number(cfg, f"trainer.{callback}.patience", int, low=0)
+    check_monitors(cfg)
     number(cfg, "trainer.seed", int, low=0)
     number(cfg, "trainer.repeats", int, low=1)
     if str(cfg.trainer.class_weight) not in ("none", "balanced", "None"):
@@ -82,6 +83,25 @@ def check_trainer(cfg) -> None:
             f"resume={resume} is unknown; use auto (continue an interrupted run of the same "
             f"config), never (always start a new run) or the 32-character id of a run"
         )
+
+
+# What Keras' logs hold at the end of an epoch, which a checkpoint or callback can monitor.
+MONITORED = ("val_accuracy", "val_loss", "accuracy", "loss")
+
+
+def check_monitors(cfg) -> None:
+    """`trainer.monitor`, and the monitor of each enabled callback."""
+    keys = ["trainer.monitor"]
+    for callback in ("early_stopping", "reduce_lr"):
+        if OmegaConf.select(cfg, f"trainer.{callback}.enabled"):
+            keys.append(f"trainer.{callback}.monitor")
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if value not in MONITORED:
+            raise ExperimentError(
+                f"{key}={value} is not a metric Keras logs each epoch; use one of "
+                f"{', '.join(MONITORED)}"
+            )
 
 
 def check_runtime(cfg) -> None:
@@ -292,7 +312,14 @@ def check_recording(cfg) -> None:
     jax_switch(cfg, "evaluation.compile_ahead", "compiles the forward pass with JAX")
 
 
+def check_code(cfg) -> None:
+    from experiments.pipeline.instantiation import check_targets
+
+    check_targets(cfg)
+
+
 CHECKS: list[Callable[[DictConfig], None]] = [
+    check_code,
     check_trainer,
     check_runtime,
     check_strategy,

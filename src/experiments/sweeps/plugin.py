@@ -12,6 +12,7 @@ from experiments.core.interrupts import uninterrupted
 from experiments.core.job import defining_overrides
 from experiments.core.processes import LAUNCHER_ENV, TRIAL_KEYS, Owner, as_text, this_process
 from experiments.core.secrets import redact, redacted
+from experiments.core.targets import check_targets
 from experiments.sweeps.studies import JOURNAL_PREFIX, open_storage
 from experiments.sweeps.trial import STORAGE_ENV, STUDY_ENV, TRIAL_ENV
 from experiments.tracking import (
@@ -35,6 +36,7 @@ __all__ = [
     "Owner",
     "T",
     "as_text",
+    "check_targets",
     "defining_overrides",
     "end_stale_trial_runs",
     "finished_results",

@@ -43,7 +43,11 @@ from hydra_plugins.experiments_sweeper.results import (
     tell,
     write_results,
 )
-from hydra_plugins.experiments_sweeper.samplers import configured_pruner, configured_sampler
+from hydra_plugins.experiments_sweeper.samplers import (
+    check_settings,
+    configured_pruner,
+    configured_sampler,
+)
 from hydra_plugins.experiments_sweeper.space import SearchSpace, search_space
 from hydra_plugins.experiments_sweeper.warm_start import warm_start
 from hydra_plugins.experiments_sweeper.workers import (
@@ -87,6 +91,8 @@ class OptunaSweeper(Sweeper):
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         self.config = config
+        # Also here, for a multirun whose callbacks leave out CheckSettings (samplers.py).
+        check_settings(self.settings)
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )

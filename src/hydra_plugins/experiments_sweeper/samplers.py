@@ -2,7 +2,9 @@
 
 import logging
 import math
+import sys
 
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 from hydra_plugins.experiments_sweeper import SweepError
@@ -10,6 +12,54 @@ from hydra_plugins.experiments_sweeper.config import MOTPE_REMOVED
 from hydra_plugins.experiments_sweeper.space import SearchSpace
 
 log = logging.getLogger(__name__.rsplit(".", 1)[0] + ".optuna_sweeper")
+
+# What hydra.sweeper.sampler and .pruner may name, nested nodes too (a PatientPruner's
+# wrapped_pruner): Hydra would instantiate any target (experiments.core.targets).
+ALLOWED = {
+    "sampler": (
+        r"(optuna\.samplers|optuna_integration)\.[A-Z]\w*",
+        "auto",
+        r"hydra_plugins\.experiments_sweeper\.config\.raise_motpe_removed",
+    ),
+    "pruner": (r"(optuna\.pruners|optuna_integration)\.[A-Z]\w*",),
+}
+
+
+def check_allowed(node: dict, part: str) -> None:
+    """One line for a target `hydra.sweeper.<part>` may not name: a config error, which the
+    project's commands end with exit 2."""
+    from hydra.errors import ConfigCompositionException
+
+    from experiments.sweeps.plugin import ExperimentError, check_targets
+
+    try:
+        check_targets(node, f"hydra.sweeper.{part}", ALLOWED[part], f"a class of optuna.{part}s")
+    except ExperimentError as err:
+        raise ConfigCompositionException(str(err)) from None
+
+
+def check_settings(sweeper) -> None:
+    """Refuse a sampler or pruner target that `hydra.sweeper` (our sweeper's) may not name."""
+    for part in ("sampler", "pruner"):
+        check_allowed(OmegaConf.to_container(sweeper.get(part) or {}, resolve=True), part)
+
+
+class CheckSettings(Callback):
+    """Checks the sweeper's targets when a multirun starts: Hydra calls the callbacks'
+    `on_multirun_start` before it builds the sweeper, so a check in `setup` alone would come
+    after the MLflow callback has opened the sweep's parent run (conf/hydra/default.yaml lists
+    this one first). Hydra turns a callback's exception into a warning and carries on, so a
+    refusal here is its line and exit 2 (SystemExit is no Exception: it passes)."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from hydra.errors import ConfigCompositionException
+
+        if str(config.hydra.sweeper.get("_target_", "")).startswith(__name__.rsplit(".", 1)[0]):
+            try:
+                check_settings(config.hydra.sweeper)
+            except ConfigCompositionException as err:
+                print(f"error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
 
 
 def configured_sampler(settings, space: SearchSpace, objectives: int, seed: int | None = None):
