@@ -89,6 +89,70 @@ def test_a_bad_name_or_alias_registers_nothing(store, capsys, names, says):
     assert not client_for(root).search_registered_models("name = 'clf2'")
 
 
+# A register killed by SIGKILL at the moment it makes the MLflow call `sys.argv[1]`.
+KILLED_REGISTER = """
+import os, signal, sys
+from mlflow import MlflowClient
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+setattr(MlflowClient, sys.argv[1], killed)
+from experiments.register import main
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize(
+    ("at", "then"),
+    [
+        ("_create_model_version", "champion"),
+        ("set_registered_model_alias", "champion"),
+        ("set_registered_model_alias", "challenger"),
+    ],
+)
+def test_a_register_killed_midway_is_finished_by_the_next(store, at, then):
+    """kill -9 after the registered model exists (it is empty), or after the version exists
+    (it has no alias): the same command again leaves one version with its alias; a register
+    for another alias removes the version the killed one left."""
+    import signal
+
+    root, run, _ = store
+    name = f"killed{at}-{then}"
+    source = [f"runs:/{run.info.run_id}/model", "--name", name, "--tracking-uri", store_uri(root)]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_REGISTER, at, *source, "--alias", "champion"],
+        capture_output=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    client = client_for(root)
+    left = client.search_model_versions(f"name = '{name}'")
+    assert len(left) == (1 if at == "set_registered_model_alias" else 0)  # what the kill left
+    assert client.get_registered_model(name)
+    again = subprocess.run(
+        [sys.executable, "-m", "experiments.register", *source, "--alias", then],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    (version,) = client.search_model_versions(f"name = '{name}'")
+    assert client.get_model_version_by_alias(name, then).version == version.version
+    assert "pending_alias" not in version.tags and version.run_id == run.info.run_id
+    if left:
+        done = "giving it the alias now" if then == "champion" else "removed it"
+        assert (
+            f"version 1 of {name} was left without its alias champion by a register that was "
+            f"killed (pid {killed_pid(left[0])}): {done}"
+        ) in again.stderr
+        assert str(version.version) == ("1" if then == "champion" else "2")
+
+
+def killed_pid(version) -> str:
+    return version.tags["pending_alias"].split(" ")[1].split(":")[-2]
+
+
 def test_the_best_run_is_found_and_a_run_without_a_model_is_refused(store, capsys):
     root, run, without = store
     client = client_for(root)

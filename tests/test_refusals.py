@@ -239,8 +239,11 @@ def test_a_mistyped_store_path_is_not_made_an_empty_store(command, tmp_path, ima
     assert not typo.parent.exists()
 
 
-@pytest.mark.parametrize("command", ["predict", "evaluate"])
+@pytest.mark.parametrize("command", ["predict", "evaluate", "export"])
 def test_a_bad_argument_is_refused_before_tensorflow_is_imported(command, tmp_path):
+    arguments = (
+        ["my-model", "--format", "onnx"] if command == "export" else [f"paths.root_dir={tmp_path}"]
+    )
     result = subprocess.run(
         [
             sys.executable,
@@ -248,8 +251,8 @@ def test_a_bad_argument_is_refused_before_tensorflow_is_imported(command, tmp_pa
             "importtime",
             "-m",
             f"experiments.{command}",
-            f"paths.root_dir={tmp_path}",
-            "model=my-model",
+            *arguments,
+            *([] if command == "export" else ["model=my-model"]),
         ],
         capture_output=True,
         text=True,

@@ -69,8 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, project) -> int:
     from experiments.core.backend import use_backend
 
-    if args.output:  # before the store and the model: a bad place costs a second
+    from experiments.tracking.checks import check_store
+    from experiments.tracking.registry import check_model_uri
+
+    # The arguments and the store before the backend is imported: a typo costs a second, not 10.
+    check_model_uri(args.model)
+    if args.output:
         check_writable(args.output, f"--output {args.output}")
+    uri = args.tracking_uri or str(project.tracking.uri)
+    check_store(uri, must_exist=True, writes=False)
     backend = use_backend(str(project.backend))
     if backend not in FORMATS[args.format][1]:
         raise ExperimentError(
@@ -79,7 +86,7 @@ def run(args, project) -> int:
         )
     from experiments import tracking
 
-    tracking.open_store(args.tracking_uri or str(project.tracking.uri), writes=False)
+    tracking.open_store(uri, writes=False)
     source = tracking.registry.source_run(args.model)
     tracking.registry.require_model(source)
     output = args.output or default_output(args.model, source.run_id, args.format)

@@ -5,11 +5,14 @@ to the run that logged it."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 from experiments.core.errors import ExperimentError
 from experiments.tracking.client import client
 from experiments.tracking.queries import RunRow, find_run, load_text
+
+log = logging.getLogger("experiments.tracking")
 
 # MLflow caps a model version's tag value at 5,000 characters.
 MAX_VERSION_TAG_CHARS = 5000
@@ -133,24 +136,76 @@ def check_names(name: str, alias: str | None) -> None:
             raise ExperimentError(f"{option} {value!r}: {err.message}") from None
 
 
+# The tag of a version whose alias is not set yet: "ALIAS HOST:PID:START".
+PENDING = "pending_alias"
+
+
 def register(run_id: str, name: str, tags: dict[str, str], alias: str | None):
     """Register run `run_id`'s model as a new version of `name` with `tags`, and move `alias`
-    onto it; (the new version, the version the alias left or None)."""
+    onto it; (the new version, the version the alias left or None).
+
+    MLflow sets an alias in a call of its own, after the version exists: a version registered
+    for an alias carries `PENDING` (the alias and this process) until the alias is on it. One a
+    killed register left is finished by the next register of the same run and alias, or
+    removed by the next register of the name."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from experiments.core.processes import as_text, this_process
+
     mlflow_client = client()
+    version = _settle_pending(name, run_id, alias)
     previous = None
     if alias:
         try:
             previous = mlflow_client.get_model_version_by_alias(name, alias).version
         except MlflowException:  # a new model, or a new alias
             previous = None
-    values = {k: str(v)[:MAX_VERSION_TAG_CHARS] for k, v in tags.items()}
-    version = mlflow.register_model(model_source(run_id), name, tags=values).version
+    if version is None:
+        values = {k: str(v)[:MAX_VERSION_TAG_CHARS] for k, v in tags.items()}
+        if alias:  # written with the version, in one transaction
+            values[PENDING] = f"{alias} {as_text(this_process())}"
+        version = mlflow.register_model(model_source(run_id), name, tags=values).version
     if alias:
         mlflow_client.set_registered_model_alias(name, alias, version)
+        mlflow_client.delete_model_version_tag(name, version, PENDING)
     return version, previous
+
+
+def _settle_pending(name: str, run_id: str, alias: str | None) -> str | None:
+    """The version of `name` a killed register left for this run and alias, to be finished;
+    the others killed registers left without their alias are removed, one line each. Versions
+    of live processes, or of processes on other hosts, are left to them."""
+    from mlflow.exceptions import MlflowException
+
+    from experiments.core.processes import from_text
+
+    try:
+        versions = client().search_model_versions(f"name = '{name}'")
+    except MlflowException:  # no such model yet
+        return None
+    finish = None
+    for found in sorted(versions, key=lambda v: int(v.version)):
+        wanted, _, text = (found.tags or {}).get(PENDING, "").partition(" ")
+        owner = from_text(text)
+        if owner is None or not owner.on_this_host() or owner.alive():
+            continue
+        if finish is None and found.run_id == run_id and wanted == alias:
+            finish = found.version
+            what = "giving it the alias now"
+        else:
+            client().delete_model_version(name, found.version)
+            what = "removed it"
+        log.warning(
+            "version %s of %s was left without its alias %s by a register that was killed "
+            "(pid %s): %s",
+            found.version,
+            name,
+            wanted,
+            owner.pid,
+            what,
+        )
+    return finish
 
 
 def model_source(run_id: str) -> str:
