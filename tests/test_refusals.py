@@ -4,6 +4,7 @@ read-only, unreachable or mistyped, and the command `runs` prints to resume a ru
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -46,16 +47,21 @@ def nothing_recorded(tmp_path: Path) -> None:
     assert not cached.exists() or {p.name for p in cached.iterdir()} <= {"compiled"}
 
 
-# What only Keras can judge, refused once Keras is imported and before any data is loaded. Any
-# training imports Keras; here that takes ~8 s of the ~9 s these take on an idle 2-core machine.
+# A setting a class does not take: refused once Keras is imported, by building the class, and
+# before any data is loaded. Any training imports Keras; that is ~8 of the ~9 s these take on
+# an idle 2-core machine.
 NEEDS_KERAS = [
+    ("+optimizer.foo=1", "cannot be built from its settings (Argument(s) not recognized: {'foo'"),
+    (
+        "trainer.early_stopping.enabled=true +trainer.early_stopping.bogus=1",
+        "trainer.early_stopping: keras.callbacks.EarlyStopping cannot be built from its settings",
+    ),
+]
+# What the config and Keras' public API files show: refused before Keras is imported.
+FROM_THE_CONFIG = [
     ("backbone.module=nope", "backbone.module=nope is not a module of keras.applications; use"),
     ("backbone.constructor=VGG99", "backbone.constructor=VGG99 is not in keras.applications.vgg16"),
     ("head.activation=bogus", "head.activation=bogus is not a Keras activation"),
-    ("+optimizer.foo=1", "cannot be built from its settings (Argument(s) not recognized: {'foo'"),
-]
-# What the config alone shows: refused before Keras is imported.
-FROM_THE_CONFIG = [
     ("trainer.monitor=bogus", "trainer.monitor=bogus is not a metric Keras logs each epoch"),
     ("trainer.nokey=1", "Could not override 'trainer.nokey' (Key 'nokey' is not in struct)"),
     ("optimizer.lr=[", "no viable alternative at input '['"),
@@ -79,6 +85,35 @@ def test_a_bad_setting_is_refused_before_any_data(override, says, tmp_path, imag
     assert says in line
     nothing_recorded(tmp_path)
     assert took < (20 if (override, says) in NEEDS_KERAS else 10), f"{took:.1f} s"
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("backbone.module=nope", "backbone.module=nope is not a module of keras.applications"),
+        ("backbone.module=resnet", "backbone.constructor=VGG16 is not in keras.applications."),
+        ("head.activation=bogus", "head.activation=bogus is not a Keras activation"),
+        ("+augmentation.layers=[{_target_: keras.layers.RandomFlip, bogus: 1}]", "RandomFlip"),
+        ("optimizer._target_=keras.optimizers.schedules.CosineDecay", "cannot be built from"),
+    ],
+)
+def test_names_are_checked_by_keras_itself_where_its_api_files_are_not_there(
+    override, says, tmp_path, monkeypatch
+):
+    """A Keras laid out otherwise: what the API files would have shown is looked up in the
+    imported Keras, with the same line."""
+    from experiments.core.errors import ExperimentError
+    from experiments.pipeline import instantiation
+
+    from conftest import compose_config
+
+    monkeypatch.setattr(instantiation, "keras_api", lambda *package: None)
+    cfg = compose_config([*tiny_overrides(tmp_path), override])
+    instantiation.check_names(cfg)  # reads nothing, refuses nothing
+    with pytest.raises(ExperimentError, match=re.escape(says)):
+        instantiation.check_buildable(cfg)
+    fine = compose_config(tiny_overrides(tmp_path))
+    instantiation.check_buildable(fine)
 
 
 def test_a_target_that_is_not_a_class_of_its_group_runs_nothing(tmp_path, image_folder):

@@ -68,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args, project) -> int:
     from experiments.core.backend import use_backend
-
     from experiments.tracking.checks import check_store
     from experiments.tracking.registry import check_model_uri
 

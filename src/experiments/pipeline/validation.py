@@ -313,9 +313,11 @@ def check_recording(cfg) -> None:
 
 
 def check_code(cfg) -> None:
-    from experiments.pipeline.instantiation import check_targets
+    """The `_target_` of every group, the backbone's module and constructor, the activation."""
+    from experiments.pipeline.instantiation import check_names, check_targets
 
     check_targets(cfg)
+    check_names(cfg)
 
 
 CHECKS: list[Callable[[DictConfig], None]] = [
