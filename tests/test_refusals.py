@@ -250,27 +250,33 @@ def test_an_unreachable_database_store_is_one_line_without_its_password(tmp_path
         assert "Connection refused" in line and took < 10, f"{line} ({took:.1f} s)"
 
 
-@pytest.mark.parametrize("command", ["runs", "predict", "evaluate"])
+@pytest.mark.parametrize("command", ["runs", "predict", "evaluate", "compare"])
 def test_a_mistyped_store_path_is_not_made_an_empty_store(command, tmp_path, image_folder):
     """A command that reads runs from a store that is not there says so (MLflow made a new
-    empty store and reported nothing unfinished)."""
+    empty store and reported nothing unfinished); `runs` says there is none yet, exit 0: on a
+    new project that is no mistake."""
     typo = tmp_path / "mlrnus" / "mlflow.db"
+    store = f"sqlite:///{typo}"
     arguments = {
-        "runs": [],
-        "predict": [f"model=runs:/{'0' * 32}/model", f"input={image_folder}"],
-        "evaluate": [f"model=runs:/{'0' * 32}/model"],
+        "runs": [f"tracking.uri={store}"],
+        "predict": [
+            f"tracking.uri={store}",
+            f"model=runs:/{'0' * 32}/model",
+            f"input={image_folder}",
+        ],
+        "evaluate": [f"tracking.uri={store}", f"model=runs:/{'0' * 32}/model"],
+        "compare": ["digits", "--tracking-uri", store, "--out", str(tmp_path / "tables")],
     }[command]
-    line, took = refused(
-        [
-            sys.executable,
-            "-m",
-            f"experiments.{command}",
-            f"paths.root_dir={tmp_path}",
-            f"tracking.uri=sqlite:///{typo}",
-            *arguments,
-        ]
-    )
-    assert f"there is no MLflow store at {typo}; fix the path" in line and took < 10
+    if command != "compare":
+        arguments.insert(0, f"paths.root_dir={tmp_path}")
+    command_line = [sys.executable, "-m", f"experiments.{command}", *arguments]
+    if command == "runs":
+        result = subprocess.run(command_line, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"no unfinished runs: there is no MLflow store at {typo} yet" in result.stdout
+    else:
+        line, took = refused(command_line)
+        assert f"there is no MLflow store at {typo}; fix the path" in line and took < 10
     assert not typo.parent.exists()
 
 

@@ -127,8 +127,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run {run_id}: " + (f"not sent ({error})" if error else f"{sent} records sent"))
         return 1 if any(error for *_, error in results) else 0
     outbox_dir = Path(str(project.tracking.outbox_dir))
+    uri = str(project.tracking.uri)
+    if uri.startswith("sqlite:///") and not (store := tracking.sqlite_path(uri)).exists():
+        # Nothing has run there: said so, with the path (a typo shows), and no store is made.
+        print(
+            f"no unfinished runs: there is no MLflow store at {store} yet (training creates it; "
+            f"if you expected runs there, fix tracking.uri or MLFLOW_TRACKING_URI)"
+        )
+        print_waiting(outbox_dir)
+        return 0
     try:
-        tracking.open_store(str(project.tracking.uri), outbox_dir)
+        tracking.open_store(uri, outbox_dir)
         rows = unfinished_runs(Path(str(project.paths.checkpoint_dir)))
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)

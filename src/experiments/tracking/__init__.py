@@ -24,7 +24,7 @@ MLflow is imported inside the functions, so composing a config never pays for it
 
 from experiments.core.processes import GROUP_PARENT_ENV, memory_metrics
 from experiments.tracking import registry, serving, tags
-from experiments.tracking.checks import check_store
+from experiments.tracking.checks import check_store, sqlite_path
 from experiments.tracking.client import HTTP_DEFAULTS, sqlite_uri
 from experiments.tracking.outbox import Outbox, flush_outbox, pending_outboxes, sync_outboxes
 from experiments.tracking.queries import (
@@ -143,6 +143,7 @@ __all__ = [
     "set_tracking",
     "start_run",
     "sweep_identity",
+    "sqlite_path",
     "sqlite_uri",
     "sync_outboxes",
     "tag_sweep_parent",
