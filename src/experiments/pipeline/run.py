@@ -59,7 +59,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         use_compilation_cache(cfg)
         use_device_slot()
         use_backend(cfg.backend)
-        check_buildable(cfg)  # with Keras: the optimizer, callbacks, layers, backbone module
+        check_buildable(cfg)  # with Keras: the optimizer, callbacks and layers built once
     with phases.phase("data"):
         task = load_task(cfg.task, cfg.paths)
         weights = resolve_weights(cfg.backbone, cfg.paths.weights_dir)
