@@ -43,6 +43,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
     from experiments.pipeline.validation import validate_config
     from experiments.sweeps.trial import job_run_name, trial_tags
     from experiments.training.checkpoints import run_identity
+    from experiments.training.distribution import distribution_tags, use_devices
 
     phases = Phases()
     watch_anon_memory()  # peak_anon_mb: what the run holds in memory, not what it maps
@@ -60,6 +61,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
         use_device_slot()
         use_backend(cfg.backend)
         check_buildable(cfg)  # with Keras: the optimizer, callbacks and layers built once
+        devices = use_devices(cfg.trainer.get("devices", 1), int(cfg.trainer.batch_size))
     with phases.phase("data"):
         task = load_task(cfg.task, cfg.paths)
         weights = resolve_weights(cfg.backbone, cfg.paths.weights_dir)
@@ -80,6 +82,7 @@ def train(cfg: DictConfig) -> float | tuple[float, ...]:
             set_seed(cfg.trainer.seed)
         workdir = output_dir(cfg.paths.output_dir, cfg.task.name)
         tags = tracking.run_tags(cfg, str(workdir)) | device_tags() | trial_tags()
+        tags |= distribution_tags(devices, int(cfg.trainer.batch_size))
         name = job_run_name(str(cfg.tracking.run_name))
         opening = time.perf_counter()  # opening the run is recording, up to its config, lineage
         with tracking.start_run(cfg.tracking, name, tags, identity, resume) as active:

@@ -123,6 +123,27 @@ def check_runtime(cfg) -> None:
     if str(cfg.trainer.get("steps_per_execution", "auto")).lower() != "auto":
         number(cfg, "trainer.steps_per_execution", int, low=1)
     jax_switch(cfg, "trainer.data_on_device", "keeps the training data on a JAX device")
+    check_devices(cfg)
+
+
+def check_devices(cfg) -> None:
+    """`trainer.devices`: 1, a number, or auto, on JAX for more than 1, dividing the global
+    batch (how many devices there are is checked once the backend is imported)."""
+    setting = OmegaConf.select(cfg, "trainer.devices", default=1)
+    auto = str(setting) == "auto"
+    devices = None if auto else number(cfg, "trainer.devices", int, low=1)
+    if str(setting) != "1" and str(cfg.backend) != "jax":
+        raise ExperimentError(
+            f"trainer.devices={setting} splits each batch across devices with keras.distribution, "
+            f"which Keras runs on JAX only; add backend=jax, or use trainer.devices=1"
+        )
+    batch = int(cfg.trainer.batch_size)
+    if devices and batch % devices:
+        larger = (batch // devices + 1) * devices
+        raise ExperimentError(
+            f"trainer.batch_size={batch} does not split evenly across trainer.devices={devices}; "
+            f"use a multiple of {devices}, e.g. trainer.batch_size={larger}"
+        )
 
 
 def jax_switch(cfg, key: str, does: str) -> None:
