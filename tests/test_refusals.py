@@ -138,6 +138,10 @@ def test_a_target_that_is_not_a_class_of_its_group_runs_nothing(tmp_path, image_
     [
         (["hydra.sweeper.sampler._target_=os.system"], "sampler._target_=os.system is not allowed"),
         (
+            ["hydra.sweeper.pruner=null", "hydra.sweeper.sampler._target_=os.system"],
+            "sampler._target_=os.system is not allowed",  # no pruner: nothing to check there
+        ),
+        (
             [
                 "++hydra.sweeper.pruner._target_=optuna.pruners.PatientPruner",
                 "+hydra.sweeper.pruner.patience=1",

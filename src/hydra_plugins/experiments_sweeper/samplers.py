@@ -41,7 +41,9 @@ def check_allowed(node: dict, part: str) -> None:
 def check_settings(sweeper) -> None:
     """Refuse a sampler or pruner target that `hydra.sweeper` (our sweeper's) may not name."""
     for part in ("sampler", "pruner"):
-        check_allowed(OmegaConf.to_container(sweeper.get(part) or {}, resolve=True), part)
+        node = sweeper.get(part)  # a node, null (no pruner), or absent
+        if OmegaConf.is_config(node):
+            check_allowed(OmegaConf.to_container(node, resolve=True), part)
 
 
 class CheckSettings(Callback):
