@@ -759,10 +759,14 @@ def test_a_setting_a_command_needs_is_asked_for_in_one_line(command, tmp_path):
 
 
 def test_a_bad_filter_or_word_is_one_line(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
     from experiments.compare import main as compare
     from experiments.runs import main as runs
 
-    store = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--out", str(tmp_path)]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).search_experiments()  # a store there: a missing one is refused first
+    store = ["--tracking-uri", uri, "--out", str(tmp_path)]
     assert compare(["--filter", "bogus ==", *store]) == 2
     error = capsys.readouterr().err
     (line,) = [x for x in error.splitlines() if x.startswith("error:")]  # MLflow's INFO aside
