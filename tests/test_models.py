@@ -419,6 +419,8 @@ def test_export_to_a_read_only_or_full_disk_is_one_line_and_leaves_nothing(store
         "-m",
         "experiments.export",
         "models:/clf@champion",
+        "--format",
+        "saved_model",
         "--output",
         str(place / "clf"),
         "--tracking-uri",

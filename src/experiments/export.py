@@ -101,7 +101,17 @@ def run(args, project) -> int:
     # One a killed export left (kill -9 skips every cleanup) is removed first.
     with writing_in_one_line(output), staging_dir(output.parent, ".export-") as tmp:
         staged = tmp / output.name
-        export(model, args.format, staged, source.params.get("backbone.module"))
+        try:
+            export(model, args.format, staged, source.params.get("backbone.module"))
+        except OSError:
+            raise  # writing_in_one_line says it
+        except Exception as err:  # TensorFlow reports a full disk in error types of its own
+            if "No space left on device" not in str(err):
+                raise
+            raise ExperimentError(
+                f"no space left writing {output} (No space left on device); free space there "
+                f"or give another --output"
+            ) from None
         gap = check(model, exported_predict(staged, args.format), images)
         classes = {"class_names": class_names, "source_run_id": source.run_id}
         if args.format == "saved_model":
