@@ -83,10 +83,14 @@ def test_choosing_by_test_is_refused_unless_allowed(store):
 
 
 def test_register_and_compare_refuse_a_test_ranking_in_one_line(tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
     from experiments.compare import main as compare
     from experiments.register import main as register
 
-    store = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).search_experiments()  # a store there: a missing one is refused first
+    store = ["--tracking-uri", uri]
     assert compare(["--sort", "test_accuracy", *store]) == 2
     assert "--sort test_accuracy chooses by the test split" in capsys.readouterr().err
     assert compare(["--sort", "nope", *store]) == 2
